@@ -1,0 +1,1 @@
+"""The ``dpdm`` command line (Typer + rich). Entry point: ``dpdm.cli.main:main``."""

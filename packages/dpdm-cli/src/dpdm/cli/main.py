@@ -1,0 +1,229 @@
+"""``dpdm``: run recipes, evaluate recovery, sample, list plugins.
+
+Heavy imports (torch, the registries) happen inside the commands so ``dpdm --help`` is fast.
+User errors (``DpdmError``: bad files, keys, names, values) print one message and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Data-Prediction Denoising Models: distill EDM teachers into few-step denoisers.")
+console = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn ``DpdmError`` into one red line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dpdm.core.errors import DpdmError
+
+        try:
+            return fn(*args, **kwargs)
+        except DpdmError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _floats(values: List[str], option: str) -> list[float]:
+    from dpdm.core.errors import DpdmError
+
+    out = []
+    for v in values:
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    out.append(float(part))
+                except ValueError:
+                    raise DpdmError(f"{option}: expected a number, got {part!r}") from None
+    return out
+
+
+@app.command()
+@user_errors
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/toy2d.yaml"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=2e-5 (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<timestamp>)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe, run nothing"),
+):
+    """Run a recipe: train or load the teacher, distill the student, evaluate, write a report."""
+    from dpdm.core.config import load_recipe
+    from dpdm.core.structure import dump_yaml, unstructure
+
+    resolved = load_recipe(str(recipe), list(set_ or []))
+    if dry_run:
+        console.print(dump_yaml(unstructure(resolved)), markup=False, highlight=False)
+        err.print(f"[green]recipe {recipe} is valid[/]")
+        return
+    from dpdm.core.progress import RichProgress
+    from dpdm.core.rundir import new_run_dir, update_latest
+    from dpdm.core.run import run as run_recipe
+
+    if out is None:
+        out_dir = new_run_dir(resolved.name)
+        update_latest(out_dir)
+    else:
+        out_dir = out
+    err.print(f"run directory: [bold]{out_dir}[/]")
+    run_recipe(resolved, out_dir, progress=RichProgress(err))
+    from rich.markdown import Markdown
+
+    console.print(Markdown((Path(out_dir) / "report.md").read_text()))
+    err.print(f"[green]done:[/] {out_dir}/report.json, report.md, figures/")
+
+
+@app.command()
+@user_errors
+def recover(
+    sigma: List[str] = typer.Option(..., "--sigma", help="Noise level(s): --sigma 2.0 --sigma 5 or --sigma 0.5,1,2"),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    num: Optional[int] = typer.Option(None, "--num", help="Held-out items (default: the recipe's eval.recovery_num)"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Metric name (default: the recipe's)"),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
+    figure: Optional[Path] = typer.Option(None, "--figure", help="Where to save the panels (default: RUN/figures/recover.png)"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Section 5.1 of the paper: noise held-out data at each σ, denoise once with student and teacher,
+    and measure each recovered set's distance to the clean data."""
+    from dpdm.core.errors import DpdmError
+    from dpdm.core.rundir import resolve_run
+
+    sigmas = _floats(sigma, "--sigma")
+    if not sigmas or any(s <= 0 for s in sigmas):
+        raise DpdmError(f"--sigma: noise levels must be positive, got {sigmas}")
+    run_dir = resolve_run(run)
+
+    import torch
+
+    from dpdm.core import evaluate as ev
+    from dpdm.core.datasets import to_model
+    from dpdm.core.registry import get
+    from dpdm.core.run import load_run, make_dataset
+
+    recipe, teacher, student = load_run(run_dir)
+    test_set = make_dataset(recipe, "test")
+    n = num or recipe.eval.recovery_num
+    if n < 2:
+        raise DpdmError(f"--num must be at least 2, got {n}")
+    metric_name = metric or recipe.eval.metric.name
+    metric_fn = get("metric", metric_name)(**(recipe.eval.metric.options if metric is None else {}))
+    data, labels = test_set.tensors()
+    clean = to_model(data[:n])
+    labels = labels[:n] if test_set.label_dim else None
+    with torch.no_grad():
+        table, examples = ev.recovery(student, teacher, metric_fn, clean, labels, sigmas, seed=seed)
+    fig_path = figure or run_dir / "figures" / "recover.png"
+    try:
+        from dpdm.core import figures
+
+        Path(fig_path).parent.mkdir(parents=True, exist_ok=True)
+        m = recipe.eval.figure_samples if test_set.kind == "image" else len(clean)
+        figures.recovery_figure(clean[:m], {s: {k: v[:m] for k, v in ex.items()} for s, ex in examples.items()},
+                                test_set.kind, fig_path)
+    except ImportError:
+        fig_path = None
+    result = {"run": str(run_dir), "metric": metric_name, "num": len(clean),
+              "recovery": {f"{s:g}": {**v, "ratio": v["student"] / v["teacher"] if v["teacher"] > 0 else None}
+                           for s, v in table.items()},
+              "figure": str(fig_path) if fig_path else None}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"Recovery ({metric_name}, {len(clean)} held-out items) — lower is better")
+    for col in ("σ", "noisy", "teacher", "student", "student / teacher"):
+        t.add_column(col, justify="right")
+    for s, v in result["recovery"].items():
+        ratio = "—" if v["ratio"] is None else f"{v['ratio']:.3f}"
+        t.add_row(s, f"{v['noisy']:.4g}", f"{v['teacher']:.4g}", f"{v['student']:.4g}", ratio)
+    console.print(t)
+    if fig_path:
+        console.print(f"figure: {fig_path}")
+
+
+@app.command()
+@user_errors
+def sample(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    steps: int = typer.Option(4, "--steps", min=1, help="Number of sampling steps"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: dpdm for the student, heun for the teacher)"),
+    model: str = typer.Option("student", "--model", help="student or teacher"),
+    num: Optional[int] = typer.Option(None, "--num", help="Samples (default: 64 images or 2000 points)"),
+    sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule (default: the recipe's)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", help="Output PNG"),
+):
+    """Draw samples from a run's student (or teacher) and save them as a PNG grid or scatter."""
+    from dpdm.core.errors import DpdmError
+    from dpdm.core.rundir import resolve_run
+
+    if model not in ("student", "teacher"):
+        raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
+    run_dir = resolve_run(run)
+    from dpdm.core import evaluate as ev
+    from dpdm.core import figures
+    from dpdm.core.registry import entry, get
+    from dpdm.core.run import load_run, make_dataset
+
+    recipe, teacher, student = load_run(run_dir)
+    sampler = sampler or ("dpdm" if model == "student" else "heun")
+    sample_fn = entry("sampler", sampler).obj
+    sched_cfg = recipe.eval.student_schedule if model == "student" else recipe.eval.teacher_schedule
+    opts = dict(sched_cfg.options)
+    if sigma_max is not None:
+        opts["sigma_max"] = sigma_max
+    sigmas = get("schedule", sched_cfg.name)(steps, **opts)
+    ds = make_dataset(recipe, "test")
+    n = num or (64 if ds.kind == "image" else 2000)
+    x = ev.generate(student if model == "student" else teacher, sample_fn, sigmas, n, tuple(ds.shape),
+                    label_dim=ds.label_dim, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures.samples_figure({f"{model}, {sampler}, NFE {sample_fn.nfe(steps)}": x}, ds.kind, out, max_images=n)
+    console.print(f"wrote {out} ({n} samples, {sampler}, {steps} steps, NFE {sample_fn.nfe(steps)})")
+
+
+@app.command()
+@user_errors
+def plugins(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
+    """List every registered component by kind, with the distribution (and version) that provided it."""
+    from dpdm.core.registry import KINDS, entries
+
+    data = {kind: [{"name": e.name, "distribution": e.distribution, "version": e.version, "plugin": e.plugin}
+                   for e in sorted(entries(kind).values(), key=lambda e: e.name)] for kind in KINDS}
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title="dpdm components")
+    for col in ("kind", "name", "distribution", "version", "plugin"):
+        t.add_column(col)
+    for kind, rows in data.items():
+        for r in rows:
+            t.add_row(kind, r["name"], r["distribution"] or "?", r["version"] or "?", r["plugin"])
+    console.print(t)
+
+
+def main() -> None:
+    app(prog_name="dpdm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

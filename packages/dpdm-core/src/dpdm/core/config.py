@@ -1,0 +1,110 @@
+"""Recipes: YAML structured strictly into these attrs classes (STYLE habits 8 and 9).
+
+Components are named by registry key with their options inline, e.g.
+``backbone: {name: mlp, hidden: 256}``; unknown keys, wrong types and unknown names are all
+reported at once with their dotted paths (see ``structure.py``). In every recipe
+``train.lr`` is the student's learning rate.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .sigmas import SigmaDist
+from .structure import Component, apply_overrides, component, load_yaml, structure
+
+
+def _lognormal() -> SigmaDist:
+    return SigmaDist("lognormal", P_mean=-1.2, P_std=1.2, min=1e-12, max=1e12)
+
+
+def _log_uniform() -> SigmaDist:
+    return SigmaDist("log-uniform", min=0.002, max=80.0)
+
+
+@attrs.define
+class ModelConfig:
+    """The network shape shared by teacher, student and fake score."""
+
+    backbone: Component = component("backbone", reserved=("shape", "label_dim"))
+    precond: Component = component("preconditioning", default={"name": "edm"}, reserved=("backbone", "label_dim"))
+
+
+@attrs.define
+class TeacherTrainConfig:
+    """Teacher training with the EDM loss (Karras et al. 2022)."""
+
+    steps: int = 4000
+    batch_size: int = 512
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    sigma: SigmaDist = attrs.field(factory=_lognormal)  # EDM: ln σ ~ N(-1.2, 1.2²)
+    ema_halflife_nimg: float | None = None  # EMA half-life in images; null: no EMA
+    lr_warmup_nimg: float = 0.0  # linear learning-rate warm-up, in images
+    grad_clip: float | None = None
+
+
+@attrs.define
+class TeacherConfig:
+    """Where the teacher comes from: trained here (``train``) or loaded (``checkpoint``)."""
+
+    checkpoint: str | None = None  # path or URL of a dpdm checkpoint (.safetensors)
+    train: TeacherTrainConfig = attrs.field(factory=TeacherTrainConfig)
+
+
+@attrs.define
+class TrainConfig:
+    """DPDM distillation (Algorithm 1)."""
+
+    divergence: Component = component("divergence", default={"name": "smoothed-kl"}, reserved=("sigma",))
+    sigma: SigmaDist = attrs.field(factory=_log_uniform)  # the student's σ distribution
+    steps: int = 1000  # student updates
+    batch_size: int = 256
+    lr: float = 1e-4  # the student's learning rate
+    betas: tuple[float, float] = (0.0, 0.99)
+    fake_lr: float | None = None  # default: lr
+    fake_updates: int = 5  # fake-score updates per student update
+    fake_sigma: SigmaDist | None = None  # σ distribution of the fake score's EDM loss; default: sigma
+    ema_halflife_nimg: float | None = None  # EMA of the student, half-life in images
+    grad_clip: float | None = None
+
+
+@attrs.define
+class EvalConfig:
+    """What ``report.json`` measures."""
+
+    metric: Component = component("metric", default={"name": "energy"})
+    num_samples: int = 4000  # generated samples per (model, sampler, NFE)
+    student_sampler: Component = component("sampler", default={"name": "dpdm"})
+    student_schedule: Component = component("schedule", default={"name": "dpdm"}, reserved=("n",))
+    student_steps: list[int] = attrs.field(factory=lambda: [1, 2, 4, 8])
+    teacher_samplers: list[Component] = attrs.field(
+        factory=lambda: [Component("euler"), Component("heun"), Component("dpmpp-2m")],
+        metadata={"kind": "sampler"},
+    )
+    teacher_schedule: Component = component("schedule", default={"name": "karras"}, reserved=("n",))
+    teacher_nfe: list[int] = attrs.field(factory=lambda: [1, 2, 3, 4, 5, 8, 16, 35])
+    one_step_sigma_max: list[float] = attrs.field(factory=lambda: [80.0, 10.0, 5.0, 2.5, 1.5, 1.0])
+    recovery_sigmas: list[float] = attrs.field(factory=lambda: [0.5, 1.0, 2.0, 5.0])
+    recovery_num: int = 2000  # held-out items noised and denoised per σ
+    figure_samples: int = 64  # images per grid (points per scatter: num_samples)
+
+
+@attrs.define
+class Recipe:
+    name: str
+    data: Component = component("dataset", reserved=("split",))
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    teacher: TeacherConfig = attrs.field(factory=TeacherConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    eval: EvalConfig = attrs.field(factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (``key.path=value``) and strictly structure a recipe file."""
+    data = load_yaml(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return structure(Recipe, data, path="recipe", source=path)

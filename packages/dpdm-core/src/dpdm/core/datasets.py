@@ -1,0 +1,64 @@
+"""The dataset contract shared by dpdm-data and third-party dataset plugins.
+
+A dataset factory is ``factory(split="train", **options) -> Dataset``; the dataset is a
+``torch.utils.data.Dataset`` whose items are ``(x, label)``:
+
+- ``x``: ``uint8`` ``(C, H, W)`` for images, ``float32`` ``(D,)`` for vector (toy) data;
+- ``label``: an ``int64`` scalar class index (0 when the dataset is unlabelled);
+
+and which has the attributes ``shape`` (the per-item shape), ``label_dim`` (number of
+classes, 0 if unlabelled) and ``kind`` (``"image"`` or ``"vector"``). Small in-memory datasets
+subclass ``TensorDataset``, which also offers ``tensors()`` for fast random batches.
+Datasets that know their true distribution (the toy ones) also have
+``sample(n, generator=None) -> (n, D)`` float tensors of fresh samples.
+
+Model space: images are mapped to [-1, 1] by ``to_model`` (x/127.5 − 1, as EDM does) and
+back by ``from_model``; vector data is used as is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_model(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float32 in [-1, 1] (x/127.5 − 1); float data → float32 unchanged."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32) / 127.5 - 1
+    return x.to(torch.float32)
+
+
+def from_model(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Inverse of ``to_model``: images → uint8 (rounded, clipped to [0, 255]); vectors unchanged."""
+    if kind == "image":
+        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """An in-memory dataset: ``data`` (N, *shape) and optional ``labels`` (N,) int64."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, label_dim: int = 0,
+                 kind: str = "vector", name: str = "tensor"):
+        if kind not in ("image", "vector"):
+            raise ValueError(f"kind must be 'image' or 'vector', got {kind!r}")
+        if labels is not None and len(labels) != len(data):
+            raise ValueError(f"{name}: {len(labels)} labels for {len(data)} items")
+        self.data = data
+        self.labels = labels.to(torch.int64) if labels is not None else torch.zeros(len(data), dtype=torch.int64)
+        self.label_dim = int(label_dim) if labels is not None else 0
+        self.kind = kind
+        self.name = name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i], self.labels[i]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data, self.labels

@@ -1,0 +1,112 @@
+"""Generator divergences (STYLE habit 3): small callables turning the teacher's and the fake
+score's denoiser outputs at x̂_t into a surrogate loss whose gradient is the divergence's.
+
+For a student output x̂0 (depending on θ) and x̂_t = x̂0 + σε', the gradient of the
+smoothed KL (DPDM Eq. 3.2-3.4) or of the integral KL (Diff-Instruct) with respect to θ is
+
+    E[ w(σ) · (s_fake(x̂_t, σ) − s_teacher(x̂_t, σ)) · ∂x̂_t/∂θ ],   s(x, σ) = (D(x, σ) − x)/σ².
+
+Since ∂x̂_t/∂θ = ∂x̂0/∂θ, the surrogate is ½‖x̂0 − sg(x̂0 − g)‖² with the detached
+g = w(σ)(D_fake − D_teacher)/σ²: its value is ½‖g‖², its gradient g·∂x̂0/∂θ. Descending it
+moves x̂0 towards the teacher's density and away from the fake's (the sign of DMD and
+Diff-Instruct). The ``-x/σ²`` parts of the two scores cancel, so only the denoisers enter.
+
+Each divergence also says how the student is fed (``student_input``) and at which σ its
+output is re-noised (``renoise_sigma``); this is what separates DPDM from IKL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import sum_per_sample
+from .sigmas import SigmaDist
+
+WEIGHTINGS = ("diffusion", "score")
+
+
+def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class Divergence:
+    """Common part: weighting w(σ) and the optional per-sample normaliser.
+
+    - ``weighting="diffusion"``: w(σ) = σ², the weighting of denoising score matching
+      (Song et al. 2021, λ(σ) = σ²); g is then the difference of the two denoisers' outputs.
+    - ``weighting="score"``: w(σ) = 1, the raw score difference (large at small σ).
+    - ``normalize=True``: divide each sample's g by mean|x̂0 − D_teacher(x̂_t)| over its
+      dimensions (DMD, Yin et al. 2024, Eq. 8), which equalises the step size across σ.
+    """
+
+    def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = True, eps: float = 1e-8):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        self.sigma = sigma  # distribution of the noise levels the divergence integrates over
+        self.weighting = weighting
+        self.normalize = bool(normalize)
+        self.eps = float(eps)  # guards the normaliser against division by zero
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma**2 if self.weighting == "diffusion" else torch.ones_like(sigma)
+
+    def gradient(self, x0_hat, sigma, d_teacher, d_fake) -> torch.Tensor:
+        """g = w(σ)·(s_fake − s_teacher) at x̂_t, optionally normalised; detached, shaped like x̂0."""
+        with torch.no_grad():
+            s = _bcast(sigma, x0_hat)
+            g = _bcast(self.weight(sigma), x0_hat) * (d_fake - d_teacher) / s**2
+            if self.normalize:
+                dims = tuple(range(1, x0_hat.ndim))
+                g = g / ((x0_hat - d_teacher).abs().mean(dim=dims, keepdim=True) + self.eps)
+        return g
+
+    def __call__(self, x0_hat, sigma, d_teacher, d_fake) -> torch.Tensor:
+        """Per-sample surrogate loss ``(B,)``; its gradient w.r.t. x̂0 is ``gradient(...)``."""
+        g = self.gradient(x0_hat, sigma, d_teacher, d_fake)
+        target = (x0_hat - g).detach()
+        return 0.5 * sum_per_sample((x0_hat - target) ** 2)
+
+
+class SmoothedKL(Divergence):
+    """DPDM's smoothed KL (Eq. 3.2-3.4): the student denoises *real* data noised at σ ~ ``sigma``,
+    and its output is re-noised at the same σ (``renoise="same"``), so each noise level compares
+    the denoised distribution with the data, both smoothed by that σ. ``renoise="independent"``
+    draws a fresh σ instead (an ablation; it loses the recovery effect)."""
+
+    def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = True,
+                 renoise: str = "same", eps: float = 1e-8):
+        super().__init__(sigma, weighting, normalize, eps)
+        if renoise not in ("same", "independent"):
+            raise ValueError(f"renoise must be 'same' or 'independent', got {renoise!r}")
+        self.renoise = renoise
+
+    def student_input(self, x0: torch.Tensor, generator=None):
+        """x_t = x0 + σε with σ ~ ``sigma``; returns ``(x_t, σ)``."""
+        sigma = self.sigma.draw(x0.shape[0], generator, x0.device, x0.dtype)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return x0 + _bcast(sigma, x0) * noise, sigma
+
+    def renoise_sigma(self, sigma: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.renoise == "same":
+            return sigma
+        return self.sigma.draw(sigma.shape[0], generator, sigma.device, sigma.dtype)
+
+
+class IKL(Divergence):
+    """Diff-Instruct's integral KL (Luo et al. 2023): a one-step generator fed pure noise
+    (the student at ``generator_sigma``, data-free), its output re-noised at σ ~ ``sigma``,
+    integrated over σ."""
+
+    def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = True,
+                 generator_sigma: float = 80.0, eps: float = 1e-8):
+        super().__init__(sigma, weighting, normalize, eps)
+        self.generator_sigma = float(generator_sigma)  # the σ the one-step generator starts from
+
+    def student_input(self, x0: torch.Tensor, generator=None):
+        """Pure noise ``generator_sigma·ε`` shaped like the data batch (the data values are unused)."""
+        sigma = torch.full((x0.shape[0],), self.generator_sigma, device=x0.device, dtype=x0.dtype)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return _bcast(sigma, x0) * noise, sigma
+
+    def renoise_sigma(self, sigma: torch.Tensor, generator=None) -> torch.Tensor:
+        return self.sigma.draw(sigma.shape[0], generator, sigma.device, sigma.dtype)

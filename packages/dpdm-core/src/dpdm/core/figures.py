@@ -1,0 +1,107 @@
+"""PNG figures of a run: sample panels per NFE, the metric-vs-NFE curve, recovery panels.
+
+Needs matplotlib (``pip install dpdm-core[plots]``); imported lazily with the Agg backend.
+Samples are in model space: 2-D vectors are scattered, images are tiled into grids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .datasets import from_model
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(x: torch.Tensor, cols: int | None = None):
+    """Tile ``(N, C, H, W)`` model-space images into an ``(H', W', C)`` uint8 array."""
+    x = from_model(x, "image").cpu()
+    n, c, h, w = x.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.full((c, rows * (h + 1) + 1, cols * (w + 1) + 1), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+    grid = grid.permute(1, 2, 0).numpy()  # (H', W', C)
+    return grid[..., 0] if c == 1 else grid
+
+
+def _draw(ax, x: torch.Tensor, kind: str, limit: float, max_images: int):
+    if kind == "image":
+        img = image_grid(x[:max_images])
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+    else:
+        pts = x.reshape(len(x), -1)[:, :2].numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def samples_figure(panels: dict[str, torch.Tensor], kind: str, path, title: str = "", limit: float = 1.6,
+                   max_images: int = 64) -> None:
+    """One panel per entry (e.g. ``{"NFE 1": x, "NFE 2": x}``) side by side."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3), squeeze=False)
+    for ax, (label, x) in zip(axes[0], panels.items()):
+        _draw(ax, x, kind, limit, max_images)
+        ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curve_figure(sweep: dict, metric: str, path) -> None:
+    """Metric vs NFE, log scale, one line per model/sampler (``report.json``'s ``sweep``)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, by_sampler in sweep.items():
+        for sampler, values in by_sampler.items():
+            nfe = sorted(int(k) for k in values)
+            y = [max(values[str(k)], 1e-12) for k in nfe]
+            style = "o-" if model == "student" else "s--"
+            ax.plot(nfe, y, style, label=f"{model} ({sampler})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(metric)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def recovery_figure(clean: torch.Tensor, examples: dict, kind: str, path, limit: float = 1.6,
+                    max_images: int = 16) -> None:
+    """Rows clean / noisy / teacher / student, one column per σ (the paper's Figure 4)."""
+    plt = _plt()
+    sigmas = list(examples)
+    rows = ["clean", "noisy", "teacher", "student"]
+    fig, axes = plt.subplots(len(rows), len(sigmas), figsize=(2.6 * len(sigmas), 2.6 * len(rows)), squeeze=False)
+    for j, sigma in enumerate(sigmas):
+        for i, row in enumerate(rows):
+            x = clean if row == "clean" else examples[sigma][row]
+            lim = limit + (3 * sigma if row == "noisy" else 0)
+            _draw(axes[i][j], x, kind, lim, max_images)
+            if i == 0:
+                axes[i][j].set_title(f"σ = {sigma:g}", fontsize=9)
+            if j == 0:
+                axes[i][j].set_ylabel(row)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,136 @@
+"""Preconditioning: wrap a raw backbone ``F`` into a denoiser ``D(x, sigma, class_labels=None)``.
+
+``D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ))`` (Karras et al. 2022, Eq. 7 and
+Table 1). Coefficients for EDM, VP and VE follow the official EDM code
+(``../shared/edm_ref/README.md`` §3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def as_sigma(sigma, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sigma as a ``(B, 1, ..., 1)`` tensor broadcastable against ``x`` (a scalar, ``(B,)`` or ``(B, 1, ...)``)."""
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device).reshape(-1)
+    if sigma.numel() == 1:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.numel() != x.shape[0]:
+        raise ValueError(f"sigma has {sigma.numel()} values for a batch of {x.shape[0]}")
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
+
+
+def one_hot_labels(class_labels, batch: int, label_dim: int, device, dtype) -> torch.Tensor | None:
+    """Class labels as ``(B, label_dim)`` floats: one-hot rows pass through, integer indices are encoded.
+
+    With ``label_dim > 0`` and no labels, zeros are used (the unconditional input, as in EDM).
+    """
+    if label_dim == 0:
+        return None
+    if class_labels is None:
+        return torch.zeros(batch, label_dim, device=device, dtype=dtype)
+    class_labels = torch.as_tensor(class_labels, device=device)
+    if class_labels.ndim == 1 and not class_labels.is_floating_point():
+        return nn.functional.one_hot(class_labels.long(), label_dim).to(dtype)
+    return class_labels.to(dtype).reshape(-1, label_dim)
+
+
+class Precond(nn.Module):
+    """Base class: subclasses define ``coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)``.
+
+    The backbone runs in the dtype of its parameters; the result is returned in that dtype
+    (samplers cast it to the dtype of their state).
+    """
+
+    sigma_min: float = 0.0
+    sigma_max: float = math.inf
+
+    def __init__(self, backbone: nn.Module, label_dim: int | None = None):
+        super().__init__()
+        self.model = backbone
+        self.label_dim = int(label_dim if label_dim is not None else getattr(backbone, "label_dim", 0))
+
+    def coefficients(self, sigma: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        param = next(self.model.parameters(), None)
+        return param.dtype if param is not None else x.dtype
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        dtype = self._dtype(x)
+        x = x.to(dtype)
+        sigma = as_sigma(sigma, x, dtype)  # (B, 1, ..., 1)
+        labels = one_hot_labels(class_labels, x.shape[0], self.label_dim, x.device, dtype)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        f = self.model(c_in * x, c_noise.reshape(-1), class_labels=labels)  # like x
+        return c_skip * x + c_out * f.to(dtype)
+
+
+class EDMPrecond(Precond):
+    """EDM preconditioning (Karras et al. 2022, Table 1, "Ours")."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.0,
+                 sigma_max: float = math.inf, label_dim: int | None = None):
+        super().__init__(backbone, label_dim)
+        self.sigma_data = float(sigma_data)  # std of the data the net is trained on
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def coefficients(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+class VPPrecond(Precond):
+    """Variance-preserving preconditioning (Song et al. 2021, as in EDM's ``VPPrecond``)."""
+
+    def __init__(self, backbone: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000,
+                 epsilon_t: float = 1e-5, label_dim: int | None = None):
+        super().__init__(backbone, label_dim)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
+        # EDM computes these in float32: 2**-10 and 152.16697692871094.
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, dtype=torch.float32)))
+        self.sigma_max = float(self.sigma(torch.tensor(1.0, dtype=torch.float32)))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """σ(t) = √(exp(½β_d t² + β_min t) − 1)."""
+        t = torch.as_tensor(t)
+        return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t(σ) = (√(β_min² + 2β_d ln(1+σ²)) − β_min) / β_d."""
+        sigma = torch.as_tensor(sigma)
+        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+
+    def coefficients(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return c_skip, c_out, c_in, c_noise
+
+
+class VEPrecond(Precond):
+    """Variance-exploding preconditioning (Song et al. 2021, as in EDM's ``VEPrecond``)."""
+
+    def __init__(self, backbone: nn.Module, sigma_min: float = 0.02, sigma_max: float = 100.0,
+                 label_dim: int | None = None):
+        super().__init__(backbone, label_dim)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def coefficients(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = sigma
+        c_in = torch.ones_like(sigma)
+        c_noise = (0.5 * sigma).log()
+        return c_skip, c_out, c_in, c_noise

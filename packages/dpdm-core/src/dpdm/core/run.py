@@ -1,0 +1,249 @@
+"""Running a recipe end to end: train (or load) the teacher, distill the DPDM student
+(Algorithm 1), evaluate (NFE sweeps and Section 5.1 recovery), and write the run directory:
+
+    config.yaml          the resolved recipe
+    checkpoints/         teacher, student, fake score (safetensors + network spec)
+    metrics.jsonl        training losses every LOG_EVERY steps
+    report.json          {"metric", "sweep", "recovery", "one_step", "checks", "timings", ...}
+    report.md            the same as tables
+    figures/*.png        samples per NFE (student, each teacher sampler), NFE curve, recovery panels
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import evaluate as ev
+from .checkpoint import build_denoiser, load_denoiser, network_spec, read_checkpoint, save_denoiser
+from .config import Recipe
+from .datasets import to_model
+from .distill import DPDM
+from .errors import DpdmError
+from .losses import EDMLoss
+from .progress import Progress
+from .registry import get
+from .report import write_report
+from .structure import dump_yaml, unstructure
+from .teacher import TeacherTrainer
+
+LOG_EVERY = 50
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DpdmError(f"recipe.device is {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return device
+
+
+class Batches:
+    """Endless random batches ``(x0, labels)`` in model space from an in-memory dataset."""
+
+    def __init__(self, dataset, batch_size: int, generator: torch.Generator, device):
+        if not hasattr(dataset, "tensors"):
+            raise DpdmError(f"dataset {getattr(dataset, 'name', dataset)!r} is not in memory; the embedded "
+                            "training loop needs a dataset with tensors()")
+        data, labels = dataset.tensors()
+        self.data = to_model(data).to(device)
+        self.labels = labels.to(device) if dataset.label_dim else None
+        self.batch_size, self.generator, self.device = batch_size, generator, device
+
+    def __call__(self):
+        idx = torch.randint(len(self.data), (self.batch_size,), generator=self.generator).to(self.device)
+        return self.data[idx], (self.labels[idx] if self.labels is not None else None)
+
+
+def make_dataset(recipe: Recipe, split: str):
+    opts = dict(recipe.data.options)
+    try:
+        return get("dataset", recipe.data.name)(split=split, **opts)
+    except (ValueError, TypeError) as exc:
+        raise DpdmError(f"recipe.data ({recipe.data.name}): {exc}") from None
+
+
+def spec_of(recipe: Recipe, dataset) -> dict:
+    m = recipe.model
+    return network_spec({"name": m.backbone.name, **m.backbone.options}, {"name": m.precond.name, **m.precond.options},
+                        dataset.shape, dataset.label_dim)
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_teacher(recipe: Recipe, spec: dict, batches: Batches, device, progress: Progress, log_path: Path):
+    cfg = recipe.teacher.train
+    denoiser = build_denoiser(spec).to(device)
+    sigma_data = getattr(denoiser, "sigma_data", 0.5)
+    trainer = TeacherTrainer(denoiser, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), lr=cfg.lr, betas=cfg.betas,
+                             ema_halflife_nimg=cfg.ema_halflife_nimg, grad_clip=cfg.grad_clip,
+                             lr_warmup_nimg=cfg.lr_warmup_nimg)
+    generator = batches.generator
+    with progress.task("teacher (EDM loss)", cfg.steps) as bar:
+        for step in range(cfg.steps):
+            stats = trainer.step(*batches(), generator=generator if device.type == "cpu" else None)
+            if step % LOG_EVERY == 0 or step == cfg.steps - 1:
+                _log(log_path, {"phase": "teacher", "step": step, **stats})
+            bar.advance(1, **stats)
+    return trainer.model.eval().requires_grad_(False)
+
+
+def distill(recipe: Recipe, teacher, batches: Batches, device, progress: Progress, log_path: Path) -> DPDM:
+    cfg = recipe.train
+    div_opts = dict(cfg.divergence.options)
+    divergence = get("divergence", cfg.divergence.name)(sigma=cfg.sigma, **div_opts)
+    sigma_data = getattr(teacher, "sigma_data", 0.5)
+    fake_loss = EDMLoss(sigma_data=sigma_data, sigma=cfg.fake_sigma or cfg.sigma)
+    algo = DPDM(teacher, divergence, fake_loss, lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr,
+                fake_updates=cfg.fake_updates, ema_halflife_nimg=cfg.ema_halflife_nimg, grad_clip=cfg.grad_clip)
+    generator = batches.generator if device.type == "cpu" else None
+    with progress.task(f"student (DPDM, {cfg.divergence.name})", cfg.steps) as bar:
+        for step in range(cfg.steps):
+            stats = algo.step(batches, generator=generator)
+            if step % LOG_EVERY == 0 or step == cfg.steps - 1:
+                _log(log_path, {"phase": "student", "step": step, **stats})
+            bar.advance(1, **{k: v for k, v in stats.items() if k in ("student_grad_norm", "fake_loss")})
+    return algo
+
+
+def references(recipe: Recipe, train_set, test_set, num: int):
+    """(reference, validation) sets in model space: fresh samples of the true distribution when the
+    dataset can draw them (toy data), else the held-out test split and a train subset."""
+    if hasattr(test_set, "sample"):
+        g_ref = torch.Generator().manual_seed(recipe.seed + 1000)
+        g_val = torch.Generator().manual_seed(recipe.seed + 2000)
+        return to_model(test_set.sample(num, g_ref)), to_model(test_set.sample(num, g_val))
+    g = torch.Generator().manual_seed(recipe.seed + 2000)
+    ref = to_model(test_set.tensors()[0])
+    train = to_model(train_set.tensors()[0])
+    val = train[torch.randperm(len(train), generator=g)[: min(len(train), max(len(ref), num))]]
+    return ref, val
+
+
+def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path) -> dict:
+    """NFE sweeps, one-step σ_max search and recovery; writes figures, returns the report dict."""
+    cfg = recipe.eval
+    metric_fn = get("metric", cfg.metric.name)(**cfg.metric.options)
+    reference, validation = references(recipe, train_set, test_set, cfg.num_samples)
+    shape, label_dim, kind = tuple(test_set.shape), test_set.label_dim, test_set.kind
+    common = dict(num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed, device=device)
+    student_sampler = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
+    student_schedule = {"name": cfg.student_schedule.name, **cfg.student_schedule.options}
+    teacher_samplers = [{"name": c.name, **c.options} for c in cfg.teacher_samplers]
+    teacher_schedule = {"name": cfg.teacher_schedule.name, **cfg.teacher_schedule.options}
+    timings = {}
+
+    t0 = time.perf_counter()
+    total = len(cfg.student_steps) + len(teacher_samplers) * len(cfg.teacher_nfe)
+    with progress.task("evaluate: NFE sweep", total) as bar:
+        s_vals, s_samples = ev.sweep_student(student, metric_fn, reference, sampler=student_sampler,
+                                             schedule=student_schedule, steps=cfg.student_steps,
+                                             on_step=lambda: bar.advance(1), **common)
+        t_vals, t_samples = ev.sweep_teacher(teacher, metric_fn, reference, samplers=teacher_samplers,
+                                             schedule=teacher_schedule, nfes=cfg.teacher_nfe,
+                                             on_step=lambda: bar.advance(1), **common)
+    one = ev.best_one_step(student, metric_fn, validation, reference, sampler=student_sampler,
+                           schedule=student_schedule, sigma_maxes=cfg.one_step_sigma_max, **common)
+    timings["sweep_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    clean = to_model(test_set.tensors()[0][: cfg.recovery_num])
+    labels = test_set.tensors()[1][: cfg.recovery_num] if label_dim else None
+    rec, rec_examples = ev.recovery(student, teacher, metric_fn, clean, labels, cfg.recovery_sigmas,
+                                    seed=recipe.seed, device=device)
+    timings["recovery_s"] = time.perf_counter() - t0
+
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_examples, s_vals, t_vals,
+             cfg.metric.name, progress)
+    return {
+        "metric": cfg.metric.name,
+        "sweep": {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
+                  "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}},
+        "one_step": {"validation": {str(k): v for k, v in one["validation"].items()},
+                     "best_sigma_max": one["best_sigma_max"], "value": one["value"]},
+        "recovery": {f"{s:g}": vals for s, vals in rec.items()},
+        "timings": timings,
+    }
+
+
+def _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_examples, s_vals, t_vals, metric,
+             progress):
+    try:
+        from . import figures
+    except ImportError:  # pragma: no cover - matplotlib missing
+        progress.log("matplotlib is not installed; skipping figures (pip install dpdm-core[plots])")
+        return
+    n = cfg.figure_samples if kind == "image" else cfg.num_samples
+    panels = {"data": reference[:n]}
+    panels.update({f"NFE {k}": v[:n] for k, v in s_samples.items()})
+    panels[f"NFE 1, σmax={one['best_sigma_max']:g}"] = one["samples"][:n]
+    figures.samples_figure(panels, kind, figs / "samples_student.png", title="DPDM student")
+    for name, by_nfe in t_samples.items():
+        panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in by_nfe.items() if k <= 16}}
+        figures.samples_figure(panels, kind, figs / f"samples_teacher_{name}.png", title=f"teacher, {name}")
+    sweep = {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
+             "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}}
+    figures.curve_figure(sweep, metric, figs / "nfe_curve.png")
+    m = cfg.figure_samples if kind == "image" else len(clean)
+    shown = {s: {k: v[:m] for k, v in ex.items()} for s, ex in rec_examples.items()}
+    figures.recovery_figure(clean[:m], shown, kind, figs / "recovery.png")
+
+
+def run(recipe: Recipe, out: str | Path, progress: Progress | None = None) -> dict:
+    """Run ``recipe`` into the directory ``out``; returns the report (also written to disk)."""
+    progress = progress or Progress()
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(unstructure(recipe)))
+    log_path = out / "metrics.jsonl"
+    device = resolve_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+
+    train_set, test_set = make_dataset(recipe, "train"), make_dataset(recipe, "test")
+    spec = spec_of(recipe, train_set)
+    timings = {}
+    t0 = time.perf_counter()
+    if recipe.teacher.checkpoint:
+        teacher = load_denoiser(recipe.teacher.checkpoint, device=device)
+        _, spec, _ = read_checkpoint(recipe.teacher.checkpoint)
+    else:
+        teacher_batches = Batches(train_set, recipe.teacher.train.batch_size, generator, device)
+        teacher = train_teacher(recipe, spec, teacher_batches, device, progress, log_path)
+    timings["teacher_s"] = time.perf_counter() - t0
+    save_denoiser(str(out / "checkpoints" / "teacher.safetensors"), teacher, spec, {"role": "teacher"})
+
+    t0 = time.perf_counter()
+    algo = distill(recipe, teacher, Batches(train_set, recipe.train.batch_size, generator, device), device,
+                   progress, log_path)
+    timings["student_s"] = time.perf_counter() - t0
+    student = algo.model.eval()
+    save_denoiser(str(out / "checkpoints" / "student.safetensors"), student, spec,
+                  {"role": "student", "steps": recipe.train.steps})
+    save_denoiser(str(out / "checkpoints" / "fake.safetensors"), algo.fake, spec, {"role": "fake"})
+
+    report = evaluate(recipe, teacher, student, train_set, test_set, device, progress, out)
+    report["timings"].update(timings)
+    report["recipe"] = recipe.name
+    write_report(report, out)
+    return report
+
+
+def load_run(run_dir: str | Path, device="cpu"):
+    """``(recipe, teacher, student)`` of a finished run, from its config and checkpoints."""
+    from .config import load_recipe
+
+    run_dir = Path(run_dir)
+    recipe = load_recipe(str(run_dir / "config.yaml"))
+    teacher = load_denoiser(str(run_dir / "checkpoints" / "teacher.safetensors"), device=device)
+    student = load_denoiser(str(run_dir / "checkpoints" / "student.safetensors"), device=device)
+    return recipe, teacher, student

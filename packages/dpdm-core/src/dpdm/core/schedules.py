@@ -1,0 +1,54 @@
+"""Noise schedules for sampling: ``(n, **options) -> sigmas`` (float64, descending, ending in 0)."""
+
+from __future__ import annotations
+
+import torch
+
+# sigma_min per number of steps, Table 7 of the DPDM paper (10 or more steps: 1e-4).
+DPDM_SIGMA_MIN = {4: 0.3, 5: 0.2, 6: 0.1, 7: 0.015, 8: 0.0035, 9: 0.00055}
+DPDM_SIGMA_MIN_MANY = 0.0001
+
+
+def _check(n, sigma_min, sigma_max, rho):
+    if int(n) != n or n < 1:
+        raise ValueError(f"a schedule needs n >= 1 steps, got {n!r}")
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+
+
+def karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+           device=None) -> torch.Tensor:
+    """EDM time steps (Karras et al. 2022, Eq. 5): σ_i = (σ_max^{1/ρ} + i/(n−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ.
+
+    Computed in float64 exactly as EDM's ``edm_sampler`` does, with σ_n = 0 appended.
+    ``n = 1`` gives ``[sigma_max, 0]`` (EDM's formula divides by zero there).
+    """
+    _check(n, sigma_min, sigma_max, rho)
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64, device=device)
+    step_indices = torch.arange(n, dtype=torch.float64, device=device)
+    t = (sigma_max ** (1 / rho) + step_indices / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros_like(t[:1])])  # (n + 1,)
+
+
+def dpdm_sigma_min(n: int) -> float:
+    """The DPDM paper's sigma_min for an ``n``-step schedule (Table 7); below 4 steps the 4-step value."""
+    if n >= 10:
+        return DPDM_SIGMA_MIN_MANY
+    return DPDM_SIGMA_MIN[max(int(n), 4)]
+
+
+def dpdm(n: int, sigma_min: float | None = None, sigma_max: float = 80.0, rho: float = 7.0,
+         device=None) -> torch.Tensor:
+    """The DPDM sampling schedule (Appendix B): Karras-spaced from ``sigma_max`` down to a
+    step-count-dependent ``sigma_min`` (Table 7: 4→0.3, 5→0.2, 6→0.1, 7→0.015, 8→0.0035,
+    9→0.00055, ≥10→1e-4), then 0. Every value can be overridden.
+
+    With ``n = 1`` the single step is at ``sigma_max``; lower ``sigma_max`` (e.g. 2.5) is often
+    better for one-step sampling.
+    """
+    if sigma_min is None:
+        sigma_min = min(dpdm_sigma_min(n), sigma_max)
+    return karras(n, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, device=device)

@@ -1,0 +1,19 @@
+"""dpdm-data's plugin: registers its datasets through the ``register_datasets`` hook.
+
+Loaded through the ``dpdm`` entry point ``data = "dpdm.data.plugin"``; the dataset modules
+are imported inside the hook so that loading the plugin stays cheap.
+"""
+
+from __future__ import annotations
+
+from dpdm.core import hookimpl
+
+
+@hookimpl
+def register_datasets(register):
+    from .digits import digits
+    from .toy import TOY_DATASETS
+
+    for name, factory in TOY_DATASETS.items():
+        register(name, factory)
+    register("digits", digits)
