@@ -26,12 +26,14 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from rich.markup import escape
+
         from dpdm.core.errors import DpdmError
 
         try:
             return fn(*args, **kwargs)
-        except DpdmError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        except DpdmError as exc:  # the message is text, not markup: "expected list[int]" must keep "[int]"
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -68,7 +70,7 @@ def run(
 
     resolved = load_recipe(str(recipe), list(set_ or []))
     if dry_run:
-        console.print(dump_yaml(unstructure(resolved)), markup=False, highlight=False)
+        console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
         err.print(f"[green]recipe {recipe} is valid[/]")
         return
     from dpdm.core.progress import RichProgress

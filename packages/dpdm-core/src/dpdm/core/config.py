@@ -64,7 +64,6 @@ class TrainConfig:
     betas: tuple[float, float] = (0.0, 0.99)
     fake_lr: float | None = None  # default: lr
     fake_updates: int = 5  # fake-score updates per student update
-    fake_sigma: SigmaDist | None = None  # σ distribution of the fake score's EDM loss; default: sigma
     ema_halflife_nimg: float | None = None  # EMA of the student, half-life in images
     grad_clip: float | None = None
 

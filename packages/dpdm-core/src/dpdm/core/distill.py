@@ -82,11 +82,18 @@ class DPDM:
         return self.student(x_in, sigma_in, class_labels=class_labels), sigma_in
 
     def fake_step(self, x0: torch.Tensor, class_labels=None, generator=None) -> dict:
-        """One EDM-loss step of the fake score on the student's (detached) outputs."""
+        """One EDM-loss step of the fake score on the student's (detached) outputs.
+
+        The fake score is fitted at the noise levels the divergence will query it at: for the
+        smoothed KL the σ that produced each output, so that D_fake(·, σ) models the student's
+        output distribution *at input level σ*, smoothed by σ (Eq. 3.3); for IKL a fresh σ.
+        """
         with torch.no_grad():
-            x0_hat, _ = self.student_outputs(x0, class_labels, generator)
+            x0_hat, sigma_in = self.student_outputs(x0, class_labels, generator)
+            sigma = self.divergence.renoise_sigma(sigma_in, generator)
         self.fake.train()
-        loss = self.fake_loss(self.fake, x0_hat.detach(), class_labels=class_labels, generator=generator).mean()
+        loss = self.fake_loss(self.fake, x0_hat.detach(), class_labels=class_labels, generator=generator,
+                              sigma=sigma).mean()
         self.opt_fake.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = self._clip(self.fake)

@@ -28,8 +28,11 @@ class EDMLoss:
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def __call__(self, denoiser, y: torch.Tensor, class_labels=None, generator=None) -> torch.Tensor:
-        sigma = self.sigma.draw(y.shape[0], generator, y.device, y.dtype)  # (B,)
+    def __call__(self, denoiser, y: torch.Tensor, class_labels=None, generator=None,
+                 sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss ``(B,)``; ``sigma`` (B,) fixes the noise levels instead of drawing them."""
+        if sigma is None:
+            sigma = self.sigma.draw(y.shape[0], generator, y.device, y.dtype)  # (B,)
         sigma_b = sigma.reshape(-1, *([1] * (y.ndim - 1)))
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma_b
         denoised = denoiser(y + noise, sigma, class_labels=class_labels)

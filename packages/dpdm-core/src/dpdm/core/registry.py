@@ -48,7 +48,9 @@ class Entry:
 
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
-_cache: tuple[frozenset, dict[str, dict[str, Entry]]] | None = None
+# (plugin ids, tables, the plugins themselves): holding the plugins keeps their ids from being reused
+# by new objects while the cache is keyed on them (an unregistered plugin's id could come back).
+_cache: tuple[frozenset, dict[str, dict[str, Entry]], list] | None = None
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -83,7 +85,7 @@ def _build(pm: pluggy.PluginManager) -> dict[str, dict[str, Entry]]:
     tables: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
     for kind, hook_name in KINDS.items():
         hook = getattr(pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        for impl in hook.get_hookimpls():  # registration order (pluggy keeps it; it calls them in reverse)
             dist, version = _distribution_of(pm, impl.plugin)
             table = tables[kind]
 
@@ -107,9 +109,10 @@ def _tables() -> dict[str, dict[str, Entry]]:
     global _cache
     pm = plugin_manager()
     with _lock:
-        key = frozenset(id(p) for p in pm.get_plugins())
+        plugins = list(pm.get_plugins())
+        key = frozenset(id(p) for p in plugins)
         if _cache is None or _cache[0] != key:
-            _cache = (key, _build(pm))
+            _cache = (key, _build(pm), plugins)
         return _cache[1]
 
 

@@ -100,7 +100,7 @@ def distill(recipe: Recipe, teacher, batches: Batches, device, progress: Progres
     div_opts = dict(cfg.divergence.options)
     divergence = get("divergence", cfg.divergence.name)(sigma=cfg.sigma, **div_opts)
     sigma_data = getattr(teacher, "sigma_data", 0.5)
-    fake_loss = EDMLoss(sigma_data=sigma_data, sigma=cfg.fake_sigma or cfg.sigma)
+    fake_loss = EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma)
     algo = DPDM(teacher, divergence, fake_loss, lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr,
                 fake_updates=cfg.fake_updates, ema_halflife_nimg=cfg.ema_halflife_nimg, grad_clip=cfg.grad_clip)
     generator = batches.generator if device.type == "cpu" else None

@@ -1,0 +1,408 @@
+"""The ``dpdm`` command through Typer's CliRunner: run (dry and a tiny real run), plugins, recover, sample.
+
+User errors must exit 1 with one message and no traceback; the tiny real run (a few seconds on one CPU thread)
+must leave a complete run directory behind and ``runs/latest`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dpdm.cli.main import app
+from dpdm.core.checkpoint import read_checkpoint
+from dpdm.core.config import Recipe, load_recipe
+from dpdm.core.structure import dump_yaml, load_yaml_text, structure, unstructure
+
+torch.set_num_threads(1)
+
+TOY2D = str(Path(__file__).resolve().parent.parent / "recipes" / "toy2d.yaml")
+TINY = [
+    "teacher.train.steps=60", "train.steps=20", "train.fake_updates=1", "eval.num_samples=300",
+    "eval.recovery_num=300", "eval.teacher_nfe=[1,2,3]", "eval.student_steps=[1,2]",
+    "eval.one_step_sigma_max=[80.0,2.5]", "model.backbone.hidden=32", "model.backbone.depth=1",
+]
+PNG = b"\x89PNG\r\n\x1a\n"
+WIDE = {"COLUMNS": "1000"}  # rich wraps at the terminal width; keep messages on one line
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env={**WIDE, **(env or {})})
+
+
+def sets(overrides):
+    return [part for o in overrides for part in ("--set", o)]
+
+
+def ok(result):
+    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
+    return result
+
+
+def user_error(result) -> str:
+    """The stderr of a command that failed cleanly: exit 1 through typer.Exit, no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert isinstance(result.exception, SystemExit), result.exception  # not a crash
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ")
+    return result.stderr
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- run --dry-run and recipe errors ---------------------------------------------------------------------------
+
+
+def test_help():
+    r = ok(invoke("--help"))
+    for command in ("run", "recover", "sample", "plugins"):
+        assert command in r.stdout
+
+
+def test_dry_run_prints_the_resolved_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = ok(invoke("run", TOY2D, "--dry-run"))
+    assert r.stdout == dump_yaml(unstructure(load_recipe(TOY2D)))
+    assert structure(Recipe, load_yaml_text(r.stdout, "stdout")) == load_recipe(TOY2D)
+    assert "student_sampler:\n    name: dpdm\n" in r.stdout  # defaults are filled in
+    assert r.stderr == f"recipe {TOY2D} is valid\n"
+    assert os.listdir(tmp_path) == []  # nothing was run
+
+
+def test_dry_run_with_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = ok(invoke("run", TOY2D, "--dry-run", "--set", "train.lr=2e-5", "--set", "eval.teacher_nfe=[1,3]"))
+    resolved = structure(Recipe, load_yaml_text(r.stdout, "stdout"))
+    assert resolved.train.lr == 2e-5 and type(resolved.train.lr) is float
+    assert resolved.eval.teacher_nfe == [1, 3]
+    assert resolved == load_recipe(TOY2D, ["train.lr=2e-5", "eval.teacher_nfe=[1,3]"])
+
+
+def test_dry_run_output_is_yaml_even_on_a_narrow_terminal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "n" * 130
+    r = ok(invoke("run", TOY2D, "--dry-run", "--set", f"name={name}", "--set", "data.name=gaussian-ring",
+                  env={"COLUMNS": "80"}))
+    assert f"name: {name}\n" in r.stdout  # not wrapped
+    assert structure(Recipe, load_yaml_text(r.stdout, "stdout")).name == name
+
+
+def test_bad_override_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("run", TOY2D, "--set", "train.lr=abc"))
+    assert err == f"error: invalid recipe {TOY2D} (1 problem):\n  - recipe.train.lr: expected float, got 'abc'\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_error_messages_are_printed_verbatim_not_as_markup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("run", TOY2D, "--dry-run", "--set", "eval.teacher_nfe=3", "--set", "name=[bold]"))
+    assert err == (f"error: invalid recipe {TOY2D} (2 problems):\n"
+                   "  - recipe.name: expected str, got ['bold']\n"
+                   "  - recipe.eval.teacher_nfe: expected list[int], got 3\n")
+
+
+def test_several_recipe_problems_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("run", TOY2D, "--dry-run", "--set", "train.stepz=3",
+                            "--set", "eval.teacher_samplers=[heum]"))
+    assert err.splitlines() == [
+        f"error: invalid recipe {TOY2D} (2 problems):",
+        "  - recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, "
+        "batch_size, lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip.",
+        "  - recipe.eval.teacher_samplers[0].name: unknown sampler 'heum'. Did you mean 'heun'? Registered samplers: "
+        "dpdm, dpmpp-2m, euler, euler-stochastic, heun. Run `dpdm plugins` to see every component and the package "
+        "that provides it.",
+    ]
+
+
+def test_missing_recipe_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("run", "nope.yaml"))
+    assert err == "error: invalid recipe nope.yaml (1 problem):\n  - recipe file 'nope.yaml' not found\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_recipe_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("name: x\ntrain: {lr: 1\n")
+    err = user_error(invoke("run", "bad.yaml"))
+    assert err.splitlines()[0] == "error: invalid recipe bad.yaml (1 problem):"
+    assert err.splitlines()[1].startswith("  - recipe file 'bad.yaml' is not valid YAML at line 3, column 1: ")
+    assert not (tmp_path / "runs").exists()
+
+
+# --- plugins -----------------------------------------------------------------------------------------------------
+
+
+def test_plugins_json():
+    r = ok(invoke("plugins", "--json"))
+    data = json.loads(r.stdout)
+    assert list(data) == ["backbone", "preconditioning", "schedule", "sampler", "divergence", "dataset", "metric"]
+    core, nets = importlib.metadata.version("dpdm-core"), importlib.metadata.version("dpdm-nets")
+    samplers = {e["name"]: e for e in data["sampler"]}
+    assert samplers["heun"] == {"name": "heun", "distribution": "dpdm-core", "version": core, "plugin": "dpdm.core"}
+    backbones = {e["name"]: e for e in data["backbone"]}
+    assert backbones["mlp"] == {"name": "mlp", "distribution": "dpdm-nets", "version": nets, "plugin": "nets"}
+    assert {e["name"]: e["distribution"] for e in data["dataset"]}["gaussian-ring"] == "dpdm-data"
+    assert [e["name"] for e in data["sampler"]] == ["dpdm", "dpmpp-2m", "euler", "euler-stochastic", "heun"]
+
+
+def test_plugins_table():
+    r = ok(invoke("plugins"))
+    rows = [squash(line.replace("│", " ")) for line in r.stdout.splitlines()]
+    core = importlib.metadata.version("dpdm-core")
+    assert f"sampler heun dpdm-core {core} dpdm.core" in rows
+    assert f"backbone mlp dpdm-nets {importlib.metadata.version('dpdm-nets')} nets" in rows
+    assert f"dataset gaussian-ring dpdm-data {importlib.metadata.version('dpdm-data')} data" in rows
+
+
+# --- a tiny real run ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        t0 = time.perf_counter()
+        result = invoke("run", TOY2D, *sets(TINY))
+        seconds = time.perf_counter() - t0
+    assert result.exit_code == 0, (result.output, result.exception)
+    runs = [p for p in (work / "runs").iterdir() if p.name != "latest"]
+    assert len(runs) == 1
+    return {"work": work, "run": runs[0], "result": result, "seconds": seconds}
+
+
+def test_tiny_run_is_fast(tiny_run):
+    assert tiny_run["seconds"] < 30, tiny_run["seconds"]
+
+
+def test_tiny_run_output(tiny_run):
+    run, result = tiny_run["run"], tiny_run["result"]
+    assert re.fullmatch(r"toy2d-\d{8}-\d{6}", run.name)
+    assert f"run directory: runs/{run.name}" in result.stderr
+    assert f"done: runs/{run.name}/report.json, report.md, figures/" in result.stderr
+    assert "Sampling quality vs NFE" in result.stdout and "Recovery (Section 5.1)" in result.stdout
+
+
+def test_latest_points_at_the_run(tiny_run):
+    latest = tiny_run["work"] / "runs" / "latest"
+    assert latest.is_symlink()
+    assert os.readlink(latest) == tiny_run["run"].name  # relative: the runs/ folder can be moved
+    assert latest.resolve() == tiny_run["run"].resolve()
+
+
+def _finite(v):
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def test_report_json(tiny_run):
+    report = json.loads((tiny_run["run"] / "report.json").read_text())
+    assert report["metric"] == "energy"
+    assert report["recipe"] == "toy2d"
+    sweep = report["sweep"]
+    assert list(sweep) == ["student", "teacher"]
+    assert list(sweep["student"]) == ["dpdm"]
+    assert list(sweep["student"]["dpdm"]) == ["1", "2"]
+    assert list(sweep["teacher"]) == ["euler", "heun", "dpmpp-2m"]
+    assert list(sweep["teacher"]["euler"]) == ["1", "2", "3"]
+    assert list(sweep["teacher"]["heun"]) == ["1", "3"]  # Heun's NFE is odd: 2 is skipped
+    assert list(sweep["teacher"]["dpmpp-2m"]) == ["1", "2", "3"]
+    for by_sampler in sweep.values():
+        for values in by_sampler.values():
+            assert all(_finite(v) and v >= 0 for v in values.values()), values
+    # one step: every sampler's NFE-1 result is the denoiser applied once to the same noise at σ_max = 80
+    t = sweep["teacher"]
+    # (x + (0 - σ)(x - D(x))/σ = D(x) up to float32 rounding)
+    assert t["heun"]["1"] == pytest.approx(t["euler"]["1"], rel=1e-5)
+    assert t["dpmpp-2m"]["1"] == pytest.approx(t["euler"]["1"], rel=1e-5)
+    assert list(report["recovery"]) == ["0.5", "1", "2", "5"]
+    for sigma, v in report["recovery"].items():
+        assert set(v) == {"noisy", "student", "teacher"}
+        assert all(_finite(x) for x in v.values()), (sigma, v)
+        assert report["checks"]["recovery_ratio"][sigma] == pytest.approx(v["student"] / v["teacher"], rel=1e-12)
+    one = report["one_step"]
+    assert list(one["validation"]) == ["80.0", "2.5"]
+    assert one["best_sigma_max"] == min((80.0, 2.5), key=lambda s: one["validation"][str(s)])
+    assert _finite(one["value"])
+    vs = report["checks"]["student_vs_teacher"]
+    assert vs["2"]["heun"]["teacher_nfe"] == 3 and vs["2"]["euler"]["teacher_nfe"] == 2
+    assert set(report["timings"]) == {"sweep_s", "recovery_s", "teacher_s", "student_s"}
+
+
+def test_run_files(tiny_run):
+    run = tiny_run["run"]
+    # the resolved recipe, readable as a recipe
+    assert load_recipe(str(run / "config.yaml")) == load_recipe(TOY2D, TINY)
+    md = (run / "report.md").read_text()
+    assert md.startswith("# Report: toy2d\n") and "| NFE |" in md
+    roles = {"teacher": {"role": "teacher"}, "student": {"role": "student", "steps": 20}, "fake": {"role": "fake"}}
+    for name, extra in roles.items():
+        _, spec, got = read_checkpoint(str(run / "checkpoints" / f"{name}.safetensors"))
+        assert got == extra
+        assert spec["backbone"] == {"name": "mlp", "hidden": 32, "depth": 1, "emb_dim": 128}
+        assert spec["shape"] == [2] and spec["label_dim"] == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "fake.safetensors", "student.safetensors", "teacher.safetensors"]  # no temporary files
+    figures = sorted(p.name for p in (run / "figures").glob("*.png"))
+    assert {"samples_student.png", "samples_teacher_euler.png", "samples_teacher_heun.png",
+            "samples_teacher_dpmpp-2m.png", "nfe_curve.png", "recovery.png"} <= set(figures)
+    for name in figures:
+        assert (run / "figures" / name).read_bytes()[:8] == PNG, name
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [("teacher", 0), ("teacher", 50), ("teacher", 59),
+                                                      ("student", 0), ("student", 19)]
+
+
+def test_run_with_a_given_teacher_and_out(tiny_run, tmp_path, monkeypatch):
+    """``--out`` writes there (no runs/latest); a loaded teacher evaluates exactly like the one that was trained."""
+    monkeypatch.chdir(tmp_path)
+    teacher = tiny_run["run"] / "checkpoints" / "teacher.safetensors"
+    ok(invoke("run", TOY2D, *sets(TINY + ["train.steps=2", f"teacher.checkpoint={teacher}"]), "--out", "mine"))
+    assert not (tmp_path / "runs").exists()
+    a = json.loads((tiny_run["run"] / "report.json").read_text())
+    b = json.loads((tmp_path / "mine" / "report.json").read_text())
+    assert b["sweep"]["teacher"] == a["sweep"]["teacher"]
+    assert {s: v["teacher"] for s, v in b["recovery"].items()} == {s: v["teacher"] for s, v in a["recovery"].items()}
+    old = read_checkpoint(str(teacher))
+    new = read_checkpoint(str(tmp_path / "mine" / "checkpoints" / "teacher.safetensors"))
+    assert old[1:] == new[1:] and old[0].keys() == new[0].keys()
+    assert all(torch.equal(old[0][k], new[0][k]) for k in old[0])
+
+
+# --- recover -----------------------------------------------------------------------------------------------------
+
+
+def test_recover_json_with_run(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: --run is what counts
+    run = tiny_run["run"]
+    r = ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--json", "--run", run))
+    data = json.loads(r.stdout)
+    assert data["run"] == str(run.resolve())
+    assert data["metric"] == "energy" and data["num"] == 300
+    assert list(data["recovery"]) == ["2", "0.5"]
+    for v in data["recovery"].values():
+        assert set(v) == {"noisy", "student", "teacher", "ratio"}
+        assert all(_finite(x) for x in v.values())
+        assert v["ratio"] == v["student"] / v["teacher"]
+    assert data["figure"] == str(run.resolve() / "figures" / "recover.png")
+    assert Path(data["figure"]).read_bytes()[:8] == PNG
+
+
+def test_recover_relies_on_latest(tiny_run, monkeypatch):
+    monkeypatch.chdir(tiny_run["work"])
+    a = json.loads(ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--json")).stdout)
+    b = json.loads(ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--json", "--run",
+                             tiny_run["run"])).stdout)
+    assert a["run"] == str(tiny_run["run"].resolve())
+    assert a == b  # deterministic, and the same run
+
+
+def test_recover_reproduces_the_report(tiny_run):
+    """Same σ list, seed and held-out data: the command's numbers are the run's report numbers."""
+    run = tiny_run["run"]
+    r = ok(invoke("recover", "--sigma", "0.5,1,2", "--sigma", "5", "--json", "--run", run))
+    got = json.loads(r.stdout)["recovery"]
+    report = json.loads((run / "report.json").read_text())["recovery"]
+    assert list(got) == list(report) == ["0.5", "1", "2", "5"]
+    for s in report:
+        for k in ("noisy", "student", "teacher"):
+            assert got[s][k] == pytest.approx(report[s][k], rel=1e-6, abs=1e-9), (s, k)
+
+
+def test_recover_table(tiny_run, tmp_path):
+    fig = tmp_path / "rec.png"
+    r = ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--run", tiny_run["run"], "--figure", fig))
+    assert "Recovery (energy, 300 held-out items)" in r.stdout
+    rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
+    assert any(row.startswith("2 ") for row in rows) and any(row.startswith("0.5 ") for row in rows)
+    assert f"figure: {fig}" in r.stdout
+    assert fig.read_bytes()[:8] == PNG
+
+
+def test_recover_comma_form(tiny_run):
+    data = json.loads(ok(invoke("recover", "--sigma", "0.5,1", "--json", "--num", "50", "--run",
+                                tiny_run["run"])).stdout)
+    assert list(data["recovery"]) == ["0.5", "1"]
+    assert data["num"] == 50
+
+
+def test_recover_without_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("recover", "--sigma", "2"))
+    assert squash(err) == ("error: no run given and runs/latest does not exist; run a recipe first "
+                           "(`dpdm run recipes/toy2d.yaml`) or pass --run DIR")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-1", "error: --sigma: noise levels must be positive, got [-1.0]"),
+    ("0", "error: --sigma: noise levels must be positive, got [0.0]"),
+    ("1,-2", "error: --sigma: noise levels must be positive, got [1.0, -2.0]"),
+    ("abc", "error: --sigma: expected a number, got 'abc'"),
+    (",", "error: --sigma: noise levels must be positive, got []"),
+])
+def test_recover_bad_sigma(tiny_run, value, message):
+    err = user_error(invoke("recover", "--sigma", value, "--run", tiny_run["run"]))
+    assert err == message + "\n"
+
+
+def test_recover_bad_num_and_metric(tiny_run):
+    assert user_error(invoke("recover", "--sigma", "1", "--num", "1", "--run", tiny_run["run"])) == (
+        "error: --num must be at least 2, got 1\n")
+    err = user_error(invoke("recover", "--sigma", "1", "--metric", "enrgy", "--run", tiny_run["run"]))
+    assert err.startswith("error: unknown metric 'enrgy'. Did you mean 'energy'?")
+
+
+# --- sample --------------------------------------------------------------------------------------------------------
+
+
+def test_sample_student(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = ok(invoke("sample", "--run", tiny_run["run"], "--steps", "2", "--out", "x.png"))
+    assert squash(r.stdout) == "wrote x.png (2000 samples, dpdm, 2 steps, NFE 2)"
+    assert (tmp_path / "x.png").read_bytes()[:8] == PNG
+
+
+def test_sample_teacher_heun_relies_on_latest(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_run["work"])
+    out = tmp_path / "sub" / "t.png"
+    r = ok(invoke("sample", "--model", "teacher", "--sampler", "heun", "--steps", "2", "--num", "100",
+                  "--out", out))
+    assert squash(r.stdout) == f"wrote {out} (100 samples, heun, 2 steps, NFE 3)"
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_sample_unknown_sampler(tiny_run, tmp_path):
+    out = tmp_path / "x.png"
+    err = user_error(invoke("sample", "--run", tiny_run["run"], "--sampler", "nope", "--out", out))
+    assert squash(err) == ("error: unknown sampler 'nope'. Registered samplers: dpdm, dpmpp-2m, euler, "
+                           "euler-stochastic, heun. Run `dpdm plugins` to see every component and the package that "
+                           "provides it.")
+    assert not out.exists()
+
+
+def test_sample_bad_run(tmp_path):
+    out = tmp_path / "x.png"
+    assert user_error(invoke("sample", "--run", "/nonexistent", "--out", out)) == (
+        "error: run directory '/nonexistent' not found\n")
+    assert squash(user_error(invoke("sample", "--run", tmp_path, "--out", out))) == (
+        f"error: {str(tmp_path)!r} is not a dpdm run directory (no config.yaml in it)")
+    assert not out.exists()
+
+
+def test_sample_bad_model(tiny_run, tmp_path):
+    assert user_error(invoke("sample", "--run", tiny_run["run"], "--model", "fake", "--out", tmp_path / "x.png")) == (
+        "error: --model must be 'student' or 'teacher', got 'fake'\n")

@@ -1,0 +1,157 @@
+"""The shipped recipes structure strictly; overrides and recipe-file problems are reported with dotted paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpdm.core import ConfigError
+from dpdm.core.config import EvalConfig, Recipe, load_recipe
+from dpdm.core.structure import Component, dump_yaml, load_yaml_text, structure, unstructure
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert "toy2d.yaml" in [p.name for p in RECIPES]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_structures(path):
+    recipe = load_recipe(str(path))
+    assert isinstance(recipe, Recipe)
+    assert recipe.name
+    # the dumped, resolved recipe reads back to the same thing
+    assert structure(Recipe, load_yaml_text(dump_yaml(unstructure(recipe)), "dumped")) == recipe
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_opens_with_its_run_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#")
+    assert f"dpdm run recipes/{path.name}" in first
+
+
+def test_toy2d_values():
+    r = load_recipe(str(RECIPES_DIR / "toy2d.yaml"))
+    assert r.name == "toy2d" and r.device == "cpu" and r.seed == 0
+    assert r.data == Component("gaussian-ring", {"num_modes": 8, "radius": 1.0, "std": 0.05, "num_samples": 20000})
+    assert r.model.backbone == Component("mlp", {"hidden": 256, "depth": 4, "emb_dim": 128})
+    assert r.model.precond == Component("edm", {"sigma_data": 0.5})
+    assert r.teacher.checkpoint is None
+    assert r.teacher.train.lr == 1e-3 and type(r.teacher.train.lr) is float
+    assert r.teacher.train.betas == (0.9, 0.999)
+    assert r.train.lr == 1e-4 and type(r.train.lr) is float
+    assert r.train.fake_lr == 1e-4 and r.train.fake_updates == 5
+    assert r.train.betas == (0.0, 0.99)
+    assert r.train.sigma.kind == "log-uniform"
+    assert r.eval.teacher_samplers == [Component("euler"), Component("heun"), Component("dpmpp-2m")]
+    assert r.eval.student_sampler == EvalConfig().student_sampler == Component("dpdm")
+
+
+def test_overrides():
+    path = str(RECIPES_DIR / "toy2d.yaml")
+    r = load_recipe(path, ["train.lr=2e-5", "train.steps=3", "eval.teacher_nfe=[1,3]", "model.backbone.hidden=32",
+                           "teacher.checkpoint=memory://x/teacher.safetensors"])
+    assert r.train.lr == 2e-5 and type(r.train.lr) is float
+    assert r.train.steps == 3
+    assert r.eval.teacher_nfe == [1, 3]
+    assert r.model.backbone == Component("mlp", {"hidden": 32, "depth": 4, "emb_dim": 128})
+    assert r.teacher.checkpoint == "memory://x/teacher.safetensors"
+    assert load_recipe(path).train.lr == 1e-4  # the file is not changed
+
+
+def test_override_problems_are_config_errors():
+    path = str(RECIPES_DIR / "toy2d.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, ["train.lr=abc", "train.stepz=3"])
+    assert info.value.problems == [
+        "recipe.train.lr: expected float, got 'abc'",
+        "recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, batch_size, "
+        "lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip.",
+    ]
+    assert str(info.value).splitlines()[0] == f"invalid recipe {path} (2 problems):"
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, ["train.lr"])
+    assert info.value.problems == ["override 'train.lr': expected dotted.key=value, e.g. train.lr=2e-5"]
+
+
+BAD = """\
+name: bad
+data: {name: gaussian-rnig, num_modes: 8}
+model:
+  backbone: {name: mlp, hiden: 32, depth: deep}
+  precond: edm
+train:
+  lr: fast
+  stepz: 3
+  divergence: smoothed-kll
+eval:
+  teacher_samplers: [euler, heum]
+  student_steps: [1, two]
+"""
+
+
+def _unknown(kind, name, did_you_mean, registered):
+    return (f"unknown {kind} {name!r}. Did you mean {did_you_mean}? Registered {kind}s: {registered}. "
+            "Run `dpdm plugins` to see every component and the package that provides it.")
+
+
+def test_recipe_file_problems_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(path))
+    assert info.value.problems == [
+        "recipe.data.name: " + _unknown("dataset", "gaussian-rnig", "'gaussian-ring' or 'gaussian-grid' or 'gaussian'",
+                                        "checkerboard, digits, gaussian, gaussian-grid, gaussian-ring, swiss-roll, "
+                                        "two-moons"),
+        "recipe.model.backbone.hiden: unknown option for backbone 'mlp'. Did you mean 'hidden'? "
+        "Valid options: hidden, depth, emb_dim, dropout, activation.",
+        "recipe.model.backbone.depth: expected int, got 'deep'",
+        "recipe.train.lr: expected float, got 'fast'",
+        "recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, batch_size, "
+        "lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip.",
+        "recipe.train.divergence.name: " + _unknown("divergence", "smoothed-kll", "'smoothed-kl'", "ikl, smoothed-kl"),
+        "recipe.eval.teacher_samplers[1].name: " + _unknown("sampler", "heum", "'heun'",
+                                                            "dpdm, dpmpp-2m, euler, euler-stochastic, heun"),
+        "recipe.eval.student_steps[1]: expected int, got 'two'",
+    ]
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"invalid recipe {path} (8 problems):"
+    assert lines[1:] == [f"  - {p}" for p in info.value.problems]
+
+
+def test_recipe_file_missing_keys_and_reserved_options(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  backbone: {name: mlp, shape: [2]}\nteacher: {train: {betas: [0.9]}}\n"
+                    "train: {divergence: {name: smoothed-kl, sigma: 1}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(path))
+    assert info.value.problems == [
+        "recipe.model.backbone.shape: option 'shape' is set by dpdm, not by the recipe",
+        "recipe.teacher.train.betas: expected tuple[float, float] (2 items), got [0.9]",
+        "recipe.train.divergence.sigma: option 'sigma' is set by dpdm, not by the recipe",
+        "recipe.name: required key missing",
+        "recipe.data: required key missing",
+    ]
+
+
+def test_recipe_file_bad_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ntrain:\n  lr: [1e-4\n  steps: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(path))
+    (problem,) = info.value.problems
+    assert problem == (f"recipe file {str(path)!r} is not valid YAML at line 4, column 8: "
+                       "expected ',' or ']', but got ':' (while parsing a flow sequence)")
+    assert str(info.value).splitlines()[0] == f"invalid recipe {path} (1 problem):"
+
+
+def test_recipe_file_missing(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert info.value.problems == [f"recipe file {path!r} not found"]
