@@ -38,7 +38,7 @@ def test_toy2d_values():
     r = load_recipe(str(RECIPES_DIR / "toy2d.yaml"))
     assert r.name == "toy2d" and r.device == "cpu" and r.seed == 0
     assert r.data == Component("gaussian-ring", {"num_modes": 8, "radius": 1.0, "std": 0.05, "num_samples": 20000})
-    assert r.model.backbone == Component("mlp", {"hidden": 256, "depth": 4, "emb_dim": 128})
+    assert r.model.backbone == Component("mlp", {"hidden": 128, "depth": 3, "emb_dim": 128})
     assert r.model.precond == Component("edm", {"sigma_data": 0.5})
     assert r.teacher.checkpoint is None
     assert r.teacher.train.lr == 1e-3 and type(r.teacher.train.lr) is float
@@ -58,7 +58,7 @@ def test_overrides():
     assert r.train.lr == 2e-5 and type(r.train.lr) is float
     assert r.train.steps == 3
     assert r.eval.teacher_nfe == [1, 3]
-    assert r.model.backbone == Component("mlp", {"hidden": 32, "depth": 4, "emb_dim": 128})
+    assert r.model.backbone == Component("mlp", {"hidden": 32, "depth": 3, "emb_dim": 128})
     assert r.teacher.checkpoint == "memory://x/teacher.safetensors"
     assert load_recipe(path).train.lr == 1e-4  # the file is not changed
 

@@ -114,9 +114,8 @@ def recover(
     import torch
 
     from dpdm.core import evaluate as ev
-    from dpdm.core.datasets import to_model
     from dpdm.core.registry import get
-    from dpdm.core.run import load_run, make_dataset
+    from dpdm.core.run import load_run, make_dataset, recovery_data, references
 
     recipe, teacher, student = load_run(run_dir)
     test_set = make_dataset(recipe, "test")
@@ -125,11 +124,10 @@ def recover(
         raise DpdmError(f"--num must be at least 2, got {n}")
     metric_name = metric or recipe.eval.metric.name
     metric_fn = get("metric", metric_name)(**(recipe.eval.metric.options if metric is None else {}))
-    data, labels = test_set.tensors()
-    clean = to_model(data[:n])
-    labels = labels[:n] if test_set.label_dim else None
+    clean, labels = recovery_data(recipe, test_set, n)
+    _, reference = references(recipe, make_dataset(recipe, "train"), test_set, recipe.eval.num_samples)
     with torch.no_grad():
-        table, examples = ev.recovery(student, teacher, metric_fn, clean, labels, sigmas, seed=seed)
+        table, examples = ev.recovery(student, teacher, metric_fn, clean, labels, sigmas, reference, seed=seed)
     fig_path = figure or run_dir / "figures" / "recover.png"
     try:
         from dpdm.core import figures
@@ -140,7 +138,7 @@ def recover(
                                 test_set.kind, fig_path)
     except ImportError:
         fig_path = None
-    result = {"run": str(run_dir), "metric": metric_name, "num": len(clean),
+    result = {"run": str(run_dir), "metric": metric_name, "num": len(clean), "floor": metric_fn(clean, reference),
               "recovery": {f"{s:g}": {**v, "ratio": v["student"] / v["teacher"] if v["teacher"] > 0 else None}
                            for s, v in table.items()},
               "figure": str(fig_path) if fig_path else None}
@@ -149,7 +147,8 @@ def recover(
         return
     from rich.table import Table
 
-    t = Table(title=f"Recovery ({metric_name}, {len(clean)} held-out items) — lower is better")
+    t = Table(title=f"Recovery ({metric_name}, {len(clean)} held-out items) — lower is better",
+              caption=f"clean held-out items vs the reference: {result['floor']:.4g} (the noise floor)")
     for col in ("σ", "noisy", "teacher", "student", "student / teacher"):
         t.add_column(col, justify="right")
     for s, v in result["recovery"].items():

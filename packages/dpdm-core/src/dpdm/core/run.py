@@ -114,8 +114,13 @@ def distill(recipe: Recipe, teacher, batches: Batches, device, progress: Progres
 
 
 def references(recipe: Recipe, train_set, test_set, num: int):
-    """(reference, validation) sets in model space: fresh samples of the true distribution when the
-    dataset can draw them (toy data), else the held-out test split and a train subset."""
+    """``(reference, validation)`` real data in model space.
+
+    ``reference`` scores samples: fresh samples of the true distribution when the dataset can draw
+    them (toy data), else the held-out test split. ``validation`` is independent of the test split:
+    fresh samples again, or the train split (up to ``max(num, len(reference))`` items); it selects
+    the one-step σ_max and is the reference of the recovery protocol (which noises the test split).
+    """
     if hasattr(test_set, "sample"):
         g_ref = torch.Generator().manual_seed(recipe.seed + 1000)
         g_val = torch.Generator().manual_seed(recipe.seed + 2000)
@@ -125,6 +130,12 @@ def references(recipe: Recipe, train_set, test_set, num: int):
     train = to_model(train_set.tensors()[0])
     val = train[torch.randperm(len(train), generator=g)[: min(len(train), max(len(ref), num))]]
     return ref, val
+
+
+def recovery_data(recipe: Recipe, test_set, num: int):
+    """The first ``num`` held-out items (model space) and their labels (None if unconditional)."""
+    data, labels = test_set.tensors()
+    return to_model(data[:num]), (labels[:num] if test_set.label_dim else None)
 
 
 def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path) -> dict:
@@ -154,10 +165,10 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     timings["sweep_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    clean = to_model(test_set.tensors()[0][: cfg.recovery_num])
-    labels = test_set.tensors()[1][: cfg.recovery_num] if label_dim else None
-    rec, rec_examples = ev.recovery(student, teacher, metric_fn, clean, labels, cfg.recovery_sigmas,
+    clean, labels = recovery_data(recipe, test_set, cfg.recovery_num)
+    rec, rec_examples = ev.recovery(student, teacher, metric_fn, clean, labels, cfg.recovery_sigmas, validation,
                                     seed=recipe.seed, device=device)
+    floor = metric_fn(clean, validation)
     timings["recovery_s"] = time.perf_counter() - t0
 
     figs = out / "figures"
@@ -171,6 +182,7 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         "one_step": {"validation": {str(k): v for k, v in one["validation"].items()},
                      "best_sigma_max": one["best_sigma_max"], "value": one["value"]},
         "recovery": {f"{s:g}": vals for s, vals in rec.items()},
+        "recovery_floor": floor,  # distance of the clean held-out items themselves to the reference
         "timings": timings,
     }
 
