@@ -175,6 +175,30 @@ def test_weights_that_do_not_fit_the_spec(tmp_path):
     assert "model.blocks.1." in msg
 
 
+def test_weights_of_the_wrong_shape(tmp_path):
+    path = str(tmp_path / "d.safetensors")
+    spec = small_spec()
+    other = dict(spec, backbone={**spec["backbone"], "hidden": 8})  # same keys, other shapes
+    save_denoiser(path, random_denoiser(spec), other)
+    with pytest.raises(DpdmError) as info:
+        load_denoiser(path)
+    assert str(info.value).startswith(f"checkpoint {path!r} does not fit its own network spec: ")
+    assert "size mismatch" in str(info.value)
+
+
+def test_corrupt_network_spec(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "network": "{not json"})
+    with pytest.raises(DpdmError) as info:
+        load_denoiser(str(path))
+    assert str(info.value).startswith(f"checkpoint {str(path)!r} has a corrupt network spec in its metadata")
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "network": json.dumps({"shape": [2]})})
+    with pytest.raises(DpdmError, match="corrupt network spec"):
+        read_checkpoint(str(path))
+
+
 # --- atomic writes ------------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-Prediction Denoising Models: distill EDM teachers into few-step denoisers.")
@@ -26,8 +27,6 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from rich.markup import escape
-
         from dpdm.core.errors import DpdmError
 
         try:
@@ -71,7 +70,7 @@ def run(
     resolved = load_recipe(str(recipe), list(set_ or []))
     if dry_run:
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
-        err.print(f"[green]recipe {recipe} is valid[/]")
+        err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
         return
     from dpdm.core.progress import RichProgress
     from dpdm.core.rundir import new_run_dir, update_latest
@@ -82,12 +81,12 @@ def run(
         update_latest(out_dir)
     else:
         out_dir = out
-    err.print(f"run directory: [bold]{out_dir}[/]")
+    err.print(f"run directory: [bold]{escape(str(out_dir))}[/]")
     run_recipe(resolved, out_dir, progress=RichProgress(err))
     from rich.markdown import Markdown
 
     console.print(Markdown((Path(out_dir) / "report.md").read_text()))
-    err.print(f"[green]done:[/] {out_dir}/report.json, report.md, figures/")
+    err.print(f"[green]done:[/] {escape(str(out_dir))}/report.json, report.md, figures/")
 
 
 @app.command()
@@ -156,7 +155,7 @@ def recover(
         t.add_row(s, f"{v['noisy']:.4g}", f"{v['teacher']:.4g}", f"{v['student']:.4g}", ratio)
     console.print(t)
     if fig_path:
-        console.print(f"figure: {fig_path}")
+        console.print(f"figure: {escape(str(fig_path))}")
 
 
 @app.command()
@@ -197,7 +196,7 @@ def sample(
                     label_dim=ds.label_dim, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     figures.samples_figure({f"{model}, {sampler}, NFE {sample_fn.nfe(steps)}": x}, ds.kind, out, max_images=n)
-    console.print(f"wrote {out} ({n} samples, {sampler}, {steps} steps, NFE {sample_fn.nfe(steps)})")
+    console.print(f"wrote {escape(str(out))} ({n} samples, {sampler}, {steps} steps, NFE {sample_fn.nfe(steps)})")
 
 
 @app.command()

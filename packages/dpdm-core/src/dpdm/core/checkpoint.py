@@ -82,7 +82,13 @@ def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     if meta.get("format") != FORMAT:
         raise DpdmError(f"checkpoint {url!r} is not a dpdm denoiser checkpoint (format {meta.get('format')!r}, "
                         f"expected {FORMAT!r})")
-    return state, json.loads(meta["network"]), json.loads(meta.get("extra", "{}"))
+    try:
+        spec, extra = json.loads(meta["network"]), json.loads(meta.get("extra", "{}"))
+        if not all(k in spec for k in ("backbone", "precond", "shape", "label_dim")):
+            raise ValueError(f"keys {sorted(spec)}")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DpdmError(f"checkpoint {url!r} has a corrupt network spec in its metadata ({exc})") from None
+    return state, spec, extra
 
 
 def _metadata(data: bytes) -> dict:
@@ -94,8 +100,14 @@ def _metadata(data: bytes) -> dict:
 def load_denoiser(url: str, device="cpu") -> nn.Module:
     """A ready denoiser ``D(x, sigma, class_labels=None)`` in eval mode from a dpdm checkpoint."""
     state, spec, _ = read_checkpoint(url)
-    model = build_denoiser(spec)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = build_denoiser(spec)
+    except (TypeError, ValueError) as exc:
+        raise DpdmError(f"checkpoint {url!r}: cannot build its network {spec['backbone']} ({exc})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise DpdmError(f"checkpoint {url!r} does not fit its own network spec: {exc}") from None
     if missing or unexpected:
         raise DpdmError(f"checkpoint {url!r} does not fit its own network spec: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}")

@@ -105,5 +105,5 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     """Read, override (``key.path=value``) and strictly structure a recipe file."""
     data = load_yaml(path)
     if overrides:
-        data = apply_overrides(data, overrides)
+        data = apply_overrides(data, overrides, source=path)
     return structure(Recipe, data, path="recipe", source=path)
