@@ -283,6 +283,20 @@ def test_run_with_a_given_teacher_and_out(tiny_run, tmp_path, monkeypatch):
     assert all(torch.equal(old[0][k], new[0][k]) for k in old[0])
 
 
+def test_run_with_the_ikl_divergence(tiny_run, tmp_path, monkeypatch):
+    """Diff-Instruct's IKL is picked by name in a recipe; its student is a one-step generator from pure noise."""
+    monkeypatch.chdir(tmp_path)
+    teacher = tiny_run["run"] / "checkpoints" / "teacher.safetensors"
+    ok(invoke("run", TOY2D, *sets(TINY + ["train.steps=3", f"teacher.checkpoint={teacher}",
+                                          "train.divergence={name: ikl, generator_sigma: 40.0}"]), "--out", "ikl"))
+    cfg = load_recipe(str(tmp_path / "ikl" / "config.yaml"))
+    assert cfg.train.divergence.name == "ikl" and cfg.train.divergence.options == {"generator_sigma": 40.0}
+    report = json.loads((tmp_path / "ikl" / "report.json").read_text())
+    assert all(math.isfinite(v) for v in report["sweep"]["student"]["dpdm"].values())
+    bad = user_error(invoke("run", TOY2D, "--dry-run", "--set", "train.divergence={name: ikl, renoise: same}"))
+    assert "recipe.train.divergence.renoise: unknown option for divergence 'ikl'" in squash(bad)
+
+
 # --- recover -----------------------------------------------------------------------------------------------------
 
 
