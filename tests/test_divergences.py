@@ -108,6 +108,15 @@ def test_renoise_same_sigma_vs_independent():
     assert not torch.equal(other, sigma) and other.min() >= 0.01 and other.max() <= 10.0
 
 
+def test_renoise_max_caps_the_comparison_sigma():
+    dist = SigmaDist("log-uniform", min=0.01, max=80.0)
+    sigma = torch.tensor([0.05, 1.0, 2.5, 10.0, 80.0])
+    capped = SmoothedKL(dist, renoise_max=2.5).renoise_sigma(sigma)
+    assert torch.equal(capped, torch.tensor([0.05, 1.0, 2.5, 2.5, 2.5]))
+    with pytest.raises(ValueError, match="renoise_max must be positive"):
+        SmoothedKL(dist, renoise_max=0.0)
+
+
 def test_ikl_feeds_pure_noise_and_integrates_over_sigma():
     div = IKL(SigmaDist("log-uniform", min=0.1, max=5.0), generator_sigma=80.0)
     x0 = torch.full((1000, 2), 123.0)  # data values must not leak into the generator input
