@@ -128,6 +128,23 @@ def test_several_recipe_problems_at_once(tmp_path, monkeypatch):
     ]
 
 
+def test_dry_run_builds_every_component(tmp_path, monkeypatch):
+    """Values that only the components can judge fail at --dry-run, all at once, before any training."""
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("run", TOY2D, "--dry-run", *sets([
+        "train.steps=-1", "model.backbone.activation=foo", "train.divergence.weighting=bar",
+        "eval.student_schedule={name: dpdm, sigma_min: 1.0, sigma_max: 0.5}", "eval.recovery_sigmas=[0,1]"])))
+    assert err.splitlines() == [
+        f"error: invalid recipe {TOY2D} (5 problems):",
+        "  - recipe.train.steps: must be at least 0, got -1",
+        "  - recipe.eval.recovery_sigmas: every entry must be positive, got [0.0, 1.0]",
+        "  - recipe.model: unknown activation 'foo'; choose one of ['gelu', 'relu', 'silu', 'tanh']",
+        "  - recipe.train.divergence: unknown weighting 'bar'; choose one of diffusion, score",
+        "  - recipe.eval.student_schedule: need 0 < sigma_min <= sigma_max, got sigma_min=1.0, sigma_max=0.5",
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_recipe_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     err = user_error(invoke("run", "nope.yaml"))

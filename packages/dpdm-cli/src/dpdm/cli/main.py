@@ -67,7 +67,10 @@ def run(
     from dpdm.core.config import load_recipe
     from dpdm.core.structure import dump_yaml, unstructure
 
+    from dpdm.core.run import preflight
+
     resolved = load_recipe(str(recipe), list(set_ or []))
+    preflight(resolved, str(recipe))  # build data, nets, divergence, metric, schedules: fail now, not mid-run
     if dry_run:
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
         err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
