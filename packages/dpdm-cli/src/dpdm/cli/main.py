@@ -1,4 +1,4 @@
-"""``dpdm``: run recipes, evaluate recovery, sample, list plugins.
+"""``dpdm``: run recipes, evaluate recovery, sample, list plugins, convert official EDM snapshots.
 
 Heavy imports (torch, the registries) happen inside the commands so ``dpdm --help`` is fast.
 User errors (``DpdmError``: bad files, keys, names, values) print one message and exit 1.
@@ -222,6 +222,37 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print machine-re
         for r in rows:
             t.add_row(kind, r["name"], r["distribution"] or "?", r["version"] or "?", r["plugin"])
     console.print(t)
+
+
+convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints from other code bases into dpdm checkpoints.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("edm-pkl")
+@user_errors
+def convert_edm_pkl(
+    src: str = typer.Argument(..., help="Official NVlabs/edm snapshot: a path or URL (http(s) downloads are cached)"),
+    dst: str = typer.Argument(..., help="Where to write the dpdm checkpoint (.safetensors), a path or fsspec URL"),
+):
+    """Import an official EDM network-snapshot-*.pkl without running its embedded code, and save it as a
+    dpdm checkpoint (safetensors weights + network spec) that `load_denoiser` and recipes can use."""
+    from dpdm.core.checkpoint import convert_edm_pickle
+
+    spec, snapshot, notes = convert_edm_pickle(src, dst)
+    backbone = {k: v for k, v in spec["backbone"].items() if k != "name"}
+    precond = {k: v for k, v in spec["precond"].items() if k != "name"}
+    console.print(f"{escape(src)}: {snapshot.kind}, {snapshot.precond_class} wrapping {snapshot.model_class}",
+                  highlight=False)
+    console.print(f"  backbone   {spec['backbone']['name']} {escape(json.dumps(backbone))}", highlight=False)
+    console.print(f"  precond    {spec['precond']['name']} {escape(json.dumps(precond))}", highlight=False)
+    console.print(f"  data       shape {spec['shape']}, label_dim {spec['label_dim']}", highlight=False)
+    console.print(f"  weights    {snapshot.num_params:,} parameters, {len(snapshot.state_dict)} tensors",
+                  highlight=False)
+    if snapshot.dataset_kwargs:
+        console.print(f"  trained on {escape(json.dumps(snapshot.dataset_kwargs))}", highlight=False)
+    for note in notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}", highlight=False)
+    console.print(f"wrote {escape(dst)}", highlight=False)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ _LAZY = {
     "TeacherTrainer": "teacher",
     "EMA": "ema",
     "load_denoiser": "checkpoint",
+    "load_checkpoint": "checkpoint",
 }
 
 __all__ = [

@@ -2,15 +2,22 @@
 network config (backbone and preconditioning names and options, data shape, label_dim) in the
 file's metadata, so ``load_denoiser`` rebuilds the model with no pickle at all.
 
-Files go through fsspec (local paths, ``memory://``, ``s3://``, ...) and are written atomically:
-the bytes go to a temporary name that is renamed into place only once complete, so a crash
-never leaves a file that looks like a finished checkpoint.
+Files go through fsspec (local paths, ``memory://``, ``s3://``, ...; http(s) URLs are downloaded
+once into the cache, see ``cache.py``) and are written atomically: the bytes go to a temporary
+name that is renamed into place only once complete, so a crash never leaves a file that looks
+like a finished checkpoint.
+
+``load_checkpoint``/``load_denoiser`` also take official NVlabs/edm snapshots (``.pkl``; the
+content decides, not the name): they are imported without running their code
+(``edm_pickle.py``) and the conversion is cached as a dpdm checkpoint, so a recipe that names a
+``.pkl`` imports it once. ``convert_edm_pickle`` writes such a conversion where you want it.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from typing import Any
 
 import fsspec
@@ -19,10 +26,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import DpdmError
+from .cache import import_cache_path, local_copy
+from .errors import DpdmError, UnknownComponentError
 from .registry import get
 
 FORMAT = "dpdm-denoiser/1"
+IMPORTER = "edm-pkl/1"  # version of the EDM snapshot conversion: part of the import cache key
 
 
 def network_spec(backbone: dict, precond: dict, shape, label_dim: int) -> dict:
@@ -64,15 +73,30 @@ def save_denoiser(url: str, model: nn.Module, spec: dict, extra: dict[str, Any] 
     write_bytes_atomic(url, st_save(tensors, metadata=meta))
 
 
+def _open(local: str, name: str):
+    """The binary file at ``local``, with clear errors naming ``name`` (the user's URL)."""
+    try:
+        return fsspec.open(local, "rb").open()
+    except FileNotFoundError:
+        raise DpdmError(f"checkpoint {name!r} not found") from None
+    except Exception as exc:  # unreachable storage, permissions, a directory, ...
+        raise DpdmError(f"cannot read checkpoint {name!r}: {exc}") from None
+
+
+def _read(f, name: str, size: int = -1) -> bytes:
+    try:
+        return f.read(size)
+    except Exception as exc:
+        raise DpdmError(f"cannot read checkpoint {name!r}: {exc}") from None
+
+
 def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(state_dict, network_spec, extra)`` of a dpdm checkpoint, with clear errors."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DpdmError(f"checkpoint {url!r} not found") from None
-    except Exception as exc:  # unreachable storage, permissions, ...
-        raise DpdmError(f"cannot read checkpoint {url!r}: {exc}") from None
+    with _open(local_copy(url), url) as f:
+        return _parse(_read(f, url), url)
+
+
+def _parse(data: bytes, url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     try:
         state = st_load(data)
         meta = _metadata(data)
@@ -97,18 +121,106 @@ def _metadata(data: bytes) -> dict:
     return header.get("__metadata__", {}) or {}
 
 
-def load_denoiser(url: str, device="cpu") -> nn.Module:
-    """A ready denoiser ``D(x, sigma, class_labels=None)`` in eval mode from a dpdm checkpoint."""
-    state, spec, _ = read_checkpoint(url)
+def _instantiate(state: dict, spec: dict, url: str, fit: str = "its own network spec") -> nn.Module:
+    """The network of ``spec`` with the weights ``state`` (all of them, exactly)."""
     try:
         model = build_denoiser(spec)
+    except UnknownComponentError as exc:
+        raise DpdmError(f"checkpoint {url!r}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise DpdmError(f"checkpoint {url!r}: cannot build its network {spec['backbone']} ({exc})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise DpdmError(f"checkpoint {url!r} does not fit its own network spec: {exc}") from None
+        raise DpdmError(f"checkpoint {url!r} does not fit {fit}: {exc}") from None
     if missing or unexpected:
-        raise DpdmError(f"checkpoint {url!r} does not fit its own network spec: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
-    return model.to(device).eval().requires_grad_(False)
+        raise DpdmError(f"checkpoint {url!r} does not fit {fit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def sniff(url: str, local: str | None = None) -> str:
+    """``"edm"`` for pickles (protocol 2+) and torch zip files, else ``"safetensors"``.
+
+    A safetensors file starts with its header's length (8 bytes, little-endian) and the header's
+    ``{``; a pickle with the byte 0x80 and its protocol, then (protocols 4 and 5) a FRAME opcode.
+    Anything else is left to the safetensors reader, which explains what is wrong with it.
+    """
+    with _open(local or local_copy(url), url) as f:
+        head = _read(f, url, 16)
+    if head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "edm"
+    if len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and (head[2] == 0x95 or (head[1] < 4 and head[2])):
+        return "edm"
+    return "safetensors"
+
+
+def import_edm(url: str, local: str | None = None):
+    """``(denoiser, network_spec, snapshot, notes)`` for an official EDM snapshot (``edm_pickle.py``).
+
+    The denoiser is the network ``snapshot_spec`` describes with all of the snapshot's weights.
+    """
+    from .edm_pickle import read_edm_snapshot, snapshot_spec
+
+    with _open(local or local_copy(url), url) as f:
+        snapshot = read_edm_snapshot(f, url)
+    spec, notes = snapshot_spec(snapshot)
+    fit = f"the {spec['backbone']['name']} network built from its config"
+    return _instantiate(snapshot.state_dict, spec, url, fit), spec, snapshot, notes
+
+
+def _edm_extra(url: str, snapshot) -> dict:
+    from .edm_pickle import summary
+
+    return {"source": url, "edm": summary(snapshot)}
+
+
+def _load_edm(url: str, local: str) -> tuple[nn.Module, dict]:
+    """An EDM snapshot through the import cache (``cache.import_cache_path``)."""
+    cached = import_cache_path(url, local, IMPORTER)
+    if cached.is_file():
+        try:
+            state, spec, _ = read_checkpoint(str(cached))
+            return _instantiate(state, spec, url), spec
+        except DpdmError:  # an unreadable cache entry, or a backbone that changed: import afresh
+            pass
+    model, spec, snapshot, _ = import_edm(url, local)
+    try:
+        save_denoiser(str(cached), model, spec, _edm_extra(url, snapshot))
+    except OSError as exc:
+        warnings.warn(f"could not cache the conversion of {url!r} in {cached.parent}: {exc}", stacklevel=3)
+    return model, spec
+
+
+def load_checkpoint(url: str, device="cpu") -> tuple[nn.Module, dict]:
+    """``(denoiser, network_spec)`` from a dpdm checkpoint or an official EDM snapshot (imported on
+    the fly, cached); the denoiser ``D(x, sigma, class_labels=None)`` is in eval mode."""
+    local = local_copy(url)
+    if sniff(url, local) == "edm":
+        model, spec = _load_edm(url, local)
+    else:
+        with _open(local, url) as f:
+            state, spec, _ = _parse(_read(f, url), url)
+        model = _instantiate(state, spec, url)
+    return model.to(device).eval().requires_grad_(False), spec
+
+
+def load_denoiser(url: str, device="cpu") -> nn.Module:
+    """A ready denoiser ``D(x, sigma, class_labels=None)`` in eval mode from a dpdm checkpoint or an
+    official EDM snapshot (see ``load_checkpoint``)."""
+    return load_checkpoint(url, device)[0]
+
+
+def convert_edm_pickle(src: str, dst: str):
+    """Import the official EDM snapshot ``src`` and save it as the dpdm checkpoint ``dst``.
+
+    Returns ``(network_spec, snapshot, notes)``; ``dst``'s extra info records the source.
+    """
+    local = local_copy(src)
+    if sniff(src, local) != "edm":
+        raise DpdmError(f"{src!r} is not an EDM snapshot pickle (network-snapshot-*.pkl); if it is a dpdm "
+                        "checkpoint already, there is nothing to convert")
+    model, spec, snapshot, notes = import_edm(src, local)
+    save_denoiser(dst, model, spec, _edm_extra(src, snapshot))
+    return spec, snapshot, notes

@@ -48,7 +48,7 @@ class TeacherTrainConfig:
 class TeacherConfig:
     """Where the teacher comes from: trained here (``train``) or loaded (``checkpoint``)."""
 
-    checkpoint: str | None = None  # path or URL of a dpdm checkpoint (.safetensors)
+    checkpoint: str | None = None  # path or URL of a dpdm checkpoint (.safetensors) or an official EDM .pkl
     train: TeacherTrainConfig = attrs.field(factory=TeacherTrainConfig)
 
 

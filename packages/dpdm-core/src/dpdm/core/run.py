@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate as ev
-from .checkpoint import build_denoiser, load_denoiser, network_spec, read_checkpoint, save_denoiser
+from .checkpoint import build_denoiser, load_checkpoint, load_denoiser, network_spec, save_denoiser
 from .config import Recipe
 from .datasets import to_model
 from .distill import DPDM
@@ -127,6 +127,15 @@ def spec_of(recipe: Recipe, dataset) -> dict:
     m = recipe.model
     return network_spec({"name": m.backbone.name, **m.backbone.options}, {"name": m.precond.name, **m.precond.options},
                         dataset.shape, dataset.label_dim)
+
+
+def check_teacher_fits(spec: dict, dataset, url: str) -> None:
+    """A loaded teacher must take the recipe's data: same item shape and number of classes."""
+    want = (list(dataset.shape), int(dataset.label_dim))
+    if (list(spec["shape"]), int(spec["label_dim"])) != want:
+        raise DpdmError(f"recipe.teacher.checkpoint: {url!r} is a network for items of shape {list(spec['shape'])} "
+                        f"with label_dim {spec['label_dim']}, but the recipe's data has shape {want[0]} with "
+                        f"label_dim {want[1]}; pick the checkpoint that was trained on this dataset")
 
 
 def _log(path: Path, record: dict) -> None:
@@ -280,8 +289,8 @@ def run(recipe: Recipe, out: str | Path, progress: Progress | None = None) -> di
     timings = {}
     t0 = time.perf_counter()
     if recipe.teacher.checkpoint:
-        teacher = load_denoiser(recipe.teacher.checkpoint, device=device)
-        _, spec, _ = read_checkpoint(recipe.teacher.checkpoint)
+        teacher, spec = load_checkpoint(recipe.teacher.checkpoint, device=device)
+        check_teacher_fits(spec, train_set, recipe.teacher.checkpoint)
     else:
         teacher_batches = Batches(train_set, recipe.teacher.train.batch_size, generator, device)
         teacher = train_teacher(recipe, spec, teacher_batches, device, progress, log_path)

@@ -1,4 +1,5 @@
-"""The dpdm plugin of dpdm-nets: registers the ``mlp`` and ``unet-small`` backbones.
+"""The dpdm plugin of dpdm-nets: registers the ``mlp``, ``unet-small``, ``edm-songunet`` and
+``edm-dhariwal`` backbones.
 
 Importing this module does not import torch: the factories below import their networks on
 first call, so ``dpdm --help`` and registry lookups stay fast. Their signatures are what the
@@ -28,7 +29,48 @@ def unet_small(shape: tuple, label_dim: int = 0, channels: int = 64, channel_mul
                            num_blocks=num_blocks, emb_dim=emb_dim, dropout=dropout, attn=attn)
 
 
+def _square_image(shape) -> tuple[int, int]:
+    """``(channels, resolution)`` of a ``(C, H, W)`` item shape with ``H == W`` (the EDM UNets' inputs)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"EDM UNets need square (C, H, W) images with H == W, got shape {shape}")
+    return shape[0], shape[1]
+
+
+def edm_songunet(shape: tuple, label_dim: int = 0, augment_dim: int = 0, model_channels: int = 128,
+                 channel_mult: list = (1, 2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
+                 attn_resolutions: list = (16,), dropout: float = 0.10, label_dropout: float = 0.0,
+                 embedding_type: str = "positional", channel_mult_noise: int = 1, encoder_type: str = "standard",
+                 decoder_type: str = "standard", resample_filter: list = (1, 1)):
+    """EDM's DDPM++/NCSN++ UNet, loading official checkpoints exactly (see ``dpdm.nets.edm.songunet``)."""
+    from .edm.songunet import SongUNet
+
+    channels, resolution = _square_image(shape)
+    return SongUNet(img_resolution=resolution, in_channels=channels, out_channels=channels, label_dim=label_dim,
+                    augment_dim=augment_dim, model_channels=model_channels, channel_mult=channel_mult,
+                    channel_mult_emb=channel_mult_emb, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
+                    dropout=dropout, label_dropout=label_dropout, embedding_type=embedding_type,
+                    channel_mult_noise=channel_mult_noise, encoder_type=encoder_type, decoder_type=decoder_type,
+                    resample_filter=resample_filter)
+
+
+def edm_dhariwal(shape: tuple, label_dim: int = 0, augment_dim: int = 0, model_channels: int = 192,
+                 channel_mult: list = (1, 2, 3, 4), channel_mult_emb: int = 4, num_blocks: int = 3,
+                 attn_resolutions: list = (32, 16, 8), dropout: float = 0.10, label_dropout: float = 0.0,
+                 use_fp16: bool = False, fp16_dtype: str = "float16"):
+    """EDM's ADM UNet, loading official checkpoints exactly (see ``dpdm.nets.edm.dhariwal``)."""
+    from .edm.dhariwal import DhariwalUNet
+
+    channels, resolution = _square_image(shape)
+    return DhariwalUNet(img_resolution=resolution, in_channels=channels, out_channels=channels, label_dim=label_dim,
+                        augment_dim=augment_dim, model_channels=model_channels, channel_mult=channel_mult,
+                        channel_mult_emb=channel_mult_emb, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
+                        dropout=dropout, label_dropout=label_dropout, use_fp16=use_fp16, fp16_dtype=fp16_dtype)
+
+
 @hookimpl
 def register_backbones(register):
     register("mlp", mlp)
     register("unet-small", unet_small)
+    register("edm-songunet", edm_songunet)
+    register("edm-dhariwal", edm_dhariwal)

@@ -1,0 +1,81 @@
+"""The local cache: downloaded checkpoints and converted EDM snapshots.
+
+It lives in ``$DPDM_CACHE``, or ``~/.cache/dpdm``:
+
+    downloads/<sha256(url)[:16]>-<file name>   http(s) files, fetched once (URLs are taken as immutable)
+    edm-import/<key>.safetensors              official EDM snapshots converted to dpdm checkpoints
+
+http(s) downloads use the standard library (fsspec's http filesystem needs aiohttp, which dpdm-core
+does not depend on); every other URL (local paths, ``memory://``, ``s3://``...) is read through fsspec.
+Files are written under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import fsspec
+
+from .errors import DpdmError
+
+TIMEOUT_S = 60.0  # per network operation, not for the whole download
+
+
+def cache_dir() -> Path:
+    """``$DPDM_CACHE`` or ``~/.cache/dpdm``."""
+    return Path(os.environ.get("DPDM_CACHE") or Path.home() / ".cache" / "dpdm")
+
+
+def is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def local_copy(url: str) -> str:
+    """``url`` itself, or for http(s) URLs the path of a cached copy (downloaded on first use)."""
+    if not is_http(url):
+        return url
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "download"
+    path = cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if path.is_file():
+        return str(path)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as f:
+            expected = response.headers.get("Content-Length")
+            shutil.copyfileobj(response, f, 1 << 20)
+            got = f.tell()
+        if expected is not None and got != int(expected):
+            raise DpdmError(f"download of {url!r} was cut short ({got} of {expected} bytes); try again")
+        os.replace(tmp, path)
+    except urllib.error.HTTPError as exc:
+        raise DpdmError(f"cannot download {url!r}: HTTP {exc.code} {exc.reason}; check the URL") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DpdmError(f"cannot download {url!r}: {reason}; check the URL and the network, or download the "
+                        f"file yourself and give its local path (downloads are cached in {cache_dir()})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(path)
+
+
+def import_cache_path(url: str, local: str, version: str) -> Path:
+    """Where the conversion of the file at ``local`` (named ``url`` by the user) is cached.
+
+    The key hashes the canonical URL, the file's size and modification time, and ``version`` (the
+    converter's), so a changed file or converter is imported anew.
+    """
+    fs, path = fsspec.core.url_to_fs(local)
+    info = fs.info(path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("created") or info.get("ETag")
+    canonical = url if is_http(url) else fs.unstrip_protocol(path)
+    key = json.dumps([canonical, info.get("size"), str(stamp), version])
+    return cache_dir() / "edm-import" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
