@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -194,17 +193,11 @@ def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("cli-run")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        t0 = time.perf_counter()
         result = invoke("run", TOY2D, *sets(TINY))
-        seconds = time.perf_counter() - t0
     assert result.exit_code == 0, (result.output, result.exception)
     runs = [p for p in (work / "runs").iterdir() if p.name != "latest"]
     assert len(runs) == 1
-    return {"work": work, "run": runs[0], "result": result, "seconds": seconds}
-
-
-def test_tiny_run_is_fast(tiny_run):
-    assert tiny_run["seconds"] < 30, tiny_run["seconds"]
+    return {"work": work, "run": runs[0], "result": result}
 
 
 def test_tiny_run_output(tiny_run):

@@ -11,9 +11,11 @@ from dpdm.core import hookimpl
 
 @hookimpl
 def register_datasets(register):
+    from .cifar10 import cifar10
     from .digits import digits
     from .toy import TOY_DATASETS
 
     for name, factory in TOY_DATASETS.items():
         register(name, factory)
     register("digits", digits)
+    register("cifar10", cifar10)
