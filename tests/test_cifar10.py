@@ -325,9 +325,12 @@ def test_recipes_preflight(tmp_path, monkeypatch, name, label_dim):
 EDM_REF = Path(__file__).resolve().parents[2] / "shared" / "edm_ref"
 
 
-@pytest.mark.parametrize("name, pickle_name", [("cifar10", "cifar10-32x32-uncond-vp"),
-                                               ("cifar10-cond", "cifar10-32x32-cond-vp")])
-def test_recipe_model_section_is_the_teachers_network(name, pickle_name):
+@pytest.mark.parametrize("name, pickle_name, backbone, shape", [
+    ("cifar10", "cifar10-32x32-uncond-vp", "edm-songunet", (3, 32, 32)),
+    ("cifar10-cond", "cifar10-32x32-cond-vp", "edm-songunet", (3, 32, 32)),
+    ("imagenet64", "imagenet-64x64-cond-adm", "edm-dhariwal", (3, 64, 64)),
+])
+def test_recipe_model_section_is_the_teachers_network(name, pickle_name, backbone, shape):
     """The model section documents the teacher pickle's network: same config, same state_dict keys and shapes."""
     facts = EDM_REF / f"keys_{pickle_name}.json"
     if not facts.exists():
@@ -336,11 +339,11 @@ def test_recipe_model_section_is_the_teachers_network(name, pickle_name):
     recipe = load_recipe(str(RECIPES / f"{name}.yaml"))
     assert recipe.teacher.checkpoint == f"https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-{pickle_name}.pkl"
     options = recipe.model.backbone.options
-    assert recipe.model.backbone.name == "edm-songunet" and recipe.model.precond.name == "edm"
+    assert recipe.model.backbone.name == backbone and recipe.model.precond.name == "edm"
     for key, value in official["constructor_kwargs"].items():
         if key in options:
             assert options[key] == value, key
-    spec = spec_of(recipe, SimpleNamespace(shape=(3, 32, 32), label_dim=official["constructor_kwargs"]["label_dim"]))
+    spec = spec_of(recipe, SimpleNamespace(shape=shape, label_dim=official["constructor_kwargs"]["label_dim"]))
     model = build_denoiser(spec)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == official["state_dict"]
     assert sum(p.numel() for p in model.parameters()) == official["param_count"]

@@ -13,9 +13,12 @@ from dpdm.core import hookimpl
 def register_datasets(register):
     from .cifar10 import cifar10
     from .digits import digits
+    from .image_folder import image_folder, image_zip
     from .toy import TOY_DATASETS
 
     for name, factory in TOY_DATASETS.items():
         register(name, factory)
     register("digits", digits)
     register("cifar10", cifar10)
+    register("image-zip", image_zip)
+    register("image-folder", image_folder)
