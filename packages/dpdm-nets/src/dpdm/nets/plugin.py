@@ -68,9 +68,29 @@ def edm_dhariwal(shape: tuple, label_dim: int = 0, augment_dim: int = 0, model_c
                         dropout=dropout, label_dropout=label_dropout, use_fp16=use_fp16, fp16_dtype=fp16_dtype)
 
 
+def dit(shape: tuple, label_dim: int = 0, size: str = "S", patch_size: int = 2, hidden: int = 0, depth: int = 0,
+        num_heads: int = 0, mlp_ratio: float = 4.0, class_dropout: float = 0.0):
+    """Pixel-space Diffusion Transformer, presets S/B/L/XL; 0 takes the preset (see ``dpdm.nets.dit.make_dit``)."""
+    from .dit import make_dit
+
+    return make_dit(shape, label_dim=label_dim, size=size, patch_size=patch_size, hidden=hidden, depth=depth,
+                    num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout=class_dropout)
+
+
+def stylegan2(shape: tuple, label_dim: int = 0, channels: int = 128, channel_max: int = 256, w_dim: int = 256,
+              mapping_layers: int = 4, base_resolution: int = 4, noise_mode: str = "const"):
+    """StyleGAN2 generator with an x_t encoder, as a few-step student (see ``dpdm.nets.stylegan2``)."""
+    from .stylegan2 import StyleGAN2Denoiser
+
+    return StyleGAN2Denoiser(shape, label_dim=label_dim, channels=channels, channel_max=channel_max, w_dim=w_dim,
+                             mapping_layers=mapping_layers, base_resolution=base_resolution, noise_mode=noise_mode)
+
+
 @hookimpl
 def register_backbones(register):
     register("mlp", mlp)
+    register("dit", dit)
     register("unet-small", unet_small)
     register("edm-songunet", edm_songunet)
     register("edm-dhariwal", edm_dhariwal)
+    register("stylegan2", stylegan2)
