@@ -120,7 +120,7 @@ def test_several_recipe_problems_at_once(tmp_path, monkeypatch):
     assert err.splitlines() == [
         f"error: invalid recipe {TOY2D} (2 problems):",
         "  - recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, "
-        "batch_size, lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip.",
+        "batch_size, lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip, student.",
         "  - recipe.eval.teacher_samplers[0].name: unknown sampler 'heum'. Did you mean 'heun'? Registered samplers: "
         "dpdm, dpmpp-2m, euler, euler-stochastic, heun. Run `dpdm plugins` to see every component and the package "
         "that provides it.",
@@ -305,6 +305,35 @@ def test_run_with_the_ikl_divergence(tiny_run, tmp_path, monkeypatch):
     assert all(math.isfinite(v) for v in report["sweep"]["student"]["dpdm"].values())
     bad = user_error(invoke("run", TOY2D, "--dry-run", "--set", "train.divergence={name: ikl, renoise: same}"))
     assert "recipe.train.divergence.renoise: unknown option for divergence 'ikl'" in squash(bad)
+
+
+def test_run_with_a_student_of_another_architecture(tiny_run, tmp_path, monkeypatch):
+    """``train.student`` trains a student network of its own from scratch; teacher and fake keep ``model``."""
+    monkeypatch.chdir(tmp_path)
+    teacher = tiny_run["run"] / "checkpoints" / "teacher.safetensors"
+    ok(invoke("run", TOY2D, *sets(TINY + ["train.steps=3", f"teacher.checkpoint={teacher}",
+                                          "train.student={backbone: {name: mlp, hidden: 16, depth: 2}}"]),
+              "--out", "own"))
+    ckpt = tmp_path / "own" / "checkpoints"
+    assert read_checkpoint(str(ckpt / "student.safetensors"))[1]["backbone"] == {"name": "mlp", "hidden": 16, "depth": 2}
+    assert read_checkpoint(str(ckpt / "fake.safetensors"))[1] == read_checkpoint(str(teacher))[1]
+    ok(invoke("recover", "--sigma", "1", "--run", tmp_path / "own", "--json"))
+
+
+def test_run_with_a_stylegan2_student_on_digits(tmp_path, monkeypatch):
+    """The paper's point that the student need not be a UNet: a StyleGAN2 student of an MLP teacher on digits."""
+    monkeypatch.chdir(tmp_path)
+    digits = str(Path(TOY2D).parent / "digits.yaml")
+    ok(invoke("run", digits, *sets([
+        "teacher.train.steps=5", "train.steps=2", "train.fake_updates=1", "eval.num_samples=50",
+        "eval.recovery_num=50", "eval.teacher_nfe=[1]", "eval.student_steps=[1]", "eval.one_step_sigma_max=[80.0]",
+        "eval.recovery_sigmas=[1.0]", "model.backbone.hidden=32", "model.backbone.depth=1",
+        "train.student={backbone: {name: stylegan2, channels: 8, channel_max: 16, w_dim: 16, mapping_layers: 1}}"]),
+        "--out", "sg"))
+    spec = read_checkpoint(str(tmp_path / "sg" / "checkpoints" / "student.safetensors"))[1]
+    assert spec["backbone"]["name"] == "stylegan2" and spec["shape"] == [1, 8, 8]
+    report = json.loads((tmp_path / "sg" / "report.json").read_text())
+    assert math.isfinite(report["sweep"]["student"]["dpdm"]["1"])
 
 
 # --- recover -----------------------------------------------------------------------------------------------------

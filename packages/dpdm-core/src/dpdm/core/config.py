@@ -66,6 +66,9 @@ class TrainConfig:
     fake_updates: int = 5  # fake-score updates per student update
     ema_halflife_nimg: float | None = None  # EMA of the student, half-life in images
     grad_clip: float | None = None
+    # The student's own network, trained from scratch (e.g. a stylegan2 generator or a dit);
+    # null: the student starts as a copy of the teacher. Teacher and fake score keep `model`.
+    student: ModelConfig | None = None
 
 
 @attrs.define

@@ -106,6 +106,8 @@ def preflight(recipe: Recipe, source: str | None = None):
         spec = spec_of(recipe, train_set)
         if not recipe.teacher.checkpoint:
             check("recipe.model", lambda: build_denoiser(spec))
+        if recipe.train.student is not None:
+            check("recipe.train.student", lambda: build_denoiser(student_spec(recipe, spec)))
     check("recipe.train.divergence",
           lambda: get("divergence", recipe.train.divergence.name)(sigma=recipe.train.sigma,
                                                                   **recipe.train.divergence.options))
@@ -121,6 +123,15 @@ def preflight(recipe: Recipe, source: str | None = None):
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), source)
     return train_set, test_set, spec
+
+
+def student_spec(recipe: Recipe, teacher_spec: dict) -> dict:
+    """The student's network: ``train.student`` if the recipe names one, else the teacher's."""
+    m = recipe.train.student
+    if m is None:
+        return teacher_spec
+    return network_spec({"name": m.backbone.name, **m.backbone.options}, {"name": m.precond.name, **m.precond.options},
+                        teacher_spec["shape"], teacher_spec["label_dim"])
 
 
 def spec_of(recipe: Recipe, dataset) -> dict:
@@ -160,14 +171,17 @@ def train_teacher(recipe: Recipe, spec: dict, batches: Batches, device, progress
     return trainer.model.eval().requires_grad_(False)
 
 
-def distill(recipe: Recipe, teacher, batches: Batches, device, progress: Progress, log_path: Path) -> DPDM:
+def distill(recipe: Recipe, teacher, batches: Batches, device, progress: Progress, log_path: Path,
+            student=None) -> DPDM:
+    """Algorithm 1 for ``train.steps`` student updates; ``student`` (default: a copy of the teacher)."""
     cfg = recipe.train
     div_opts = dict(cfg.divergence.options)
     divergence = get("divergence", cfg.divergence.name)(sigma=cfg.sigma, **div_opts)
     sigma_data = getattr(teacher, "sigma_data", 0.5)
     fake_loss = EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma)
     algo = DPDM(teacher, divergence, fake_loss, lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr,
-                fake_updates=cfg.fake_updates, ema_halflife_nimg=cfg.ema_halflife_nimg, grad_clip=cfg.grad_clip)
+                fake_updates=cfg.fake_updates, ema_halflife_nimg=cfg.ema_halflife_nimg, grad_clip=cfg.grad_clip,
+                student=student)
     generator = batches.generator if device.type == "cpu" else None
     with progress.task(f"student (DPDM, {cfg.divergence.name})", cfg.steps) as bar:
         for step in range(cfg.steps):
@@ -298,11 +312,13 @@ def run(recipe: Recipe, out: str | Path, progress: Progress | None = None) -> di
     save_denoiser(str(out / "checkpoints" / "teacher.safetensors"), teacher, spec, {"role": "teacher"})
 
     t0 = time.perf_counter()
+    s_spec = student_spec(recipe, spec)
+    fresh = build_denoiser(s_spec).to(device) if recipe.train.student is not None else None
     algo = distill(recipe, teacher, Batches(train_set, recipe.train.batch_size, generator, device), device,
-                   progress, log_path)
+                   progress, log_path, student=fresh)
     timings["student_s"] = time.perf_counter() - t0
     student = algo.model.eval()
-    save_denoiser(str(out / "checkpoints" / "student.safetensors"), student, spec,
+    save_denoiser(str(out / "checkpoints" / "student.safetensors"), student, s_spec,
                   {"role": "student", "steps": recipe.train.steps})
     save_denoiser(str(out / "checkpoints" / "fake.safetensors"), algo.fake, spec, {"role": "fake"})
 
