@@ -106,8 +106,8 @@ def test_recipe_file_problems_reported_at_once(tmp_path):
         load_recipe(str(path))
     assert info.value.problems == [
         "recipe.data.name: " + _unknown("dataset", "gaussian-rnig", "'gaussian-ring' or 'gaussian-grid' or 'gaussian'",
-                                        "checkerboard, cifar10, digits, gaussian, gaussian-grid, gaussian-ring, image-folder, "
-                                        "image-zip, swiss-roll, two-moons"),
+                                        "checkerboard, cifar10, digits, fashion-mnist, gaussian, gaussian-grid, gaussian-ring, "
+                                        "image-folder, image-zip, mnist, npz, swiss-roll, two-moons"),
         "recipe.model.backbone.hiden: unknown option for backbone 'mlp'. Did you mean 'hidden'? "
         "Valid options: hidden, depth, emb_dim, dropout, activation.",
         "recipe.model.backbone.depth: expected int, got 'deep'",

@@ -14,6 +14,8 @@ def register_datasets(register):
     from .cifar10 import cifar10
     from .digits import digits
     from .image_folder import image_folder, image_zip
+    from .mnist import fashion_mnist, mnist
+    from .npz import npz
     from .toy import TOY_DATASETS
 
     for name, factory in TOY_DATASETS.items():
@@ -22,3 +24,6 @@ def register_datasets(register):
     register("cifar10", cifar10)
     register("image-zip", image_zip)
     register("image-folder", image_folder)
+    register("mnist", mnist)
+    register("fashion-mnist", fashion_mnist)
+    register("npz", npz)
