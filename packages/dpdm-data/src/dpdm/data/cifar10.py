@@ -31,12 +31,13 @@ import posixpath
 import tarfile
 import zlib
 
-import fsspec
 import numpy as np
 import torch
 
 from dpdm.core.datasets import TensorDataset
 from dpdm.core.errors import DpdmError
+
+from .storage import locate
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -182,12 +183,7 @@ def read_batches(path: str, names: tuple[str, ...]) -> tuple[torch.Tensor, torch
     """Images uint8 ``(N, 3, 32, 32)`` and labels int64 ``(N,)`` of the batches ``names``, in that order."""
     if not path:
         raise DpdmError(f"cifar10: no data path given; {GET_IT}, e.g. --set data.path=cifar-10-python.tar.gz")
-    try:
-        fs, local = fsspec.core.url_to_fs(path)
-        is_dir = fs.isdir(local)
-        exists = is_dir or fs.exists(local)
-    except Exception as exc:  # unknown protocol, unreachable storage, missing fsspec backend, ...
-        raise DpdmError(f"cifar10: cannot open {path!r}: {exc}") from None
+    fs, local, is_dir, exists = locate("cifar10", path)
     if not exists:
         shown = f"{path!r} (that is, {local})" if local != path and "://" not in path else repr(path)
         raise DpdmError(f"cifar10: {shown} not found; {GET_IT}")

@@ -45,6 +45,8 @@ from PIL import Image
 
 from dpdm.core.errors import DpdmError
 
+from .storage import locate
+
 SPLITS = ("train", "test")
 LABELS_FILE = "dataset.json"
 MODES = {"L": 1, "RGB": 3}
@@ -124,12 +126,7 @@ def _open(name: str, path: str, want_dir: bool):
     if not path:
         raise DpdmError(f"{name}: no data path given; set data.path to the dataset {what} ({MAKE_IT}), "
                         f"e.g. --set data.path=cifar10-32x32{'' if want_dir else '.zip'}")
-    try:
-        fs, local = fsspec.core.url_to_fs(path)
-        is_dir = fs.isdir(local)
-        exists = is_dir or fs.exists(local)
-    except Exception as exc:  # unknown protocol, unreachable storage, missing fsspec backend, ...
-        raise DpdmError(f"{name}: cannot open {path!r}: {exc}") from None
+    fs, local, is_dir, exists = locate(name, path)
     if not exists:
         raise DpdmError(f"{name}: {path!r} not found; set data.path to the dataset {what} ({MAKE_IT})")
     if is_dir != want_dir:

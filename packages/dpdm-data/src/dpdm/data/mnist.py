@@ -22,12 +22,13 @@ from __future__ import annotations
 import gzip
 import zlib
 
-import fsspec
 import numpy as np
 import torch
 
 from dpdm.core.datasets import TensorDataset
 from dpdm.core.errors import DpdmError
+
+from .storage import locate
 
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -94,11 +95,7 @@ def read_idx(path: str, split: str, name: str = "mnist") -> tuple[torch.Tensor, 
     """Images uint8 ``(N, 1, 28, 28)`` and labels int64 ``(N,)`` of ``split`` from the IDX files in ``path``."""
     if not path:
         raise DpdmError(f"{name}: no data path given; {_get_it(name)}, e.g. --set data.path=data/{name}")
-    try:
-        fs, local = fsspec.core.url_to_fs(path)
-        is_dir = fs.isdir(local)
-    except Exception as exc:  # unknown protocol, unreachable storage, missing fsspec backend, ...
-        raise DpdmError(f"{name}: cannot open {path!r}: {exc}") from None
+    fs, local, is_dir, _ = locate(name, path)
     if not is_dir:
         raise DpdmError(f"{name}: {path!r} is not a folder (data.path must be the folder holding the IDX files); "
                         f"{_get_it(name)}")
