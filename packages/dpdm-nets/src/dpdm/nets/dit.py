@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .shapes import square_image
+
 #: ``size -> (hidden, depth, num_heads)`` (Peebles & Xie 2022, Table 1).
 PRESETS: dict[str, tuple[int, int, int]] = {
     "S": (384, 12, 6),
@@ -185,12 +187,8 @@ class DiT(nn.Module):
                  depth: int | None = None, num_heads: int | None = None, mlp_ratio: float = 4.0,
                  class_dropout: float = 0.0):
         super().__init__()
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 3:
-            raise ValueError(f"dit needs (C, H, W) image shapes, got {shape}")
-        channels, height, width = shape
-        if height != width:
-            raise ValueError(f"dit needs square images (H == W), got shape {shape}")
+        channels, height = square_image(shape, "dit")
+        shape, width = (channels, height, height), height
         patch_size = int(patch_size)
         if patch_size < 1 or height % patch_size:
             raise ValueError(f"dit: image size {height}x{width} is not divisible by patch_size={patch_size}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dpdm.core import hookimpl
 
+from .shapes import square_image
+
 
 def mlp(shape: tuple, label_dim: int = 0, hidden: int = 256, depth: int = 4, emb_dim: int = 128,
         dropout: float = 0.0, activation: str = "silu"):
@@ -29,14 +31,6 @@ def unet_small(shape: tuple, label_dim: int = 0, channels: int = 64, channel_mul
                            num_blocks=num_blocks, emb_dim=emb_dim, dropout=dropout, attn=attn)
 
 
-def _square_image(shape) -> tuple[int, int]:
-    """``(channels, resolution)`` of a ``(C, H, W)`` item shape with ``H == W`` (the EDM UNets' inputs)."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or shape[1] != shape[2]:
-        raise ValueError(f"EDM UNets need square (C, H, W) images with H == W, got shape {shape}")
-    return shape[0], shape[1]
-
-
 def edm_songunet(shape: tuple, label_dim: int = 0, augment_dim: int = 0, model_channels: int = 128,
                  channel_mult: list = (1, 2, 2, 2), channel_mult_emb: int = 4, num_blocks: int = 4,
                  attn_resolutions: list = (16,), dropout: float = 0.10, label_dropout: float = 0.0,
@@ -45,7 +39,7 @@ def edm_songunet(shape: tuple, label_dim: int = 0, augment_dim: int = 0, model_c
     """EDM's DDPM++/NCSN++ UNet, loading official checkpoints exactly (see ``dpdm.nets.edm.songunet``)."""
     from .edm.songunet import SongUNet
 
-    channels, resolution = _square_image(shape)
+    channels, resolution = square_image(shape, "EDM UNets")
     return SongUNet(img_resolution=resolution, in_channels=channels, out_channels=channels, label_dim=label_dim,
                     augment_dim=augment_dim, model_channels=model_channels, channel_mult=channel_mult,
                     channel_mult_emb=channel_mult_emb, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
@@ -61,7 +55,7 @@ def edm_dhariwal(shape: tuple, label_dim: int = 0, augment_dim: int = 0, model_c
     """EDM's ADM UNet, loading official checkpoints exactly (see ``dpdm.nets.edm.dhariwal``)."""
     from .edm.dhariwal import DhariwalUNet
 
-    channels, resolution = _square_image(shape)
+    channels, resolution = square_image(shape, "EDM UNets")
     return DhariwalUNet(img_resolution=resolution, in_channels=channels, out_channels=channels, label_dim=label_dim,
                         augment_dim=augment_dim, model_channels=model_channels, channel_mult=channel_mult,
                         channel_mult_emb=channel_mult_emb, num_blocks=num_blocks, attn_resolutions=attn_resolutions,

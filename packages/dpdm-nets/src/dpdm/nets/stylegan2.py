@@ -58,6 +58,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .embeddings import MappingNetwork
+from .shapes import square_image
 
 NOISE_MODES = ("random", "const", "none")
 
@@ -165,12 +166,8 @@ class StyleGAN2Denoiser(nn.Module):
                  mapping_layers: int = 4, base_resolution: int = 4, noise_mode: str = "const",
                  mapping_lr_mul: float = 1.0, rgb_init: float = 0.01):
         super().__init__()
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 3:
-            raise ValueError(f"stylegan2 needs (C, H, W) images, got shape {shape}")
-        img_channels, height, width = shape
-        if height != width:
-            raise ValueError(f"stylegan2 needs square images (H == W), got shape {shape}")
+        img_channels, height = square_image(shape, "stylegan2")
+        shape = (img_channels, height, height)
         if not _is_pow2(base_resolution) or base_resolution < 2:
             raise ValueError(f"base_resolution must be a power of two >= 2, got {base_resolution}")
         if not _is_pow2(height) or height < base_resolution:
