@@ -196,3 +196,21 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "obj.npz", images=np.array([None, 1], dtype=object))
     with pytest.raises(DpdmError, match="pickle"):
         npz(path=str(tmp_path / "obj.npz"))
+
+
+@pytest.mark.parametrize("name", ["mnist", "npz"])
+def test_xflip_appends_mirrored_copies_to_train_only(tmp_path, name):
+    images, labels = sample(3, 4)
+    if name == "mnist":
+        write_idx(tmp_path, "train", images, labels)
+        write_idx(tmp_path, "test", images, labels)
+        path = str(tmp_path)
+    else:
+        path = str(tmp_path / "x.npz")
+        np.savez(path, images=images[..., None], labels=labels)
+    factory = get("dataset", name)
+    ds = factory("train", path=path, xflip=True)
+    assert len(ds) == 6 and ds.labels.tolist() == labels.tolist() * 2
+    x, y = ds[4]  # item i + N is item i mirrored left-right
+    assert torch.equal(x[0], torch.from_numpy(images[1][:, ::-1].copy())) and int(y) == int(labels[1])
+    assert len(factory("test", path=path, xflip=True)) == 3

@@ -35,6 +35,13 @@ def from_model(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x
 
 
+def with_xflip(images: torch.Tensor, labels: torch.Tensor | None):
+    """x-flip augmentation as EDM does it: mirrored copies appended, item ``i + N`` is item ``i`` flipped
+    left-right (``images`` ``(N, C, H, W)``; ``labels`` ``(N,)`` or None)."""
+    flipped = torch.cat([images, images.flip(-1)])
+    return flipped, (torch.cat([labels, labels]) if labels is not None else None)
+
+
 class TensorDataset(torch.utils.data.Dataset):
     """An in-memory dataset: ``data`` (N, *shape) and optional ``labels`` (N,) int64."""
 

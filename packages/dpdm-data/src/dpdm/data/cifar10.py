@@ -34,7 +34,7 @@ import zlib
 import numpy as np
 import torch
 
-from dpdm.core.datasets import TensorDataset
+from dpdm.core.datasets import TensorDataset, with_xflip
 from dpdm.core.errors import DpdmError
 
 from .storage import locate
@@ -200,7 +200,7 @@ def cifar10(split: str = "train", *, path: str = "", labels: bool = True, xflip:
         raise ValueError(f"cifar10: unknown split {split!r}; valid splits are {', '.join(map(repr, SPLITS))}")
     images, targets = read_batches(path, SPLITS[split])
     if xflip and split == "train":
-        images, targets = torch.cat([images, images.flip(-1)]), torch.cat([targets, targets])
+        images, targets = with_xflip(images, targets)
     dataset = TensorDataset(images, targets if labels else None, label_dim=NUM_CLASSES, kind="image", name="cifar10")
     dataset.split, dataset.path = split, path
     return dataset

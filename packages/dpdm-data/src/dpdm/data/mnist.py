@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 import torch
 
-from dpdm.core.datasets import TensorDataset
+from dpdm.core.datasets import TensorDataset, with_xflip
 from dpdm.core.errors import DpdmError
 
 from .storage import locate
@@ -117,12 +117,15 @@ def read_idx(path: str, split: str, name: str = "mnist") -> tuple[torch.Tensor, 
 
 
 def _factory(name: str):
-    def factory(split: str = "train", *, path: str = "", labels: bool = True, pad_to_32: bool = False) -> TensorDataset:
+    def factory(split: str = "train", *, path: str = "", labels: bool = True, pad_to_32: bool = False,
+                xflip: bool = False) -> TensorDataset:
         if split not in FILES:
             raise ValueError(f"{name}: unknown split {split!r}; valid splits are {', '.join(map(repr, FILES))}")
         images, targets = read_idx(path, split, name)
         if pad_to_32:
             images = torch.nn.functional.pad(images, (2, 2, 2, 2))
+        if xflip and split == "train":
+            images, targets = with_xflip(images, targets)
         dataset = TensorDataset(images, targets if labels else None, label_dim=NUM_CLASSES, kind="image", name=name)
         dataset.split, dataset.path = split, path
         return dataset
@@ -130,7 +133,8 @@ def _factory(name: str):
     factory.__name__ = factory.__qualname__ = name.replace("-", "_")
     factory.__doc__ = (f"{name} from the official IDX files in the folder ``path`` (``kind=\"image\"``, uint8 "
                        f"``(1, 28, 28)``, or ``(1, 32, 32)`` zero-padded with ``pad_to_32`` for EDM-style UNets, "
-                       f"which need power-of-two sizes; ``label_dim`` 10, or 0 with ``labels=False``).")
+                       f"which need power-of-two sizes; ``label_dim`` 10, or 0 with ``labels=False``; "
+                       f"``xflip`` appends mirrored copies to the training split).")
     return factory
 
 

@@ -25,7 +25,7 @@ import fsspec
 import numpy as np
 import torch
 
-from dpdm.core.datasets import TensorDataset
+from dpdm.core.datasets import TensorDataset, with_xflip
 from dpdm.core.errors import DpdmError
 
 SPLITS = ("train", "test")
@@ -76,8 +76,9 @@ def _chw(images: np.ndarray, layout: str, source: str) -> np.ndarray:
 
 
 def npz(split: str = "train", *, path: str = "", images_key: str = "images", labels_key: str = "labels",
-        layout: str = "auto") -> TensorDataset:
-    """uint8 images (NHWC or NCHW, ``layout``) and optional labels from the ``.npz`` file at ``path``."""
+        layout: str = "auto", xflip: bool = False) -> TensorDataset:
+    """uint8 images (NHWC or NCHW, ``layout``) and optional labels from the ``.npz`` file at ``path``;
+    ``xflip`` appends mirrored copies to the training split."""
     if split not in SPLITS:
         raise ValueError(f"npz: unknown split {split!r}; valid splits are {', '.join(map(repr, SPLITS))}")
     if layout not in LAYOUTS:
@@ -104,6 +105,8 @@ def npz(split: str = "train", *, path: str = "", images_key: str = "images", lab
         labels = torch.from_numpy(labels.astype(np.int64))
     label_dim = int(labels.max()) + 1 if labels is not None and len(labels) else 0
     data = torch.from_numpy(np.ascontiguousarray(images))
+    if xflip and split == "train":
+        data, labels = with_xflip(data, labels)
     dataset = TensorDataset(data, labels, label_dim=label_dim, kind="image", name="npz")
     dataset.split, dataset.path = split, path
     return dataset
