@@ -3,9 +3,12 @@ network config (backbone and preconditioning names and options, data shape, labe
 file's metadata, so ``load_denoiser`` rebuilds the model with no pickle at all.
 
 Files go through fsspec (local paths, ``memory://``, ``s3://``, ...; http(s) URLs are downloaded
-once into the cache, see ``cache.py``) and are written atomically: the bytes go to a temporary
-name that is renamed into place only once complete, so a crash never leaves a file that looks
-like a finished checkpoint.
+once into the cache, see ``cache.py``) and are written atomically: on filesystems the bytes go to
+a temporary name that is renamed into place only once complete, on object stores (S3, GCS, Azure)
+they are one upload, which the store publishes only once complete; so a crash never leaves a file
+that looks like a finished checkpoint. Storage that cannot be reached, a missing bucket or key,
+and refused permissions are one ``DpdmError`` naming the URL (credentials and custom endpoints
+come from the environment, see ``storage.py``).
 
 ``load_checkpoint``/``load_denoiser`` also take official NVlabs/edm snapshots (``.pkl``; the
 content decides, not the name): they are imported without running their code
@@ -26,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from . import storage
 from .cache import import_cache_path, local_copy
 from .errors import DpdmError, UnknownComponentError
 from .registry import get
@@ -49,9 +53,36 @@ def build_denoiser(spec: dict) -> nn.Module:
     return make_precond(backbone, label_dim=spec["label_dim"], **precond_opts)
 
 
+class StorageError(DpdmError, OSError):
+    """A checkpoint that cannot be written (a missing bucket, permissions, unreachable storage): one message
+    naming the URL; an ``OSError`` too, so callers that tolerate I/O failures (the import cache) still do."""
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` via a temporary sibling and a rename."""
-    fs, path = fsspec.core.url_to_fs(url)
+    """Write ``data`` to ``url`` so that it appears complete or not at all; a ``StorageError`` naming ``url``
+    if the URL cannot be resolved or the storage fails (other exceptions pass through unchanged).
+
+    Object stores (S3, GCS, Azure) get one upload, which they publish atomically (s3fs aborts a failed
+    multipart upload), and a missing bucket is an error, never created; other filesystems get a
+    temporary sibling renamed into place, after creating the parent folders.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except Exception as exc:  # an unknown protocol (ValueError), a backend that is not installed (ImportError)
+        raise StorageError(f"cannot write checkpoint {url!r}: {storage.first_line(exc)}") from None
+    fs = storage.target(fs)  # write through caching layers (simplecache::s3://...) to the storage itself
+    try:
+        if storage.is_object_store(fs):
+            fs.pipe_file(path, data)
+        else:
+            _write_renamed(fs, path, data)
+    except storage.errors() as exc:  # FileNotFoundError (no bucket), PermissionError, connection errors, ...
+        raise StorageError(f"cannot write checkpoint {url!r}: {storage.first_line(exc)}{storage.hint(url)}") from None
+
+
+def _write_renamed(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling of ``path`` and rename it into place; the sibling never outlives
+    a failure."""
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -78,16 +109,28 @@ def _open(local: str, name: str):
     try:
         return fsspec.open(local, "rb").open()
     except FileNotFoundError:
-        raise DpdmError(f"checkpoint {name!r} not found") from None
+        raise DpdmError(f"checkpoint {name!r} not found{_why_missing(local)}") from None
     except Exception as exc:  # unreachable storage, permissions, a directory, ...
-        raise DpdmError(f"cannot read checkpoint {name!r}: {exc}") from None
+        raise DpdmError(f"cannot read checkpoint {name!r}: {storage.first_line(exc)}{storage.hint(name)}") from None
+
+
+def _why_missing(local: str) -> str:
+    """``": the bucket ... does not exist; what to check"`` for a checkpoint URL in a missing bucket, else ``""``."""
+    try:
+        fs, path = fsspec.core.url_to_fs(local)
+        bucket = storage.missing_bucket(fs, path)
+    except Exception:  # the storage went away between the two requests: "not found" is still true
+        return storage.hint(local)
+    if bucket is None:
+        return storage.hint(local)
+    return f": the bucket {bucket!r} does not exist (or these credentials cannot see it){storage.hint(local)}"
 
 
 def _read(f, name: str, size: int = -1) -> bytes:
     try:
         return f.read(size)
     except Exception as exc:
-        raise DpdmError(f"cannot read checkpoint {name!r}: {exc}") from None
+        raise DpdmError(f"cannot read checkpoint {name!r}: {storage.first_line(exc)}{storage.hint(name)}") from None
 
 
 def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:

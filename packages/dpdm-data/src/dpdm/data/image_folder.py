@@ -37,12 +37,14 @@ import io
 import json
 import os
 import zipfile
+import zlib
 
 import fsspec
 import numpy as np
 import torch
 from PIL import Image
 
+from dpdm.core import storage
 from dpdm.core.errors import DpdmError
 
 from .storage import locate
@@ -75,21 +77,35 @@ class _ZipReader:
 
     def _zip(self) -> zipfile.ZipFile:
         if self._handle is None or self._handle[0] != os.getpid():
-            f = fsspec.open(self.path, "rb").open()
+            try:  # (again) in this process: a DataLoader worker may find the storage gone
+                f = fsspec.open(self.path, "rb").open()
+            except Exception as exc:  # missing key, unreachable storage, permissions: backends raise many types
+                raise self._unreachable(exc) from None
             try:
                 self._handle = (os.getpid(), f, zipfile.ZipFile(f))
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
                 f.close()
                 raise DpdmError(f"{self.name}: {self.path!r} is not a readable zip archive ({_text(exc)}); "
                                 f"{MAKE_IT}, or use image-folder for a folder of images") from None
+            except Exception as exc:  # the storage failed while the directory was read (botocore's errors, ...)
+                f.close()
+                raise self._unreachable(exc) from None
         return self._handle[2]
 
+    def _unreachable(self, exc: Exception) -> DpdmError:
+        """The error for storage that failed under the archive, naming it and what to check."""
+        return DpdmError(f"{self.name}: cannot open {self.path!r}: {_text(exc)}{storage.hint(self.path)}")
+
     def read(self, member: str) -> bytes:
+        archive = self._zip()
         try:
-            return self._zip().read(member)
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
+            return archive.read(member)
+        except (zipfile.BadZipFile, EOFError, KeyError, zlib.error) as exc:
             raise DpdmError(f"{self.name}: cannot read member {member!r} of {self.path!r} ({_text(exc)}); "
                             f"the archive is damaged, {MAKE_IT}") from None
+        except Exception as exc:  # the storage failed mid-read (OSError, botocore's connection errors, ...)
+            raise DpdmError(f"{self.name}: cannot read member {member!r} of {self.path!r}: {_text(exc)}"
+                            f"{storage.hint(self.path)}") from None
 
     def close(self) -> None:
         if self._handle is not None:
@@ -107,14 +123,18 @@ class _FolderReader:
     def __init__(self, name: str, path: str, fs, root: str):
         self.name, self.path, self.fs, self.root = name, path, fs, root.rstrip("/")
         prefix = self.root + "/"
-        self.files = [p[len(prefix):] for p in fs.find(self.root) if p.startswith(prefix)]
+        try:
+            self.files = [p[len(prefix):] for p in fs.find(self.root) if p.startswith(prefix)]
+        except storage.errors() as exc:  # the storage failed while listing (botocore's errors, ...)
+            raise DpdmError(f"{name}: cannot list {path!r}: {_text(exc)}{storage.hint(path)}") from None
 
     def read(self, member: str) -> bytes:
         try:
             with self.fs.open(f"{self.root}/{member}", "rb") as f:
                 return f.read()
-        except OSError as exc:
-            raise DpdmError(f"{self.name}: cannot read {member!r} in {self.path!r} ({_text(exc)})") from None
+        except storage.errors() as exc:
+            raise DpdmError(f"{self.name}: cannot read {member!r} in {self.path!r} ({_text(exc)})"
+                            f"{storage.hint(self.path)}") from None
 
     def close(self) -> None:
         pass
