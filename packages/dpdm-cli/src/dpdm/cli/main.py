@@ -255,6 +255,11 @@ def convert_edm_pkl(
     console.print(f"wrote {escape(dst)}", highlight=False)
 
 
+from .data import data_app  # noqa: E402  (data.py imports user_errors and the consoles from here)
+
+app.add_typer(data_app, name="data")
+
+
 def main() -> None:
     app(prog_name="dpdm")
 
