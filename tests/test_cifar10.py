@@ -40,7 +40,8 @@ SIZES = {"data_batch_1": 3, "data_batch_2": 2, "data_batch_3": 4, "data_batch_4"
          "test_batch": 5}
 ORDER = ["data_batch_4", "readme.html", "test_batch", "data_batch_3", "batches.meta", "data_batch_2",
          "data_batch_5", "data_batch_1"]  # the official archive's member order: not the batch order
-GET_IT = re.escape(f"download {c10.URL} (md5 {c10.MD5}) and set data.path to it")
+GET_IT = re.escape(f"download it with `dpdm data download cifar10 DEST` (the official {c10.URL}, md5 {c10.MD5}) "
+                   f"and set data.path to DEST/cifar-10-python.tar.gz")
 
 
 def _py2_pickle(obj) -> bytes:
@@ -260,8 +261,8 @@ def test_truncated_archive(tmp_path):
 def test_missing_member(tmp_path):
     assert _error(tmp_path, data_batch_3=None) == (
         f"cifar10: 'ARCHIVE' has no member {c10.FOLDER}/data_batch_3, so it is not the official CIFAR-10 python "
-        f"archive; download {c10.URL} (md5 {c10.MD5}) and set data.path to it (or to its extracted {c10.FOLDER}/ "
-        "folder)")
+        f"archive; download it with `dpdm data download cifar10 DEST` (the official {c10.URL}, md5 {c10.MD5}) and "
+        f"set data.path to DEST/cifar-10-python.tar.gz (or to its extracted {c10.FOLDER}/ folder)")
 
 
 def test_missing_file_in_folder(tmp_path):
@@ -314,8 +315,10 @@ def test_recipes_preflight(tmp_path, monkeypatch, name, label_dim):
     with pytest.raises(ConfigError) as info:
         preflight(load_recipe(recipe), recipe)
     assert info.value.problems == [f"recipe.data: cifar10: 'cifar-10-python.tar.gz' (that is, "
-                                   f"{tmp_path / 'cifar-10-python.tar.gz'}) not found; download {c10.URL} (md5 "
-                                   f"{c10.MD5}) and set data.path to it (or to its extracted {c10.FOLDER}/ folder)"]
+                                   f"{tmp_path / 'cifar-10-python.tar.gz'}) not found; download it with `dpdm data "
+                                   f"download cifar10 DEST` (the official {c10.URL}, md5 {c10.MD5}) and set "
+                                   f"data.path to DEST/cifar-10-python.tar.gz (or to its extracted {c10.FOLDER}/ "
+                                   f"folder)"]
     _archive(tmp_path)  # now it is
     train_set, test_set, spec = preflight(load_recipe(recipe), recipe)
     assert (len(train_set), len(test_set), train_set.label_dim) == (12, 5, label_dim)

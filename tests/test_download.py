@@ -15,12 +15,15 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from typer.testing import CliRunner
 
+from dpdm.cli.main import app
 from dpdm.core.errors import DpdmError
 from dpdm.data import download as dl
 from dpdm.data.mnist import read_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+WIDE = {"COLUMNS": "1000"}  # rich wraps at the terminal width; keep printed paths and errors on one line
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -162,3 +165,43 @@ def test_mirror_may_be_a_local_folder_and_dest_any_fsspec_url(tmp_path, monkeypa
     with fsspec.open("memory://dl-test/out/a.bin", "rb") as f:
         assert f.read() == b"from a local mirror"
     assert fsspec.filesystem("memory").ls("/dl-test/out", detail=False) == ["/dl-test/out/a.bin"]
+
+
+# --- dpdm data download (the command) ---------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["data", "download", *[str(a) for a in args]], env=WIDE)
+
+
+@pytest.mark.parametrize("name, files, path_is_file", [
+    ("cifar10", {"cifar-10-python.tar.gz": b"an archive" * 500}, True),
+    ("mnist", {"train-images-idx3-ubyte.gz": b"images" * 300, "train-labels-idx1-ubyte.gz": b"labels"}, False),
+])
+def test_cli_prints_the_written_files_and_the_data_path(serve, tmp_path, monkeypatch, name, files, path_is_file):
+    md5s = _files(tmp_path / "srv", files)
+    _fake_dataset(monkeypatch, "https://example.invalid/", md5s, name)  # --mirror replaces the official base
+    base = serve(tmp_path / "srv")
+    dest = tmp_path / "data"
+    result = _cli(name, dest, "--mirror", base)
+    assert result.exit_code == 0, (result.output, result.exception)
+    data_path = dest / next(iter(files)) if path_is_file else dest
+    assert result.stdout.splitlines() == [*(str(dest / f) for f in files), f"data.path: {data_path}"]
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
+    assert sorted(serve.handler.requests) == sorted(f"/{f}" for f in files)  # fetched from the mirror
+
+
+def test_cli_md5_mismatch_is_one_error_line_naming_the_url_and_keeps_nothing(serve, tmp_path, monkeypatch):
+    _files(tmp_path / "srv", {"cifar-10-python.tar.gz": b"tampered"})
+    _fake_dataset(monkeypatch, "https://example.invalid/", {"cifar-10-python.tar.gz": "0" * 32})
+    base = serve(tmp_path / "srv")
+    result = _cli("cifar10", tmp_path / "out", "--mirror", base)
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    got = hashlib.md5(b"tampered").hexdigest()
+    assert errors == [f"error: '{base}cifar-10-python.tar.gz' has md5 {got}, not the published {'0' * 32}: the "
+                      f"download is damaged or the file has changed; nothing was kept, try again or use another "
+                      f"--mirror"]
+    assert list((tmp_path / "out").iterdir()) == []  # no partial file, no unverified file

@@ -190,9 +190,12 @@ def test_resolution_and_splits(tmp_path):
 
 
 def test_path_errors(tmp_path):
-    with pytest.raises(DpdmError, match=r"image-zip: no data path given; set data.path"):
+    prepare = re.escape("`dpdm data prepare SRC DST.zip --resolution R [--transform center-crop]`")
+    with pytest.raises(DpdmError, match=rf"image-zip: no data path given; set data.path to the dataset zip archive "
+                                        rf"\(make it with {prepare}\)"):
         image_zip()
-    with pytest.raises(DpdmError, match=r"image-folder: '.*nowhere' not found"):
+    with pytest.raises(DpdmError, match=rf"image-folder: '.*nowhere' not found; set data.path to the dataset folder "
+                                        rf"\(or make a ZIP with {prepare} and use image-zip\)"):
         image_folder(path=str(tmp_path / "nowhere"))
     (tmp_path / "d").mkdir()
     with pytest.raises(DpdmError, match=r"is a folder, not a zip archive; use the dataset image-folder"):

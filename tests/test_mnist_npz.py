@@ -85,9 +85,10 @@ def test_idx_errors(tmp_path):
         mn.mnist("train")
     with pytest.raises(DpdmError, match="not a folder|not found"):
         mn.mnist("train", path=str(tmp_path / "nowhere"))
-    with pytest.raises(DpdmError, match=r"train-images-idx3-ubyte\.gz.*ossci"):
+    with pytest.raises(DpdmError, match=r"has no file train-images-idx3-ubyte\.gz .*; download them with `dpdm data "
+                                        r"download mnist DEST` and set data\.path to DEST \(the official .*ossci"):
         mn.mnist("train", path=str(tmp_path))
-    with pytest.raises(DpdmError, match="fashion-mnist.s3"):
+    with pytest.raises(DpdmError, match=r"`dpdm data download fashion-mnist DEST` .*fashion-mnist\.s3"):
         mn.fashion_mnist("train", path=str(tmp_path))
     with pytest.raises(ValueError, match="unknown split"):
         mn.mnist("valid", path=str(tmp_path))

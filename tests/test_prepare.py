@@ -26,8 +26,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dpdm.cli.main import app
-from dpdm.data import prepare as dp
+from dpdm.data import transforms
 from dpdm.data.image_folder import image_zip
+from dpdm.data.sources import CIFAR10_CLASSES
 
 torch.set_num_threads(1)
 
@@ -216,14 +217,14 @@ def test_grayscale_channels(tmp_path):
 @pytest.mark.parametrize("w,h", [(40, 30), (31, 40), (33, 33), (100, 7), (9, 64)])
 def test_center_crop_is_edms_arithmetic(w, h):
     img = rgb(w, h, w * h)
-    got = dp.center_crop(Image.fromarray(img), 16, 16)
+    got = transforms.center_crop(Image.fromarray(img), 16, 16)
     np.testing.assert_array_equal(np.array(got), edm_center_crop(img, 16, 16))
 
 
 @pytest.mark.parametrize("w,h", [(300, 200), (129, 257), (64, 64), (70, 90)])
 def test_center_crop_adm_is_adms_arithmetic(w, h):
     img = Image.fromarray(rgb(w, h, w + h))
-    np.testing.assert_array_equal(np.array(dp.center_crop_adm(img, 32, 32)), adm_center_crop_arr(img, 32))
+    np.testing.assert_array_equal(np.array(transforms.center_crop_adm(img, 32, 32)), adm_center_crop_arr(img, 32))
 
 
 def test_center_crop_wide_pads_to_square_and_skips_small_images(tmp_path):
@@ -243,7 +244,7 @@ def test_center_crop_wide_pads_to_square_and_skips_small_images(tmp_path):
     assert edm_center_crop_wide(images["c.png"], 32, 16) is None  # EDM drops these silently; we list them
     assert "c.png: too small for center-crop-wide 32x16: it is 20x20" in r.stdout
     assert "d.png: too small for center-crop-wide 32x16: it is 40x10" in r.stdout
-    assert dp.parse_resolution("32", "center-crop-wide") == (32, 16)  # a bare R is R x R/2
+    assert transforms.parse_resolution("32", "center-crop-wide") == (32, 16)  # a bare R is R x R/2
 
 
 def test_no_transform_resizes_square_images_and_refuses_others(tmp_path):
@@ -418,7 +419,7 @@ def test_cifar10_source(tmp_path):
         (batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])) + 1
     assert torch.equal(ds.tensors()[0], torch.from_numpy(train))  # exact pixels: no resize at 32x32
     assert ds.tensors()[1].tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
-    assert json.loads(zipfile.ZipFile(tmp_path / "c.zip").read("dataset.json"))["classes"] == list(dp.CIFAR10_CLASSES)
+    assert json.loads(zipfile.ZipFile(tmp_path / "c.zip").read("dataset.json"))["classes"] == list(CIFAR10_CLASSES)
     ok(invoke("prepare", tmp_path / "cifar-10-python.tar.gz", tmp_path / "t.zip", "--split", "test", "-r", "64"))
     test = image_zip(path=str(tmp_path / "t.zip"))
     assert len(test) == 3 and test.shape == (3, 64, 64)

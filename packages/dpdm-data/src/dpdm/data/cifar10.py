@@ -36,6 +36,7 @@ import torch
 
 from dpdm.core.datasets import TensorDataset, with_xflip
 from dpdm.core.errors import DpdmError
+from dpdm.core.storage import first_line
 
 from .storage import locate
 
@@ -45,7 +46,8 @@ FOLDER = "cifar-10-batches-py"
 SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 NUM_CLASSES = 10
 SHAPE = (3, 32, 32)
-GET_IT = f"download {URL} (md5 {MD5}) and set data.path to it (or to its extracted {FOLDER}/ folder)"
+GET_IT = (f"download it with `dpdm data download cifar10 DEST` (the official {URL}, md5 {MD5}) and set data.path "
+          f"to DEST/cifar-10-python.tar.gz (or to its extracted {FOLDER}/ folder)")
 
 
 def _numpy_attr(name: str):
@@ -89,12 +91,6 @@ class BatchUnpickler(pickle.Unpickler):
                             f"CIFAR-10 python archive or has been tampered with ({GET_IT})") from None
 
 
-def _text(exc: BaseException) -> str:
-    """An exception's first line, or its type's name when it has no message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _where(path: str, name: str) -> str:
     """How messages name batch ``name`` of the archive or folder ``path``."""
     return f"{path!r} (member {FOLDER}/{name})"
@@ -106,7 +102,7 @@ def _unpickle(blob: bytes, source: str) -> dict:
     except DpdmError:
         raise
     except Exception as exc:  # truncated or not a pickle at all
-        raise DpdmError(f"cifar10: cannot unpickle {source}: {_text(exc)}; "
+        raise DpdmError(f"cifar10: cannot unpickle {source}: {first_line(exc)}; "
                         f"it is not a CIFAR-10 batch ({GET_IT})") from None
     if not isinstance(batch, dict):
         raise DpdmError(f"cifar10: {source} holds a {type(batch).__name__}, not a CIFAR-10 batch dict")
@@ -152,7 +148,7 @@ def _from_tar(fs, local: str, path: str, names: tuple[str, ...]) -> dict[str, by
                 if name is not None and member.isfile():
                     found[name] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise DpdmError(f"cifar10: {path!r} is not a readable tar or tar.gz archive ({_text(exc)}); "
+        raise DpdmError(f"cifar10: {path!r} is not a readable tar or tar.gz archive ({first_line(exc)}); "
                         f"{GET_IT}") from None
     missing = [name for name in names if name not in found]
     if missing:

@@ -46,25 +46,15 @@ from PIL import Image
 
 from dpdm.core import storage
 from dpdm.core.errors import DpdmError
+from dpdm.core.storage import first_line
 
+from .sources import LABELS_FILE, is_image
 from .storage import locate
 
 SPLITS = ("train", "test")
-LABELS_FILE = "dataset.json"
 MODES = {"L": 1, "RGB": 3}
-MAKE_IT = "make it with EDM's dataset_tool.py (python dataset_tool.py --source=... --dest=...)"
-
-
-def _text(exc: BaseException) -> str:
-    """An exception's first line, or its type's name when it has no message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _is_image(name: str) -> bool:
-    """Whether ``name`` has an extension Pillow registers, as EDM's loader tests it."""
-    Image.init()
-    return os.path.splitext(name)[1].lower() in Image.EXTENSION
+PREPARE = "dpdm data prepare SRC DST.zip --resolution R [--transform center-crop]"  # makes an EDM dataset ZIP
+MAKE_IT = f"make it with `{PREPARE}`"
 
 
 class _ZipReader:
@@ -85,7 +75,7 @@ class _ZipReader:
                 self._handle = (os.getpid(), f, zipfile.ZipFile(f))
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
                 f.close()
-                raise DpdmError(f"{self.name}: {self.path!r} is not a readable zip archive ({_text(exc)}); "
+                raise DpdmError(f"{self.name}: {self.path!r} is not a readable zip archive ({first_line(exc)}); "
                                 f"{MAKE_IT}, or use image-folder for a folder of images") from None
             except Exception as exc:  # the storage failed while the directory was read (botocore's errors, ...)
                 f.close()
@@ -94,17 +84,17 @@ class _ZipReader:
 
     def _unreachable(self, exc: Exception) -> DpdmError:
         """The error for storage that failed under the archive, naming it and what to check."""
-        return DpdmError(f"{self.name}: cannot open {self.path!r}: {_text(exc)}{storage.hint(self.path)}")
+        return DpdmError(f"{self.name}: cannot open {self.path!r}: {first_line(exc)}{storage.hint(self.path)}")
 
     def read(self, member: str) -> bytes:
         archive = self._zip()
         try:
             return archive.read(member)
         except (zipfile.BadZipFile, EOFError, KeyError, zlib.error) as exc:
-            raise DpdmError(f"{self.name}: cannot read member {member!r} of {self.path!r} ({_text(exc)}); "
+            raise DpdmError(f"{self.name}: cannot read member {member!r} of {self.path!r} ({first_line(exc)}); "
                             f"the archive is damaged, {MAKE_IT}") from None
         except Exception as exc:  # the storage failed mid-read (OSError, botocore's connection errors, ...)
-            raise DpdmError(f"{self.name}: cannot read member {member!r} of {self.path!r}: {_text(exc)}"
+            raise DpdmError(f"{self.name}: cannot read member {member!r} of {self.path!r}: {first_line(exc)}"
                             f"{storage.hint(self.path)}") from None
 
     def close(self) -> None:
@@ -126,14 +116,14 @@ class _FolderReader:
         try:
             self.files = [p[len(prefix):] for p in fs.find(self.root) if p.startswith(prefix)]
         except storage.errors() as exc:  # the storage failed while listing (botocore's errors, ...)
-            raise DpdmError(f"{name}: cannot list {path!r}: {_text(exc)}{storage.hint(path)}") from None
+            raise DpdmError(f"{name}: cannot list {path!r}: {first_line(exc)}{storage.hint(path)}") from None
 
     def read(self, member: str) -> bytes:
         try:
             with self.fs.open(f"{self.root}/{member}", "rb") as f:
                 return f.read()
         except storage.errors() as exc:
-            raise DpdmError(f"{self.name}: cannot read {member!r} in {self.path!r} ({_text(exc)})"
+            raise DpdmError(f"{self.name}: cannot read {member!r} in {self.path!r} ({first_line(exc)})"
                             f"{storage.hint(self.path)}") from None
 
     def close(self) -> None:
@@ -143,12 +133,13 @@ class _FolderReader:
 def _open(name: str, path: str, want_dir: bool):
     """The reader for ``path``, with a ``DpdmError`` for an empty, missing or wrong-kind path."""
     what = "folder" if want_dir else "zip archive"
+    make = f"or make a ZIP with `{PREPARE}` and use image-zip" if want_dir else MAKE_IT
     if not path:
-        raise DpdmError(f"{name}: no data path given; set data.path to the dataset {what} ({MAKE_IT}), "
+        raise DpdmError(f"{name}: no data path given; set data.path to the dataset {what} ({make}), "
                         f"e.g. --set data.path=cifar10-32x32{'' if want_dir else '.zip'}")
     fs, local, is_dir, exists = locate(name, path)
     if not exists:
-        raise DpdmError(f"{name}: {path!r} not found; set data.path to the dataset {what} ({MAKE_IT})")
+        raise DpdmError(f"{name}: {path!r} not found; set data.path to the dataset {what} ({make})")
     if is_dir != want_dir:
         other = "image-folder" if is_dir else "image-zip"
         raise DpdmError(f"{name}: {path!r} is a {'folder' if is_dir else 'file'}, not a {what}; "
@@ -164,7 +155,7 @@ def _labels(name: str, path: str, reader, images: list[str]) -> tuple[np.ndarray
     try:
         table = json.loads(reader.read(LABELS_FILE))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DpdmError(f"{name}: {where} is not valid JSON ({_text(exc)}); {MAKE_IT}") from None
+        raise DpdmError(f"{name}: {where} is not valid JSON ({first_line(exc)}); {MAKE_IT}") from None
     if not isinstance(table, dict) or "labels" not in table:
         raise DpdmError(f"{name}: {where} must be an object with a 'labels' entry, "
                         f'e.g. {{"labels": [["00000/img00000000.png", 6], ...]}} or {{"labels": null}}')
@@ -202,7 +193,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"{name}: max_size must be at least 1 or None, got {max_size}")
         self.name, self.path, self.split = name, path, split
         self._reader = _open(name, path, folder)
-        self._files = sorted(f for f in self._reader.files if _is_image(f))
+        self._files = sorted(f for f in self._reader.files if is_image(f))
         if not self._files:
             raise DpdmError(f"{name}: no images in {path!r}; expected PNG files such as 00000/img00000000.png "
                             f"({MAKE_IT})")
@@ -212,8 +203,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         c, h, w = first.shape
         if h != w or h & (h - 1):
             raise DpdmError(f"{name}: {self._files[0]!r} in {path!r} is {w}x{h}; images must be square and a power "
-                            f"of two wide; remake it with EDM's dataset_tool.py --transform=center-crop "
-                            f"--resolution=RxR")
+                            f"of two wide; remake it with `dpdm data prepare SRC DST.zip --resolution R "
+                            f"--transform center-crop`")
         if resolution is not None and h != resolution:
             raise DpdmError(f"{name}: {self._files[0]!r} in {path!r} is {w}x{h}, not the requested resolution "
                             f"{resolution}x{resolution}; set resolution to {h} or remake the dataset")
@@ -245,7 +236,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 mode = image.mode
                 array = np.array(image) if mode in MODES else None
         except Exception as exc:  # truncated, corrupt or not an image: Pillow raises many types
-            raise DpdmError(f"{self.name}: cannot decode {member!r} in {self.path!r} ({_text(exc)}); the file is "
+            raise DpdmError(f"{self.name}: cannot decode {member!r} in {self.path!r} ({first_line(exc)}); the file is "
                             f"truncated or not an image, remake the dataset ({MAKE_IT})") from None
         if array is None:
             raise DpdmError(f"{self.name}: {member!r} in {self.path!r} has mode {mode}; images must be 8-bit "

@@ -23,7 +23,7 @@ import numpy as np
 
 from dpdm.core.errors import DpdmError
 
-from .prepare import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, LABELS_FILE, MNIST_CLASSES, detect_kind
+from .sources import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, LABELS_FILE, MNIST_CLASSES, detect_kind
 
 DATASET_OF_KIND = {"folder": "image-folder", "zip": "image-zip", "cifar10": "cifar10", "mnist": "mnist",
                    "fashion-mnist": "fashion-mnist", "npz": "npz"}

@@ -51,7 +51,8 @@ URLS = {"mnist": MNIST_URL, "fashion-mnist": FASHION_MNIST_URL}
 
 def _get_it(name: str) -> str:
     files = ", ".join(f"{f}.gz" for pair in FILES.values() for f in pair)
-    return f"download {files} from {URLS[name]} into one folder and set data.path to that folder"
+    return (f"download them with `dpdm data download {name} DEST` and set data.path to DEST (the official {files} "
+            f"from {URLS[name]})")
 
 
 def _read(fs, folder: str, path: str, base: str, name: str) -> tuple[bytes, str]:
