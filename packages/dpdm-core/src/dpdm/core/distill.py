@@ -10,6 +10,10 @@ Per student update:
 Student and fake score start as copies of the teacher; the teacher is frozen once and never
 updated; teacher and fake score are both evaluated in eval mode, so at initialisation their
 outputs are identical and the student's gradient is exactly zero.
+
+``fake_score_loss`` and ``student_loss`` are the two losses as functions of the models;
+``DistillJob`` runs Algorithm 1 in the engine (``engine.Trainer``: DDP, accumulation, mixed precision,
+guards, snapshots); ``DPDM`` is the same algorithm for a caller's own single-process loop.
 """
 
 from __future__ import annotations
@@ -20,28 +24,169 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .distributed import Dist
 from .divergences import Divergence
 from .ema import EMA
+from .engine import Trainable, job_state, load_job_state
 from .losses import EDMLoss
+from .precision import Precision
+from .teacher import device_of
 
 
 def _bcast(sigma, like):
     return sigma.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-class DPDM:
-    """Alternating student / fake-score updates (Algorithm 1).
+def student_outputs(student: nn.Module, divergence: Divergence, x0: torch.Tensor, class_labels=None,
+                    generator=None):
+    """Feed the student as the divergence prescribes; returns ``(x̂0, σ_in)``."""
+    x_in, sigma_in = divergence.student_input(x0, generator)
+    return student(x_in, sigma_in, class_labels=class_labels), sigma_in
+
+
+def fake_score_loss(fake: nn.Module, student: nn.Module, divergence: Divergence, loss: EDMLoss, x0: torch.Tensor,
+                    class_labels=None, generator=None) -> torch.Tensor:
+    """Per-sample EDM loss ``(B,)`` of the fake score on the student's (detached) outputs (Algorithm 1, line 1).
+
+    The fake score is fitted at the noise levels the divergence will query it at: for the
+    smoothed KL the σ that produced each output, so that D_fake(·, σ) models the student's
+    output distribution *at input level σ*, smoothed by σ (Eq. 3.3); for IKL a fresh σ.
+    """
+    with torch.no_grad():
+        x0_hat, sigma_in = student_outputs(student, divergence, x0, class_labels, generator)
+        sigma = divergence.renoise_sigma(sigma_in, generator)
+    return loss(fake, x0_hat.detach(), class_labels=class_labels, generator=generator, sigma=sigma)
+
+
+def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, divergence: Divergence, x0: torch.Tensor,
+                 class_labels=None, generator=None) -> torch.Tensor:
+    """The divergence's per-sample surrogate ``(B,)`` for one batch of real data (Eq. 3.4; Algorithm 1, line 2).
+
+    Teacher and fake score are called as given, without gradients (pass raw modules, in eval mode).
+    """
+    x0_hat, sigma_in = student_outputs(student, divergence, x0, class_labels, generator)
+    sigma = divergence.renoise_sigma(sigma_in, generator)
+    noise = torch.randn(x0_hat.shape, generator=generator, device=x0_hat.device, dtype=x0_hat.dtype)
+    x_t_hat = x0_hat.detach() + _bcast(sigma, x0_hat) * noise  # only x̂0 carries the gradient
+    with torch.no_grad():
+        d_teacher = teacher(x_t_hat, sigma, class_labels=class_labels)
+        d_fake = fake(x_t_hat, sigma, class_labels=class_labels)
+    return divergence(x0_hat, sigma, d_teacher.to(x0_hat.dtype), d_fake.to(x0_hat.dtype))
+
+
+class DistillJob:
+    """Algorithm 1 as an engine job: each iteration takes ``fake_updates`` fake-score steps, then one student step.
+
+    Each step is one optimizer step over ``accum`` micro-batches. Under DDP student and fake score each get
+    their own ``DistributedDataParallel`` wrapper, and a step only ever runs its own model's wrapper: the
+    student step calls the fake score and the teacher as raw modules without gradients, the fake step calls
+    the student's raw module without gradients, so no wrapper waits on a reduction that never comes
+    (``find_unused_parameters=False`` works). The teacher is frozen, never wrapped and never synced.
+    The EMA of the student follows every applied student step (EDM App. F, ``ema.EMA``).
 
     Args:
         teacher: the pretrained denoiser ``D(x, sigma, class_labels=None)``; frozen here.
         divergence: a ``Divergence`` (``smoothed-kl`` for DPDM, ``ikl`` for Diff-Instruct).
         fake_loss: the EDM loss used to fit the fake score to the student's outputs.
+        student, fake: optional initial models (default: copies of the teacher).
         lr, betas: Adam for the student (the paper: 1e-5 on images; 1e-4 on toy problems).
         fake_lr, fake_betas: Adam for the fake score (defaults: the student's).
         fake_updates: fake-score updates per student update.
-        student, fake: optional initial models (default: copies of the teacher).
-        ema_halflife_nimg: keep an EMA of the student with this half-life (images), or None.
+        lr_warmup_nimg: linear lr warm-up of both models, in images each has trained on (0: none).
         grad_clip: clip the student's and fake's gradient norms, or None.
+        ema_halflife_nimg, ema_rampup: EMA of the student (None: no EMA).
+        accum, precision, dist, find_unused_parameters: see ``engine.Trainable``.
+    """
+
+    phase = "student"
+
+    def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *,
+                 student: nn.Module | None = None, fake: nn.Module | None = None, lr: float = 1e-4,
+                 betas=(0.0, 0.99), fake_lr: float | None = None, fake_betas=None, fake_updates: int = 1,
+                 lr_warmup_nimg: float = 0.0, grad_clip: float | None = None,
+                 ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05, accum: int = 1,
+                 precision: Precision | None = None, dist: Dist | None = None, find_unused_parameters: bool = False):
+        if fake_updates < 1:
+            raise ValueError(f"fake_updates must be >= 1, got {fake_updates}")
+        if accum < 1:
+            raise ValueError(f"accum must be >= 1, got {accum}")
+        dist = dist or Dist()
+        self.teacher = teacher.to(dist.device).eval().requires_grad_(False)
+        student = student if student is not None else copy.deepcopy(self.teacher)
+        fake = fake if fake is not None else copy.deepcopy(self.teacher)
+        common = dict(warmup_nimg=lr_warmup_nimg, grad_clip=grad_clip, precision=precision, dist=dist,
+                      find_unused_parameters=find_unused_parameters)
+        self.student = Trainable("student", student, lr=lr, betas=betas, **common)
+        self.fake = Trainable("fake", fake, lr=fake_lr if fake_lr is not None else lr,
+                              betas=fake_betas if fake_betas is not None else betas, **common)
+        self.parts = {"student": self.student, "fake": self.fake}
+        self.divergence, self.fake_loss = divergence, fake_loss
+        self.fake_updates = int(fake_updates)
+        self.accum = int(accum)  # micro-batches per optimizer step
+        self.ema = EMA(self.student.module, ema_halflife_nimg, ema_rampup) if ema_halflife_nimg else None
+
+    @property
+    def model(self) -> nn.Module:
+        """The student to evaluate: its EMA if kept, else the trained weights."""
+        return self.ema.model if self.ema is not None else self.student.module
+
+    @property
+    def nimg(self) -> int:
+        """Real images shown to the student (all ranks)."""
+        return self.student.nimg
+
+    def fake_step(self, next_batch: Callable[[], tuple], generator=None) -> dict:
+        """One optimizer step of the fake score on the student's outputs (Algorithm 1, line 1)."""
+        student = self.student.module  # raw: no gradients, so the student's DDP wrapper is not involved
+
+        def micro_loss(fake, x0, labels):
+            return fake_score_loss(fake, student, self.divergence, self.fake_loss, x0, labels, generator)
+
+        self.fake.module.train()
+        return self.fake.step(micro_loss, next_batch, self.accum)
+
+    def student_step(self, next_batch: Callable[[], tuple], generator=None) -> dict:
+        """One optimizer step of the student on the divergence (Algorithm 1, line 2), then the EMA."""
+        fake = self.fake.module.eval()  # raw, in eval mode: the fake's DDP wrapper is not involved
+        nimg = self.student.nimg
+
+        def micro_loss(student, x0, labels):
+            return student_loss(student, self.teacher, fake, self.divergence, x0, labels, generator)
+
+        stats = self.student.step(micro_loss, next_batch, self.accum)
+        if stats["applied"] and self.ema is not None:
+            self.ema.update(self.student.module, nimg, stats["images"])
+        return stats
+
+    def iteration(self, next_batch: Callable[[], tuple], generator=None) -> dict:
+        """``fake_updates`` fake-score steps, then one student step. Fake stats are averaged over the fake steps;
+        ``images`` counts the student's."""
+        fake = [self.fake_step(next_batch, generator) for _ in range(self.fake_updates)]
+        student = self.student_step(next_batch, generator)
+        stats = {f"fake_{k}": sum(s[k] for s in fake) / len(fake) for k in ("loss", "grad_norm", "lr")}
+        stats.update({f"student_{k}": student[k] for k in ("loss", "grad_norm", "lr")})
+        stats["images"] = student["images"]
+        return stats
+
+    def weights(self) -> dict[str, nn.Module]:
+        """The student, its EMA and the fake score (the teacher is not trained here and not saved)."""
+        out = {"student": self.student.module, "fake": self.fake.module}
+        return {**out, "ema": self.ema.model} if self.ema is not None else out
+
+    def state_dict(self) -> dict:
+        return job_state(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_job_state(self, state)
+
+
+class DPDM:
+    """Algorithm 1 for a caller's own single-process loop (``DistillJob`` on the teacher's device).
+
+    ``step(next_batch, generator)`` alternates ``fake_updates`` fake-score steps with one student step;
+    ``fake_step``, ``student_loss`` and ``student_step`` are public for custom loops. ``student``, ``fake`` and
+    ``teacher`` are the raw models; ``model`` is the student to evaluate. Arguments as ``DistillJob``'s.
+    A step with a NaN/Inf loss or gradient is skipped.
     """
 
     def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *, lr: float = 1e-4,
@@ -49,79 +194,40 @@ class DPDM:
                  student: nn.Module | None = None, fake: nn.Module | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05,
                  grad_clip: float | None = None):
-        if fake_updates < 1:
-            raise ValueError(f"fake_updates must be >= 1, got {fake_updates}")
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.student = (student if student is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
-        self.fake = (fake if fake is not None else copy.deepcopy(teacher)).requires_grad_(True)
-        self.divergence = divergence
-        self.fake_loss = fake_loss
-        self.fake_updates = int(fake_updates)
-        self.grad_clip = grad_clip
-        self.opt_student = torch.optim.Adam(self.student.parameters(), lr=lr, betas=tuple(betas))
-        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=fake_lr if fake_lr is not None else lr,
-                                         betas=tuple(fake_betas if fake_betas is not None else betas))
-        self.ema = EMA(self.student, ema_halflife_nimg, ema_rampup) if ema_halflife_nimg else None
-        self.nimg = 0  # real images shown to the student
+        self.job = DistillJob(teacher, divergence, fake_loss, student=student, fake=fake, lr=lr, betas=betas,
+                              fake_lr=fake_lr, fake_betas=fake_betas, fake_updates=fake_updates, grad_clip=grad_clip,
+                              ema_halflife_nimg=ema_halflife_nimg, ema_rampup=ema_rampup,
+                              dist=Dist(device=device_of(teacher)))
+        self.teacher, self.student, self.fake = self.job.teacher, self.job.student.module, self.job.fake.module
+        self.divergence, self.fake_loss, self.ema = divergence, fake_loss, self.job.ema
+        self.fake_updates, self.grad_clip = self.job.fake_updates, grad_clip
+        self.opt_student, self.opt_fake = self.job.student.optimizer, self.job.fake.optimizer
 
     @property
     def model(self) -> nn.Module:
         """The student to evaluate: its EMA if kept, else the trained weights."""
-        return self.ema.model if self.ema is not None else self.student
+        return self.job.model
 
-    def _clip(self, module: nn.Module) -> float:
-        params = [p for p in module.parameters() if p.grad is not None]
-        for p in params:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        norm = nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
-        return float(norm)
+    @property
+    def nimg(self) -> int:
+        return self.job.nimg
 
     def student_outputs(self, x0: torch.Tensor, class_labels=None, generator=None):
         """Feed the student as the divergence prescribes; returns ``(x̂0, σ_in)``."""
-        x_in, sigma_in = self.divergence.student_input(x0, generator)
-        return self.student(x_in, sigma_in, class_labels=class_labels), sigma_in
+        return student_outputs(self.student, self.divergence, x0, class_labels, generator)
 
     def fake_step(self, x0: torch.Tensor, class_labels=None, generator=None) -> dict:
-        """One EDM-loss step of the fake score on the student's (detached) outputs.
-
-        The fake score is fitted at the noise levels the divergence will query it at: for the
-        smoothed KL the σ that produced each output, so that D_fake(·, σ) models the student's
-        output distribution *at input level σ*, smoothed by σ (Eq. 3.3); for IKL a fresh σ.
-        """
-        with torch.no_grad():
-            x0_hat, sigma_in = self.student_outputs(x0, class_labels, generator)
-            sigma = self.divergence.renoise_sigma(sigma_in, generator)
-        self.fake.train()
-        loss = self.fake_loss(self.fake, x0_hat.detach(), class_labels=class_labels, generator=generator,
-                              sigma=sigma).mean()
-        self.opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = self._clip(self.fake)
-        self.opt_fake.step()
-        return {"fake_loss": float(loss.detach()), "fake_grad_norm": grad_norm}
+        """One EDM-loss step of the fake score on the student's (detached) outputs."""
+        stats = self.job.fake_step(lambda: (x0, class_labels), generator)
+        return {"fake_loss": stats["loss"], "fake_grad_norm": stats["grad_norm"]}
 
     def student_loss(self, x0: torch.Tensor, class_labels=None, generator=None) -> torch.Tensor:
         """The divergence's per-sample surrogate for one batch of real data (Eq. 3.4)."""
-        x0_hat, sigma_in = self.student_outputs(x0, class_labels, generator)
-        sigma = self.divergence.renoise_sigma(sigma_in, generator)
-        noise = torch.randn(x0_hat.shape, generator=generator, device=x0_hat.device, dtype=x0_hat.dtype)
-        x_t_hat = x0_hat.detach() + _bcast(sigma, x0_hat) * noise  # only x̂0 carries the gradient
-        self.fake.eval()
-        with torch.no_grad():
-            d_teacher = self.teacher(x_t_hat, sigma, class_labels=class_labels)
-            d_fake = self.fake(x_t_hat, sigma, class_labels=class_labels)
-        return self.divergence(x0_hat, sigma, d_teacher.to(x0_hat.dtype), d_fake.to(x0_hat.dtype))
+        return student_loss(self.student, self.teacher, self.fake.eval(), self.divergence, x0, class_labels, generator)
 
     def student_step(self, x0: torch.Tensor, class_labels=None, generator=None) -> dict:
-        loss = self.student_loss(x0, class_labels, generator).mean()
-        self.opt_student.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = self._clip(self.student)
-        self.opt_student.step()
-        if self.ema is not None:
-            self.ema.update(self.student, self.nimg, x0.shape[0])
-        self.nimg += x0.shape[0]
-        return {"student_loss": float(loss.detach()), "student_grad_norm": grad_norm}
+        stats = self.job.student_step(lambda: (x0, class_labels), generator)
+        return {"student_loss": stats["loss"], "student_grad_norm": stats["grad_norm"]}
 
     def step(self, next_batch: Callable[[], tuple], generator=None) -> dict:
         """One iteration: ``fake_updates`` fake-score steps, then one student step.

@@ -1,0 +1,98 @@
+"""Mixed precision and the guarded optimizer step.
+
+``Precision("bf16", device)`` runs forward passes under ``torch.autocast`` in bfloat16 (CPU and CUDA), with
+fp32 weights, gradients and optimizer state; ``"fp16"`` does the same in float16 with a ``torch.amp.GradScaler``
+per optimizer (dynamic loss scaling: the loss is multiplied by the scale before ``backward``, gradients are
+unscaled before clipping, and a step whose gradients overflow is skipped while the scale backs off);
+``"fp32"`` is plain float32.
+
+``guarded_step`` is the one sequence every optimizer step of the engine ends with: unscale (fp16), the
+gradient norm (clipped to ``grad_clip`` if given), the finite check, then either the optimizer step or a
+skip, and in both cases ``zero_grad(set_to_none=True)`` so the model holds no gradients between its steps.
+A non-finite loss or gradient norm skips the step: the parameters and the optimizer state stay as they
+were. Under DDP the decision is all-reduced, so that all ranks skip together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from .errors import DpdmError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """The numeric precision of forward passes: ``fp32``, ``bf16`` or ``fp16`` (the latter with loss scaling)."""
+
+    def __init__(self, mode: str = "fp32", device: str | torch.device = "cpu"):
+        if mode not in DTYPES:
+            raise DpdmError(f"unknown precision {mode!r}; choose one of {', '.join(DTYPES)}")
+        self.mode = mode
+        self.device = torch.device(device)
+        self.dtype = DTYPES[mode]
+        if mode == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DpdmError(f"precision 'bf16' is not supported by {torch.cuda.get_device_name(self.device)}; "
+                            "use 'fp16' (with loss scaling) or 'fp32'")
+        if mode == "fp16" and not _fp16_supported(self.device):
+            raise DpdmError(f"precision 'fp16' needs autocast and a GradScaler on {self.device.type}, which this "
+                            f"torch {torch.__version__} lacks; use 'bf16' or 'fp32' there (fp16 is meant for GPUs)")
+
+    def autocast(self):
+        """The context for forward passes (and losses): autocast in ``bf16``/``fp16``, nothing in ``fp32``."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A new loss scaler for one optimizer (``fp16`` only; None otherwise)."""
+        return torch.amp.GradScaler(self.device.type) if self.mode == "fp16" else None
+
+    def __repr__(self) -> str:
+        return f"Precision({self.mode!r}, {str(self.device)!r})"
+
+
+def _fp16_supported(device: torch.device) -> bool:
+    try:
+        torch.amp.GradScaler(device.type)
+        with torch.autocast(device.type, dtype=torch.float16):
+            pass
+    except (AttributeError, RuntimeError, ValueError, AssertionError, TypeError):  # AttributeError: torch < 2.3
+        return False
+    return True
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """``loss.backward()``, through the loss scaler when there is one."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], *, scaler=None,
+                 grad_clip: float | None = None, loss_finite: bool = True, dist=None) -> tuple[bool, float]:
+    """Finish one optimizer step whose gradients are in ``params``; returns ``(applied, grad_norm)``.
+
+    The gradient norm is the global L2 norm of the (unscaled) gradients before clipping. The step is
+    skipped when the loss or the norm is NaN/Inf on any rank (``dist``); for fp16 the scaler then backs
+    off its scale as its own skip logic does. Gradients are always dropped afterwards (set to None).
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grads = [p for p in params if p.grad is not None]
+    norm = nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip else math.inf, error_if_nonfinite=False)
+    norm = float(norm)
+    bad = not (loss_finite and math.isfinite(norm))
+    if dist is not None:
+        bad = dist.any(bad)
+    if not bad:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return not bad, norm
