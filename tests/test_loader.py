@@ -256,3 +256,26 @@ def test_invalid_options(kwargs, message):
 def test_short_dataset_without_drop_last_still_yields():
     batches = _take(Loader(_vectors(5), 8, drop_last=False), 2)
     assert [len(x) for x, _ in batches] == [5, 5]
+
+
+class _ItemsOnly(torch.utils.data.Dataset):
+    """The same items as a TensorDataset, without its batched ``__getitems__``."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_tensor_dataset_batched_fetch_equals_item_by_item(workers):
+    ds = _vectors(64)
+    got = _take(Loader(ds, 8, seed=3, num_workers=workers), 12)
+    want = _take(Loader(_ItemsOnly(ds), 8, seed=3), 12)
+    _assert_same(got, want)
+    x, y = ds.__getitems__([5, 1, 5])
+    assert torch.equal(x, ds.data[[5, 1, 5]]) and y.tolist() == ds.labels[[5, 1, 5]].tolist()

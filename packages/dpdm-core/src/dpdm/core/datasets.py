@@ -42,6 +42,11 @@ def with_xflip(images: torch.Tensor, labels: torch.Tensor | None):
     return flipped, (torch.cat([labels, labels]) if labels is not None else None)
 
 
+class Batch(tuple):
+    """``(x (B, ...), labels (B,))`` already collated by a dataset's ``__getitems__`` (one indexing operation
+    instead of B items stacked again); loaders pass it through as it is."""
+
+
 class TensorDataset(torch.utils.data.Dataset):
     """An in-memory dataset: ``data`` (N, *shape) and optional ``labels`` (N,) int64."""
 
@@ -66,6 +71,11 @@ class TensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.data[i], self.labels[i]
+
+    def __getitems__(self, indices) -> Batch:
+        """Many items at once (torch's DataLoader calls this with a batch's indices)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return Batch((self.data[idx], self.labels[idx]))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data, self.labels

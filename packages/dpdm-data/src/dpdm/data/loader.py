@@ -60,9 +60,11 @@ import warnings
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 from torch.utils.data.distributed import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from dpdm.core.datasets import Batch
 from dpdm.core.errors import DpdmError
 
 STATE_VERSION = 1
@@ -127,6 +129,14 @@ def _option_problems(dataset, batch_size, seed, rank, world_size, num_workers, p
     return problems
 
 
+def collate(items):
+    """A batch the dataset collated itself (``datasets.Batch``, from ``__getitems__``) as it is; else torch's
+    ``default_collate`` of the items."""
+    if isinstance(items, Batch):
+        return tuple(items)
+    return default_collate(items)
+
+
 class Loader:
     """An endless stream of batches ``(x, labels)`` over a map-style dataset, with exact resume.
 
@@ -151,7 +161,7 @@ class Loader:
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which newer torch deprecates
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
             self._loader = StatefulDataLoader(
-                dataset, batch_size=batch_size, sampler=self.sampler, drop_last=self.drop_last,
+                dataset, batch_size=batch_size, sampler=self.sampler, drop_last=self.drop_last, collate_fn=collate,
                 num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                 persistent_workers=persistent_workers, timeout=timeout, generator=self._generator,
                 worker_init_fn=functools.partial(_seed_worker, seed=seed, rank=rank) if num_workers else None)
