@@ -120,7 +120,7 @@ def test_several_recipe_problems_at_once(tmp_path, monkeypatch):
     assert err.splitlines() == [
         f"error: invalid recipe {TOY2D} (2 problems):",
         "  - recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, "
-        "batch_size, lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip, student.",
+        "batch_size, lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
         "  - recipe.eval.teacher_samplers[0].name: unknown sampler 'heum'. Did you mean 'heun'? Registered samplers: "
         "dpdm, dpmpp-2m, euler, euler-stochastic, heun. Run `dpdm plugins` to see every component and the package "
         "that provides it.",
@@ -266,15 +266,23 @@ def test_run_files(tiny_run):
         assert spec["backbone"] == {"name": "mlp", "hidden": 32, "depth": 1, "emb_dim": 128}
         assert spec["shape"] == [2] and spec["label_dim"] == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "fake.safetensors", "student.safetensors", "teacher.safetensors"]  # no temporary files
+        "fake.safetensors", "student.safetensors", "teacher.safetensors", "train"]  # no temporary files
+    # training snapshots of both phases: the last one of each (engine.checkpoint.every 1000 > steps)
+    for phase, step in (("teacher", 60), ("student", 20)):
+        snaps = sorted(p.name for p in (run / "checkpoints" / "train" / phase).iterdir())
+        assert snaps == [f"ckpt-{step:09d}"]
+        assert (run / "checkpoints" / "train" / phase / snaps[0] / "COMPLETE").is_file()
     figures = sorted(p.name for p in (run / "figures").glob("*.png"))
     assert {"samples_student.png", "samples_teacher_euler.png", "samples_teacher_heun.png",
             "samples_teacher_dpmpp-2m.png", "nfe_curve.png", "recovery.png"} <= set(figures)
     for name in figures:
         assert (run / "figures" / name).read_bytes()[:8] == PNG, name
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["step"]) for r in log] == [("teacher", 0), ("teacher", 50), ("teacher", 59),
-                                                      ("student", 0), ("student", 19)]
+    assert [(r["phase"], r["step"]) for r in log] == [("teacher", 50), ("teacher", 60), ("student", 20)]
+    for r in log:
+        lr = {"lr"} if r["phase"] == "teacher" else {"student_lr", "fake_lr"}
+        assert {"nimg", "images_per_s", "peak_mem_mb", "skipped"} | lr <= set(r), r
+        assert all(_finite(r[k]) for k in r if k.endswith("_loss") or k == "loss"), r
 
 
 def test_run_with_a_given_teacher_and_out(tiny_run, tmp_path, monkeypatch):

@@ -23,8 +23,10 @@ from PIL import Image
 from dpdm.core import get
 from dpdm.core.config import load_recipe
 from dpdm.core.errors import DpdmError
-from dpdm.core.run import Batches, preflight
+from dpdm.core.engine import DeviceBatches
+from dpdm.core.run import preflight
 from dpdm.data.image_folder import image_folder, image_zip
+from dpdm.data.loader import Loader
 
 torch.set_num_threads(1)
 
@@ -164,7 +166,7 @@ def test_tensors_cached_and_batches(tmp_path):
     data, labels = ds.tensors()
     assert data.shape == (5, 3, 8, 8) and data.dtype == torch.uint8 and ds.tensors()[0] is data
     assert torch.equal(data, torch.stack([_chw(a) for a in images])) and labels.tolist() == [0, 1, 2, 0, 1]
-    x, y = Batches(ds, 4, torch.Generator().manual_seed(0), torch.device("cpu"))()
+    x, y = next(DeviceBatches(Loader(ds, 4, seed=0), "cpu"))
     assert x.shape == (4, 3, 8, 8) and x.min() >= -1 and x.max() <= 1 and y.shape == (4,)
 
 

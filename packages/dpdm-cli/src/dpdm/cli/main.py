@@ -55,15 +55,25 @@ def _floats(values: List[str], option: str) -> list[float]:
     return out
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": False})
 @user_errors
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/toy2d.yaml"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=2e-5 (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<timestamp>)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe, run nothing"),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="latest|RUN_DIR",
+                                         help="Continue an interrupted run from its newest complete checkpoints: "
+                                              "'latest' (--out's directory, else runs/latest) or a run directory"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1,
+                                        help="Launch N processes on this machine with torchrun (DDP)"),
 ):
-    """Run a recipe: train or load the teacher, distill the student, evaluate, write a report."""
+    """Run a recipe: train or load the teacher, distill the student, evaluate, write a report.
+
+    Multi-GPU: `torchrun --nproc_per_node=8 -m dpdm.cli run RECIPE` (or `dpdm run RECIPE --nproc 8`);
+    every rank trains, rank 0 prints, writes and evaluates."""
+    if nproc is not None:
+        _launch(nproc)
     from dpdm.core.config import load_recipe
     from dpdm.core.structure import dump_yaml, unstructure
 
@@ -75,21 +85,80 @@ def run(
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
         err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
         return
+    from dpdm.core.distributed import init_dist
     from dpdm.core.progress import RichProgress
-    from dpdm.core.rundir import new_run_dir, update_latest
     from dpdm.core.run import run as run_recipe
 
-    if out is None:
-        out_dir = new_run_dir(resolved.name)
-        update_latest(out_dir)
-    else:
-        out_dir = out
-    err.print(f"run directory: [bold]{escape(str(out_dir))}[/]")
-    run_recipe(resolved, out_dir, progress=RichProgress(err))
-    from rich.markdown import Markdown
+    dist = init_dist(resolved.device)
+    try:
+        out_dir = dist.broadcast_object(_run_dir(resolved, out, resume) if dist.is_main else None)
+        if dist.is_main:
+            err.print(f"{'resuming' if resume else 'run directory'}: [bold]{escape(str(out_dir))}[/]"
+                      + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))
+        run_recipe(resolved, out_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
+        if dist.is_main:
+            from rich.markdown import Markdown
 
-    console.print(Markdown((Path(out_dir) / "report.md").read_text()))
-    err.print(f"[green]done:[/] {escape(str(out_dir))}/report.json, report.md, figures/")
+            console.print(Markdown((Path(out_dir) / "report.md").read_text()))
+            err.print(f"[green]done:[/] {escape(str(out_dir))}/report.json, report.md, figures/")
+    finally:
+        dist.destroy()
+
+
+def _run_dir(recipe, out: Optional[Path], resume: Optional[str]) -> Path:
+    """The run directory: a new one, ``--out``, or for ``--resume`` an existing one whose training settings
+    match ``recipe`` (the keys that differ are named)."""
+    from dpdm.core.errors import DpdmError
+    from dpdm.core.rundir import new_run_dir, resolve_run, update_latest
+
+    if resume is None:
+        if out is not None:
+            return out
+        path = new_run_dir(recipe.name)
+        update_latest(path)
+        return path
+    if resume == "latest":
+        path = resolve_run(out)
+    else:
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise DpdmError(f"--resume {resume} and --out {out} name different directories; give one of them")
+        path = resolve_run(Path(resume))
+    from dpdm.core.config import load_recipe
+    from dpdm.core.run import config_changes, training_config
+
+    saved = load_recipe(str(path / "config.yaml"))
+    changed = config_changes(training_config(saved), training_config(recipe))
+    if changed:
+        raise DpdmError(f"cannot resume {path}: the recipe differs from the one it was started with in "
+                        f"{', '.join(changed)}; resume with the same recipe and --set overrides, or start a new run")
+    return path
+
+
+def _launch(nproc: int) -> None:
+    """Re-run this command under ``torchrun --standalone --nproc_per_node N`` (without ``--nproc``); exits with
+    torchrun's status."""
+    import os
+    import subprocess
+
+    from dpdm.core.errors import DpdmError
+
+    if "RANK" in os.environ:
+        raise DpdmError("--nproc inside a torchrun job: launch either with torchrun or with --nproc, not both")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "dpdm.cli", *argv]
+    err.print(f"launching: {escape(' '.join(cmd[1:]))}")
+    raise typer.Exit(subprocess.call(cmd))
 
 
 @app.command()

@@ -8,6 +8,8 @@ reported at once with their dotted paths (see ``structure.py``). In every recipe
 
 from __future__ import annotations
 
+from typing import Literal
+
 import attrs
 
 from .sigmas import SigmaDist
@@ -66,6 +68,7 @@ class TrainConfig:
     fake_updates: int = 5  # fake-score updates per student update
     ema_halflife_nimg: float | None = None  # EMA of the student, half-life in images
     grad_clip: float | None = None
+    lr_warmup_nimg: float = 0.0  # linear learning-rate warm-up of student and fake score, in images
     # The student's own network, trained from scratch (e.g. a stylegan2 generator or a dit);
     # null: the student starts as a copy of the teacher. Teacher and fake score keep `model`.
     student: ModelConfig | None = None
@@ -93,6 +96,33 @@ class EvalConfig:
 
 
 @attrs.define
+class CheckpointConfig:
+    """Training-state checkpoints (weights, optimizers, counters, RNG and loader states of every rank)."""
+
+    every: int = 1000  # optimizer steps between checkpoints (0: only at the end of each phase)
+    keep_last: int = 3  # keep the newest K checkpoints ...
+    keep_every: int = 0  # ... plus every one whose step is a multiple of N (0: none)
+    dir: str | None = None  # any fsspec URL (s3://bucket/run); default: <run dir>/checkpoints/train
+
+
+@attrs.define
+class EngineConfig:
+    """How training runs: precision, accumulation, data loading, logging, checkpoints.
+
+    ``teacher.train.batch_size`` and ``train.batch_size`` are global batches (as EDM's ``--batch``):
+    each optimizer step sees that many images over all ranks, split into ``accum`` micro-batches per rank.
+    """
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 adds a grad scaler)
+    accum: int = 1  # micro-batches per optimizer step on each rank (gradient accumulation)
+    num_workers: int = 0  # data-loading worker processes per rank
+    log_every: int = 50  # steps between lines in metrics.jsonl (and TensorBoard)
+    sample_every: int = 0  # steps between sample grids of the student at a fixed seed (0: off)
+    max_nonfinite: int = 10  # consecutive non-finite steps that stop the run (the last checkpoint is kept)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+
+
+@attrs.define
 class Recipe:
     name: str
     data: Component = component("dataset", reserved=("split",))
@@ -100,6 +130,7 @@ class Recipe:
     teacher: TeacherConfig = attrs.field(factory=TeacherConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
     eval: EvalConfig = attrs.field(factory=EvalConfig)
+    engine: EngineConfig = attrs.field(factory=EngineConfig)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
 

@@ -1,9 +1,18 @@
 """Running a recipe end to end: train (or load) the teacher, distill the DPDM student
-(Algorithm 1), evaluate (NFE sweeps and Section 5.1 recovery), and write the run directory:
+(Algorithm 1), evaluate (NFE sweeps and Section 5.1 recovery), and write the run directory.
+
+Both training phases run in ``engine.Trainer`` (single process, or every rank under torchrun) on
+resumable batches (``dpdm.data.loader.Loader``); ``run(..., resume=True)`` continues each phase from
+its newest complete snapshot, bit for bit on CPU. Rank 0 alone writes files other than snapshots and
+evaluates.
 
     config.yaml          the resolved recipe
     checkpoints/         teacher, student, fake score (safetensors + network spec)
-    metrics.jsonl        training losses every LOG_EVERY steps
+    checkpoints/train/   training snapshots per phase (teacher/, student/: ckpt-<step>/, see snapshots.py),
+                         unless engine.checkpoint.dir puts them elsewhere (any fsspec URL)
+    metrics.jsonl        per-step losses, gradient norms, lr, images/s, peak memory (every engine.log_every)
+    tensorboard/         the same for TensorBoard, when it is installed
+    figures/progress/    sample grids at a fixed seed every engine.sample_every steps
     report.json          {"metric", "sweep", "recovery", "one_step", "checks", "timings", ...}
     report.md            the same as tables
     figures/*.png        samples per NFE (student, each teacher sampler), NFE curve, recovery panels
@@ -11,7 +20,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,16 +32,21 @@ from . import evaluate as ev
 from .checkpoint import build_denoiser, load_checkpoint, load_denoiser, network_spec, save_denoiser
 from .config import Recipe
 from .datasets import to_model
-from .distill import DPDM
+from .distill import DistillJob
+from .distributed import Dist, derive_seed, init_dist
+from .engine import DeviceBatches, Trainer
 from .errors import ConfigError, DpdmError
 from .losses import EDMLoss
+from .precision import Precision
 from .progress import Progress
-from .registry import get
+from .registry import entry, get
 from .report import write_report
 from .structure import dump_yaml, unstructure
-from .teacher import TeacherTrainer
+from .snapshots import Snapshots
+from .teacher import TeacherJob
+from .tracking import SampleGrid, Tracker
 
-LOG_EVERY = 50
+TEACHER_STREAM, STUDENT_STREAM = 1, 2  # seeds of the two phases derive from (recipe.seed, stream)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,23 +56,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DpdmError(f"recipe.device is {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
     return device
-
-
-class Batches:
-    """Endless random batches ``(x0, labels)`` in model space from an in-memory dataset."""
-
-    def __init__(self, dataset, batch_size: int, generator: torch.Generator, device):
-        if not hasattr(dataset, "tensors"):
-            raise DpdmError(f"dataset {getattr(dataset, 'name', dataset)!r} is not in memory; the embedded "
-                            "training loop needs a dataset with tensors()")
-        data, labels = dataset.tensors()
-        self.data = to_model(data).to(device)
-        self.labels = labels.to(device) if dataset.label_dim else None
-        self.batch_size, self.generator, self.device = batch_size, generator, device
-
-    def __call__(self):
-        idx = torch.randint(len(self.data), (self.batch_size,), generator=self.generator).to(self.device)
-        return self.data[idx], (self.labels[idx] if self.labels is not None else None)
 
 
 def make_dataset(recipe: Recipe, split: str):
@@ -91,6 +90,23 @@ def preflight(recipe: Recipe, source: str | None = None):
                             ("eval.recovery_num", recipe.eval.recovery_num, 2)]:
         if value < low:
             problems.append(f"recipe.{key}: must be at least {low}, got {value}")
+    engine = recipe.engine
+    for key, value, low in [("engine.accum", engine.accum, 1), ("engine.num_workers", engine.num_workers, 0),
+                            ("engine.log_every", engine.log_every, 1), ("engine.sample_every", engine.sample_every, 0),
+                            ("engine.max_nonfinite", engine.max_nonfinite, 1),
+                            ("engine.checkpoint.every", engine.checkpoint.every, 0),
+                            ("engine.checkpoint.keep_last", engine.checkpoint.keep_last, 1),
+                            ("engine.checkpoint.keep_every", engine.checkpoint.keep_every, 0)]:
+        if value < low:
+            problems.append(f"recipe.{key}: must be at least {low}, got {value}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    phases = [("train.batch_size", recipe.train.batch_size)]
+    if not recipe.teacher.checkpoint:
+        phases.insert(0, ("teacher.train.batch_size", recipe.teacher.train.batch_size))
+    for key, batch in phases:
+        if engine.accum >= 1 and batch >= 1 and batch % (world * engine.accum):
+            problems.append(f"recipe.{key}: the global batch {batch} must split evenly over {world} rank(s) x "
+                            f"engine.accum {engine.accum} micro-batches; pick a multiple of {world * engine.accum}")
     for key, values in [("eval.student_steps", recipe.eval.student_steps), ("eval.teacher_nfe", recipe.eval.teacher_nfe)]:
         if any(v < 1 for v in values):
             problems.append(f"recipe.{key}: every entry must be at least 1, got {values}")
@@ -149,47 +165,125 @@ def check_teacher_fits(spec: dict, dataset, url: str) -> None:
                         f"label_dim {want[1]}; pick the checkpoint that was trained on this dataset")
 
 
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def training_config(recipe: Recipe) -> dict:
+    """The parts of a recipe that decide the trained weights (a resumed run must share them)."""
+    data = unstructure(recipe)
+    engine = data["engine"]
+    return {"data": data["data"], "model": data["model"], "teacher": data["teacher"], "train": data["train"],
+            "seed": data["seed"], "engine": {"precision": engine["precision"], "accum": engine["accum"]}}
 
 
-def train_teacher(recipe: Recipe, spec: dict, batches: Batches, device, progress: Progress, log_path: Path):
+def config_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(training_config(recipe), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_changes(old: dict, new: dict, prefix: str = "recipe") -> list[str]:
+    """Dotted keys whose values differ between two unstructured recipes."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in config_changes(old.get(key), new.get(key), f"{prefix}.{key}")]
+    return [] if old == new else [prefix]
+
+
+def batches(recipe: Recipe, dataset, batch_size: int, dist: Dist, seed: int):
+    """Resumable batches for one phase: ``batch_size`` is global (all ranks, all ``engine.accum`` micro-batches)."""
+    try:
+        from dpdm.data.loader import Loader
+    except ImportError:  # pragma: no cover - dpdm-core installed alone
+        raise DpdmError("training needs dpdm-data's resumable Loader; pip install dpdm-data") from None
+    engine = recipe.engine
+    per_rank = batch_size // (dist.world_size * engine.accum)
+    loader = Loader(dataset, per_rank, seed=seed, rank=dist.rank, world_size=dist.world_size,
+                    num_workers=engine.num_workers, persistent_workers=engine.num_workers > 0,
+                    pin_memory=dist.device.type == "cuda")
+    return DeviceBatches(loader, dist.device, conditional=bool(dataset.label_dim))
+
+
+class Phase:
+    """What both training phases share: the process group, precision, snapshots, tracker and progress."""
+
+    def __init__(self, recipe: Recipe, out: Path, dist: Dist, progress: Progress, tracker: Tracker, resume: bool):
+        self.recipe, self.out, self.dist, self.progress, self.tracker = recipe, out, dist, progress, tracker
+        self.resume = resume
+        self.precision = Precision(recipe.engine.precision, dist.device)
+        ckpt = recipe.engine.checkpoint
+        self.root = (ckpt.dir or str(out / "checkpoints" / "train")).rstrip("/")
+        self.hash = config_hash(recipe)
+
+    def trainer(self, job, data, seed: int, specs: dict, sample_grid=None) -> Trainer:
+        engine = self.recipe.engine
+        ckpt = engine.checkpoint
+        snapshots = Snapshots(f"{self.root}/{job.phase}", keep_last=ckpt.keep_last, keep_every=ckpt.keep_every)
+        hooks = [sample_grid] if sample_grid is not None else []
+        trainer = Trainer(job, data, dist=self.dist, seed=seed, max_nonfinite=engine.max_nonfinite,
+                          snapshots=snapshots, save_every=ckpt.every, specs=specs, config_hash=self.hash,
+                          tracker=self.tracker, log_every=engine.log_every, progress=self.progress, hooks=hooks)
+        if self.resume:
+            if trainer.resume():
+                self.progress.log(f"{job.phase}: resumed from {trainer.last_saved} (step {trainer.step})")
+        else:
+            found = self.dist.broadcast_object(snapshots.latest() if self.dist.is_main else None)
+            if found is not None:
+                raise DpdmError(f"{snapshots.root} already holds training checkpoints ({found}); continue that run "
+                                f"with --resume, or give another --out / engine.checkpoint.dir")
+        return trainer
+
+    def sample_grid(self, sampler: str, sigmas, shape, kind: str, label_dim: int):
+        every = self.recipe.engine.sample_every
+        if not every:
+            return None
+        return SampleGrid(every, self.out / "figures" / "progress", sampler=entry("sampler", sampler).obj,
+                          sigmas=sigmas, shape=shape, kind=kind, label_dim=label_dim,
+                          num=self.recipe.eval.figure_samples if kind == "image" else 2000, seed=self.recipe.seed,
+                          tracker=self.tracker)
+
+
+def train_teacher(recipe: Recipe, spec: dict, train_set, phase: Phase):
+    """Teacher training with the EDM loss through the engine; returns the (EMA) teacher, frozen."""
     cfg = recipe.teacher.train
-    denoiser = build_denoiser(spec).to(device)
+    dist = phase.dist
+    torch.manual_seed(recipe.seed)  # the initial weights: the same on every rank and in every (resumed) run
+    denoiser = build_denoiser(spec).to(dist.device)
     sigma_data = getattr(denoiser, "sigma_data", 0.5)
-    trainer = TeacherTrainer(denoiser, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), lr=cfg.lr, betas=cfg.betas,
-                             ema_halflife_nimg=cfg.ema_halflife_nimg, grad_clip=cfg.grad_clip,
-                             lr_warmup_nimg=cfg.lr_warmup_nimg)
-    generator = batches.generator
-    with progress.task("teacher (EDM loss)", cfg.steps) as bar:
-        for step in range(cfg.steps):
-            stats = trainer.step(*batches(), generator=generator if device.type == "cpu" else None)
-            if step % LOG_EVERY == 0 or step == cfg.steps - 1:
-                _log(log_path, {"phase": "teacher", "step": step, **stats})
-            bar.advance(1, **stats)
-    return trainer.model.eval().requires_grad_(False)
+    job = TeacherJob(denoiser, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), lr=cfg.lr, betas=cfg.betas,
+                     lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
+                     ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
+                     precision=phase.precision, dist=dist)
+    sched = recipe.eval.teacher_schedule
+    grid = phase.sample_grid("heun", get("schedule", sched.name)(18, **sched.options), spec["shape"],
+                             train_set.kind, spec["label_dim"])
+    seed = derive_seed(recipe.seed, TEACHER_STREAM)
+    trainer = phase.trainer(job, batches(recipe, train_set, cfg.batch_size, dist, seed), seed,
+                            {"model": spec, **({"ema": spec} if cfg.ema_halflife_nimg else {})}, grid)
+    trainer.fit(cfg.steps)
+    return job.model.eval().requires_grad_(False)
 
 
-def distill(recipe: Recipe, teacher, batches: Batches, device, progress: Progress, log_path: Path,
-            student=None) -> DPDM:
-    """Algorithm 1 for ``train.steps`` student updates; ``student`` (default: a copy of the teacher)."""
+def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: Phase, s_spec: dict | None = None):
+    """Algorithm 1 for ``train.steps`` iterations through the engine; the student is ``train.student``'s own
+    network (``s_spec``, trained from scratch) or a copy of the teacher. Returns the ``DistillJob``."""
     cfg = recipe.train
-    div_opts = dict(cfg.divergence.options)
-    divergence = get("divergence", cfg.divergence.name)(sigma=cfg.sigma, **div_opts)
+    dist = phase.dist
+    s_spec = s_spec or spec
+    divergence = get("divergence", cfg.divergence.name)(sigma=cfg.sigma, **cfg.divergence.options)
     sigma_data = getattr(teacher, "sigma_data", 0.5)
-    fake_loss = EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma)
-    algo = DPDM(teacher, divergence, fake_loss, lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr,
-                fake_updates=cfg.fake_updates, ema_halflife_nimg=cfg.ema_halflife_nimg, grad_clip=cfg.grad_clip,
-                student=student)
-    generator = batches.generator if device.type == "cpu" else None
-    with progress.task(f"student (DPDM, {cfg.divergence.name})", cfg.steps) as bar:
-        for step in range(cfg.steps):
-            stats = algo.step(batches, generator=generator)
-            if step % LOG_EVERY == 0 or step == cfg.steps - 1:
-                _log(log_path, {"phase": "student", "step": step, **stats})
-            bar.advance(1, **{k: v for k, v in stats.items() if k in ("student_grad_norm", "fake_loss")})
-    return algo
+    torch.manual_seed(derive_seed(recipe.seed, STUDENT_STREAM))  # a student of its own: the same initial weights
+    fresh = build_denoiser(s_spec).to(dist.device) if recipe.train.student is not None else None
+    job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
+                     lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
+                     lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
+                     ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
+                     precision=phase.precision, dist=dist)
+    ev_cfg = recipe.eval
+    sched = ev_cfg.student_schedule
+    grid = phase.sample_grid(ev_cfg.student_sampler.name,
+                             get("schedule", sched.name)(max(ev_cfg.student_steps), **sched.options),
+                             spec["shape"], train_set.kind, spec["label_dim"])
+    seed = derive_seed(recipe.seed, STUDENT_STREAM)
+    specs = {"student": s_spec, "fake": spec, **({"ema": s_spec} if cfg.ema_halflife_nimg else {})}
+    trainer = phase.trainer(job, batches(recipe, train_set, cfg.batch_size, dist, seed), seed, specs, grid)
+    trainer.fit(cfg.steps)
+    return job
 
 
 def references(recipe: Recipe, train_set, test_set, num: int):
@@ -289,44 +383,58 @@ def _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_e
     figures.recovery_figure(clean[:m], shown, kind, figs / "recovery.png")
 
 
-def run(recipe: Recipe, out: str | Path, progress: Progress | None = None) -> dict:
-    """Run ``recipe`` into the directory ``out``; returns the report (also written to disk)."""
-    progress = progress or Progress()
+def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, dist: Dist | None = None,
+        resume: bool = False) -> dict | None:
+    """Run ``recipe`` into the directory ``out``; returns the report (also written to disk) on rank 0, None on
+    the other ranks. Under torchrun every rank calls this (``dist`` from ``distributed.init_dist``); rank 0
+    alone writes files other than snapshots and evaluates. ``resume``: continue from the newest complete
+    training snapshot of each phase (``out``'s, or ``engine.checkpoint.dir``)."""
+    dist = dist or init_dist(recipe.device)
+    progress = (progress or Progress()) if dist.is_main else Progress()
     train_set, test_set, spec = preflight(recipe)
     out = Path(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(unstructure(recipe)))
-    log_path = out / "metrics.jsonl"
-    device = resolve_device(recipe.device)
-    torch.manual_seed(recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed)
+    if dist.is_main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(unstructure(recipe)))
+    dist.barrier()
+    device = dist.device
     timings = {}
-    t0 = time.perf_counter()
-    if recipe.teacher.checkpoint:
-        teacher, spec = load_checkpoint(recipe.teacher.checkpoint, device=device)
-        check_teacher_fits(spec, train_set, recipe.teacher.checkpoint)
-    else:
-        teacher_batches = Batches(train_set, recipe.teacher.train.batch_size, generator, device)
-        teacher = train_teacher(recipe, spec, teacher_batches, device, progress, log_path)
-    timings["teacher_s"] = time.perf_counter() - t0
-    save_denoiser(str(out / "checkpoints" / "teacher.safetensors"), teacher, spec, {"role": "teacher"})
+    with Tracker(out / "metrics.jsonl", dist=dist, tensorboard=out / "tensorboard" if _has_tensorboard() else None) \
+            as tracker:
+        phase = Phase(recipe, out, dist, progress, tracker, resume)
+        t0 = time.perf_counter()
+        if recipe.teacher.checkpoint:
+            teacher, spec = load_checkpoint(recipe.teacher.checkpoint, device=device)
+            check_teacher_fits(spec, train_set, recipe.teacher.checkpoint)
+        else:
+            teacher = train_teacher(recipe, spec, train_set, phase)
+        timings["teacher_s"] = time.perf_counter() - t0
+        if dist.is_main:
+            save_denoiser(str(out / "checkpoints" / "teacher.safetensors"), teacher, spec, {"role": "teacher"})
 
-    t0 = time.perf_counter()
-    s_spec = student_spec(recipe, spec)
-    fresh = build_denoiser(s_spec).to(device) if recipe.train.student is not None else None
-    algo = distill(recipe, teacher, Batches(train_set, recipe.train.batch_size, generator, device), device,
-                   progress, log_path, student=fresh)
-    timings["student_s"] = time.perf_counter() - t0
-    student = algo.model.eval()
-    save_denoiser(str(out / "checkpoints" / "student.safetensors"), student, s_spec,
-                  {"role": "student", "steps": recipe.train.steps})
-    save_denoiser(str(out / "checkpoints" / "fake.safetensors"), algo.fake, spec, {"role": "fake"})
-
-    report = evaluate(recipe, teacher, student, train_set, test_set, device, progress, out)
-    report["timings"].update(timings)
-    report["recipe"] = recipe.name
-    write_report(report, out)
+        t0 = time.perf_counter()
+        s_spec = student_spec(recipe, spec)
+        job = distill(recipe, teacher, spec, train_set, phase, s_spec)
+        timings["student_s"] = time.perf_counter() - t0
+    student = job.model.eval()
+    report = None
+    if dist.is_main:
+        save_denoiser(str(out / "checkpoints" / "student.safetensors"), student, s_spec,
+                      {"role": "student", "steps": recipe.train.steps})
+        save_denoiser(str(out / "checkpoints" / "fake.safetensors"), job.fake.module, spec, {"role": "fake"})
+        report = evaluate(recipe, teacher, student, train_set, test_set, device, progress, out)
+        report["timings"].update(timings)
+        report["recipe"] = recipe.name
+        report["world_size"] = dist.world_size
+        write_report(report, out)
+    dist.barrier()
     return report
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def load_run(run_dir: str | Path, device="cpu"):

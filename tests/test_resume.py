@@ -1,0 +1,144 @@
+"""Exact resume (issue #6): a run killed with SIGKILL at a random step and resumed with ``--resume`` ends
+with the same parameters, to the bit on CPU, as an uninterrupted run with the same seed.
+
+Both runs are real ``dpdm run`` processes (``python -m dpdm.cli``) with identical environments; the
+interrupted one is killed as soon as the snapshot of a randomly drawn step is complete (so the kill
+usually lands while the next snapshot is being written), then resumed in the same directory. The
+random step is printed in the failure message. The 2-process variant runs under torchrun (gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dpdm.cli.main import app
+
+TOY2D = str(Path(__file__).resolve().parent.parent / "recipes" / "toy2d.yaml")
+TEACHER_STEPS, STUDENT_STEPS = 30, 40
+RECIPE = [
+    f"teacher.train.steps={TEACHER_STEPS}", f"train.steps={STUDENT_STEPS}", "train.fake_updates=2",
+    "teacher.train.batch_size=64", "train.batch_size=64", "train.ema_halflife_nimg=500",
+    "model.backbone.hidden=32", "model.backbone.depth=1", "engine.checkpoint.every=1", "engine.checkpoint.keep_last=2",
+    "engine.log_every=5", "eval.num_samples=200", "eval.recovery_num=200", "eval.teacher_nfe=[1,2]",
+    "eval.student_steps=[1,2]", "eval.one_step_sigma_max=[80.0]", "eval.teacher_samplers=[euler]",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def _command(out: Path, *extra: str, nproc: int = 1) -> list[str]:
+    sets = [part for o in RECIPE for part in ("--set", o)]
+    launch = [sys.executable, "-m", "dpdm.cli"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                  "-m", "dpdm.cli"]
+    return [*launch, "run", TOY2D, *sets, "--out", str(out), *extra]
+
+
+def _run(out: Path, *extra: str, nproc: int = 1, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(out, *extra, nproc=nproc), cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _kill_at(out: Path, phase: str, step: int, *, nproc: int = 1, cwd: Path) -> None:
+    """Start the run and SIGKILL it (with every process it started) once ``phase``'s snapshot of ``step`` is
+    complete."""
+    marker = out / "checkpoints" / "train" / phase / f"ckpt-{step:09d}" / "COMPLETE"
+    proc = subprocess.Popen(_command(out, nproc=nproc), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended (exit {proc.returncode}) before {phase} step {step} was saved: "
+                                     f"{proc.stderr.read().decode()[-2000:]}")
+            if time.time() > deadline:
+                raise AssertionError(f"{phase} step {step} was not saved within 300 s")
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "report.json").exists()
+
+
+def _weights(out: Path) -> dict:
+    return {name: load_file(str(out / "checkpoints" / f"{name}.safetensors"))
+            for name in ("teacher", "student", "fake")}
+
+
+def _assert_bit_identical(got: dict, want: dict, where: str) -> None:
+    for name, tensors in want.items():
+        assert sorted(got[name]) == sorted(tensors)
+        for key, t in tensors.items():
+            assert got[name][key].dtype == t.dtype and got[name][key].equal(t), f"{where}: {name}.{key} differs"
+
+
+def _resume_matches(tmp_path: Path, nproc: int) -> None:
+    rng = random.Random()
+    phase = rng.choice(["teacher", "student"])
+    step = rng.randint(1, (TEACHER_STEPS if phase == "teacher" else STUDENT_STEPS) - 1)
+    where = f"killed after {phase} step {step} ({nproc} process(es))"
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    _run(reference, nproc=nproc, cwd=tmp_path)
+    _kill_at(interrupted, phase, step, nproc=nproc, cwd=tmp_path)
+    snaps = sorted(p.name for p in (interrupted / "checkpoints" / "train" / phase).iterdir()
+                   if (p / "COMPLETE").exists())
+    assert snaps and snaps[-1] >= f"ckpt-{step:09d}", (where, snaps)
+    resumed = _run(interrupted, "--resume", "latest", nproc=nproc, cwd=tmp_path)
+    assert f"{phase}: resumed from" in resumed.stderr, (where, resumed.stderr[-2000:])
+    _assert_bit_identical(_weights(interrupted), _weights(reference), where)
+    ref, got = (json.loads((d / "report.json").read_text()) for d in (reference, interrupted))
+    assert got["sweep"] == ref["sweep"] and got["recovery"] == ref["recovery"], where
+    assert got["world_size"] == nproc
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
+    _resume_matches(tmp_path, nproc=1)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_under_two_process_gloo_ddp(tmp_path):
+    _resume_matches(tmp_path, nproc=2)
+
+
+def _invoke(*args, cwd: Path):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "1000"})
+    finally:
+        os.chdir(old)
+
+
+def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_old_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    sets = [part for o in RECIPE for part in ("--set", o)]
+    tiny = [*sets, "--set", "teacher.train.steps=3", "--set", "train.steps=2"]
+    first = _invoke("run", TOY2D, *tiny, "--out", out, cwd=tmp_path)
+    assert first.exit_code == 0, first.output
+    changed = _invoke("run", TOY2D, *tiny, "--set", "train.lr=3e-4", "--out", out, "--resume", "latest", cwd=tmp_path)
+    assert changed.exit_code == 1 and "Traceback" not in changed.output
+    assert f"cannot resume {out.resolve()}: the recipe differs from the one it was started with in " \
+           "recipe.train.lr;" in changed.stderr
+    again = _invoke("run", TOY2D, *tiny, "--out", out, cwd=tmp_path)
+    assert again.exit_code == 1
+    assert "already holds training checkpoints" in again.stderr and "--resume" in again.stderr
+    # an eval-only change is allowed on resume; both phases are complete, so nothing is retrained
+    evals = _invoke("run", TOY2D, *tiny, "--set", "eval.num_samples=100", "--out", out, "--resume", "latest",
+                    cwd=tmp_path)
+    assert evals.exit_code == 0, evals.output
+    assert "teacher: resumed from" in evals.stderr and "student: resumed from" in evals.stderr
+    missing = _invoke("run", TOY2D, *tiny, "--resume", tmp_path / "nowhere", cwd=tmp_path)
+    assert missing.exit_code == 1 and "not found" in missing.stderr
