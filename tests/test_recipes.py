@@ -155,3 +155,87 @@ def test_recipe_file_missing(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_recipe(path)
     assert info.value.problems == [f"recipe file {path!r} not found"]
+
+
+# --- the paper recipes validate with --dry-run (issue #6) -----------------------------------------------------
+
+def _edm_zip(path, n=3, size=64, classes=(0, 999, 5)):
+    """A tiny EDM-format dataset zip (stored PNGs, dataset.json labels)."""
+    import io
+    import json
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        names = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="png")
+            names.append(f"{i:08d}"[:5] + f"/img{i:08d}.png")
+            z.writestr(names[-1], buf.getvalue())
+        z.writestr("dataset.json", json.dumps({"labels": [[name, classes[i % len(classes)]]
+                                                          for i, name in enumerate(names)]}))
+    return str(path)
+
+
+def _idx_folder(folder, n=4):
+    """MNIST's four IDX files (gz) with ``n`` random items each."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes()))
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">II", 0x801, n) + labels.tobytes()))
+    return str(folder)
+
+
+def _dry_run(recipe: str, *sets: str, env=None):
+    from typer.testing import CliRunner
+
+    from dpdm.cli.main import app
+
+    args = ["run", str(RECIPES_DIR / recipe), "--dry-run"] + [p for s in sets for p in ("--set", s)]
+    return CliRunner().invoke(app, args, env={"COLUMNS": "1000", **(env or {})})
+
+
+def test_imagenet64_recipe_dry_run_on_8_ranks(tmp_path):
+    data = _edm_zip(tmp_path / "imagenet-64x64.zip")
+    for world in ("1", "8"):
+        result = _dry_run("imagenet64.yaml", f"data.path={data}", env={"WORLD_SIZE": world})
+        assert result.exit_code == 0, result.output
+        assert "batch_size: 96" in result.stdout and "num_workers: 4" in result.stdout
+    bad = _dry_run("imagenet64.yaml", f"data.path={data}", env={"WORLD_SIZE": "7"})
+    assert bad.exit_code == 1
+    assert ("recipe.train.batch_size: the global batch 96 must split evenly over 7 rank(s) x engine.accum 1 "
+            "micro-batches; pick a multiple of 7") in bad.stderr
+
+
+def test_mnist_recipe_dry_run(tmp_path):
+    result = _dry_run("mnist.yaml", f"data.path={_idx_folder(tmp_path / 'mnist')}")
+    assert result.exit_code == 0, result.output
+    r = load_recipe(str(RECIPES_DIR / "mnist.yaml"))
+    assert r.model.backbone.name == "edm-songunet" and r.teacher.checkpoint is None
+    assert r.data.options["pad_to_32"] is True and r.engine.precision == "bf16"
+    missing = _dry_run("mnist.yaml", f"data.path={tmp_path / 'nowhere'}")
+    assert missing.exit_code == 1 and "dpdm data download mnist" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["cifar10.yaml", "cifar10-cond.yaml", "imagenet64.yaml"])
+def test_paper_recipes_follow_appendix_b(name):
+    r = load_recipe(str(RECIPES_DIR / name))
+    assert r.train.lr == 1e-5 and r.train.fake_lr == 1e-5 and r.train.betas == (0.0, 0.99)
+    assert (r.train.batch_size, r.train.steps) == ((96, 50000) if name == "imagenet64.yaml" else (128, 100000))
+    assert r.train.divergence.name == "smoothed-kl" and r.eval.student_sampler.name == "dpdm"
+    assert r.eval.student_schedule.name == "dpdm" and r.eval.student_steps == [4, 5, 6, 7, 8, 9, 10]
+    assert r.engine.checkpoint.every > 0

@@ -4,7 +4,8 @@ with the same parameters, to the bit on CPU, as an uninterrupted run with the sa
 Both runs are real ``dpdm run`` processes (``python -m dpdm.cli``) with identical environments; the
 interrupted one is killed as soon as the snapshot of a randomly drawn step is complete (so the kill
 usually lands while the next snapshot is being written), then resumed in the same directory. The
-random step is printed in the failure message. The 2-process variant runs under torchrun (gloo).
+random step is printed in the failure message. The 2-process variant runs under torchrun (gloo); its
+uninterrupted reference is launched with ``dpdm run --nproc 2`` instead, which must be the same run.
 """
 
 from __future__ import annotations
@@ -36,18 +37,21 @@ RECIPE = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-def _command(out: Path, *extra: str, nproc: int = 1) -> list[str]:
+def _command(out: Path, *extra: str, nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+    """``python -m dpdm.cli run ...``; for several processes under ``torchrun`` or through ``dpdm run --nproc``."""
     sets = [part for o in RECIPE for part in ("--set", o)]
     launch = [sys.executable, "-m", "dpdm.cli"]
-    if nproc > 1:
+    if nproc > 1 and launcher == "torchrun":
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                   "-m", "dpdm.cli"]
+    elif nproc > 1:
+        extra = (*extra, "--nproc", str(nproc))
     return [*launch, "run", TOY2D, *sets, "--out", str(out), *extra]
 
 
-def _run(out: Path, *extra: str, nproc: int = 1, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(out, *extra, nproc=nproc), cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+def _run(out: Path, *extra: str, nproc: int = 1, cwd: Path, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(out, *extra, nproc=nproc, launcher=launcher), cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -91,7 +95,10 @@ def _resume_matches(tmp_path: Path, nproc: int) -> None:
     step = rng.randint(1, (TEACHER_STEPS if phase == "teacher" else STUDENT_STEPS) - 1)
     where = f"killed after {phase} step {step} ({nproc} process(es))"
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    _run(reference, nproc=nproc, cwd=tmp_path)
+    ref_run = _run(reference, nproc=nproc, cwd=tmp_path, launcher="--nproc")  # the other launcher: the same run
+    if nproc > 1:
+        assert "launching: -m torch.distributed.run --standalone --nproc_per_node=2" in ref_run.stderr
+        assert f"({nproc} processes, gloo)" in ref_run.stderr
     _kill_at(interrupted, phase, step, nproc=nproc, cwd=tmp_path)
     snaps = sorted(p.name for p in (interrupted / "checkpoints" / "train" / phase).iterdir()
                    if (p / "COMPLETE").exists())
