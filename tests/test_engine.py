@@ -335,3 +335,59 @@ def test_sample_grid_hook_keeps_training_exact(tmp_path):
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"teacher-{i:09d}.png" for i in (1, 2, 3)]
     assert_bitwise_equal(flat_state(plain), flat_state(hooked))
     assert hooked.job.denoiser.training
+
+
+def test_first_fake_update_reuses_the_student_steps_outputs():
+    """Algorithm 1 as run: the student step, then the fake step on its detached outputs at the σ that made them
+    (no second student forward, no second batch); further fake updates draw fresh batches."""
+    def no_dropout_job():
+        div = SmoothedKL(SigmaDist("log-uniform", min=0.01, max=10.0))
+        return DistillJob(denoiser(1, dropout=0.0), div, EDMLoss(), lr=1e-3, fake_updates=1)
+
+    job = no_dropout_job()
+    batches = [torch.randn(8, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    drawn = []
+
+    def next_batch():
+        drawn.append(len(drawn))
+        return batches[len(drawn) - 1], None
+
+    student_before = {k: v.clone() for k, v in job.student.module.state_dict().items()}
+    fake_before = {k: v.clone() for k, v in job.fake.module.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    stats = job.iteration(next_batch, g)
+    assert drawn == [0]  # one real batch per iteration with fake_updates=1
+
+    # replay: the student's outputs with its pre-update weights, then the fake loss at the same σ and noise
+    replay = no_dropout_job()
+    replay.student.module.load_state_dict(student_before)
+    replay.fake.module.load_state_dict(fake_before)
+    g = torch.Generator().manual_seed(0)
+    outputs = []
+    with torch.no_grad():
+        from dpdm.core.distill import student_loss
+
+        student_loss(replay.student.module, replay.teacher, replay.fake.module, replay.divergence, batches[0],
+                     None, g, outputs)
+        x0_hat, sigma_in, _ = outputs[0]
+        want = EDMLoss()(replay.fake.module, x0_hat, generator=g,
+                         sigma=replay.divergence.renoise_sigma(sigma_in, g)).mean()
+    assert stats["fake_loss"] == pytest.approx(float(want), rel=1e-6)
+
+    job2 = distill_job(fake_updates=3, accum=2)
+    count = []
+    job2.iteration(lambda: (count.append(1), (batches[0], None))[1], torch.Generator().manual_seed(0))
+    assert len(count) == 2 * (1 + 2)  # accum x (student step + the two fake updates that draw fresh batches)
+
+
+def test_frozen_call_turns_off_the_autocast_weight_cache():
+    from dpdm.core.precision import frozen_call
+
+    with frozen_call():
+        assert torch.is_autocast_cache_enabled()  # outside autocast: nothing changes
+    with Precision("bf16", "cpu").autocast():
+        assert torch.is_autocast_cache_enabled()
+        with frozen_call():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert not torch.is_autocast_cache_enabled()
+        assert torch.is_autocast_cache_enabled()

@@ -1,11 +1,14 @@
 """The DPDM training algorithm (Algorithm 1 of the DPDM paper), usable from any loop.
 
-Per student update:
-1. ``fake_updates`` times: draw real x0, let the student denoise x_t = x0 + σε (no grad) and
-   take one EDM-loss step of the fake-score model on the student's outputs x̂0.
-2. Draw real x0, x_t = x0 + σε, x̂0 = d_θ(x_t, σ); re-noise x̂_t = x̂0 + σ'ε' (σ' = σ for the
-   smoothed KL); evaluate the frozen teacher and the fake score at x̂_t and descend the
-   divergence's surrogate, whose gradient is E[w(σ)(s_fake − s_teacher)·∂x̂_t/∂θ].
+One iteration:
+1. Student update: draw real x0, x_t = x0 + σε, x̂0 = d_θ(x_t, σ); re-noise x̂_t = x̂0 + σ'ε' (σ' = σ for
+   the smoothed KL); evaluate the frozen teacher and the fake score at x̂_t and descend the divergence's
+   surrogate, whose gradient is E[w(σ)(s_fake − s_teacher)·∂x̂_t/∂θ].
+2. ``fake_updates`` fake-score updates, each one EDM-loss step on student outputs x̂0 at the σ that made
+   them: the first reuses the (detached) x̂0 of step 1, as DMD2 reuses its generator's samples, which
+   saves a student forward per iteration (the iteration's cost floor is then 8/3 of a teacher step:
+   student forward+backward, teacher and fake forwards, fake forward+backward); further ones draw
+   fresh real x0 and let the student denoise them without gradients.
 
 Student and fake score start as copies of the teacher; the teacher is frozen once and never
 updated; teacher and fake score are both evaluated in eval mode, so at initialisation their
@@ -29,7 +32,7 @@ from .divergences import Divergence
 from .ema import EMA
 from .engine import Trainable, job_state, load_job_state
 from .losses import EDMLoss
-from .precision import Precision
+from .precision import Precision, frozen_call
 from .teacher import device_of
 
 
@@ -52,23 +55,26 @@ def fake_score_loss(fake: nn.Module, student: nn.Module, divergence: Divergence,
     smoothed KL the σ that produced each output, so that D_fake(·, σ) models the student's
     output distribution *at input level σ*, smoothed by σ (Eq. 3.3); for IKL a fresh σ.
     """
-    with torch.no_grad():
+    with torch.no_grad(), frozen_call():
         x0_hat, sigma_in = student_outputs(student, divergence, x0, class_labels, generator)
-        sigma = divergence.renoise_sigma(sigma_in, generator)
-    return loss(fake, x0_hat.detach(), class_labels=class_labels, generator=generator, sigma=sigma)
+    return loss(fake, x0_hat.detach(), class_labels=class_labels, generator=generator,
+                sigma=divergence.renoise_sigma(sigma_in, generator))
 
 
 def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, divergence: Divergence, x0: torch.Tensor,
-                 class_labels=None, generator=None) -> torch.Tensor:
+                 class_labels=None, generator=None, outputs: list | None = None) -> torch.Tensor:
     """The divergence's per-sample surrogate ``(B,)`` for one batch of real data (Eq. 3.4; Algorithm 1, line 2).
 
     Teacher and fake score are called as given, without gradients (pass raw modules, in eval mode).
+    ``outputs``: if given, ``(x̂0 detached, σ_in, class_labels)`` is appended to it for a fake-score update.
     """
     x0_hat, sigma_in = student_outputs(student, divergence, x0, class_labels, generator)
+    if outputs is not None:
+        outputs.append((x0_hat.detach(), sigma_in.detach(), class_labels))
     sigma = divergence.renoise_sigma(sigma_in, generator)
     noise = torch.randn(x0_hat.shape, generator=generator, device=x0_hat.device, dtype=x0_hat.dtype)
     x_t_hat = x0_hat.detach() + _bcast(sigma, x0_hat) * noise  # only x̂0 carries the gradient
-    with torch.no_grad():
+    with torch.no_grad(), frozen_call():
         d_teacher = teacher(x_t_hat, sigma, class_labels=class_labels)
         d_fake = fake(x_t_hat, sigma, class_labels=class_labels)
     return divergence(x0_hat, sigma, d_teacher.to(x0_hat.dtype), d_fake.to(x0_hat.dtype))
@@ -135,23 +141,38 @@ class DistillJob:
         """Real images shown to the student (all ranks)."""
         return self.student.nimg
 
-    def fake_step(self, next_batch: Callable[[], tuple], generator=None) -> dict:
-        """One optimizer step of the fake score on the student's outputs (Algorithm 1, line 1)."""
+    def fake_step(self, next_batch: Callable[[], tuple], generator=None, outputs: list | None = None) -> dict:
+        """One optimizer step of the fake score on the student's outputs (Algorithm 1, line 1): on ``outputs``
+        (the detached ``(x̂0, σ_in, labels)`` micro-batches of the student step, consumed in order) if given,
+        else on fresh outputs of the student for batches from ``next_batch``."""
         student = self.student.module  # raw: no gradients, so the student's DDP wrapper is not involved
-
-        def micro_loss(fake, x0, labels):
-            return fake_score_loss(fake, student, self.divergence, self.fake_loss, x0, labels, generator)
-
         self.fake.module.train()
-        return self.fake.step(micro_loss, next_batch, self.accum)
+        if outputs is None:
+            def micro_loss(fake, x0, labels):
+                return fake_score_loss(fake, student, self.divergence, self.fake_loss, x0, labels, generator)
 
-    def student_step(self, next_batch: Callable[[], tuple], generator=None) -> dict:
-        """One optimizer step of the student on the divergence (Algorithm 1, line 2), then the EMA."""
+            return self.fake.step(micro_loss, next_batch, self.accum)
+        queue = iter(outputs)
+        sigmas = []
+
+        def reuse():
+            x0_hat, sigma_in, labels = next(queue)
+            sigmas.append(self.divergence.renoise_sigma(sigma_in, generator))
+            return x0_hat, labels
+
+        def micro_loss_reused(fake, x0_hat, labels):
+            return self.fake_loss(fake, x0_hat, class_labels=labels, generator=generator, sigma=sigmas[-1])
+
+        return self.fake.step(micro_loss_reused, reuse, len(outputs))
+
+    def student_step(self, next_batch: Callable[[], tuple], generator=None, outputs: list | None = None) -> dict:
+        """One optimizer step of the student on the divergence (Algorithm 1, line 2), then the EMA; the detached
+        outputs of each micro-batch are appended to ``outputs`` if given."""
         fake = self.fake.module.eval()  # raw, in eval mode: the fake's DDP wrapper is not involved
         nimg = self.student.nimg
 
         def micro_loss(student, x0, labels):
-            return student_loss(student, self.teacher, fake, self.divergence, x0, labels, generator)
+            return student_loss(student, self.teacher, fake, self.divergence, x0, labels, generator, outputs)
 
         stats = self.student.step(micro_loss, next_batch, self.accum)
         if stats["applied"] and self.ema is not None:
@@ -159,10 +180,11 @@ class DistillJob:
         return stats
 
     def iteration(self, next_batch: Callable[[], tuple], generator=None) -> dict:
-        """``fake_updates`` fake-score steps, then one student step. Fake stats are averaged over the fake steps;
-        ``images`` counts the student's."""
-        fake = [self.fake_step(next_batch, generator) for _ in range(self.fake_updates)]
-        student = self.student_step(next_batch, generator)
+        """One student step, then ``fake_updates`` fake-score steps, the first on the student step's outputs.
+        Fake stats are averaged over the fake steps; ``images`` counts the real images the student saw."""
+        outputs: list = []
+        student = self.student_step(next_batch, generator, outputs)
+        fake = [self.fake_step(next_batch, generator, outputs if i == 0 else None) for i in range(self.fake_updates)]
         stats = {f"fake_{k}": sum(s[k] for s in fake) / len(fake) for k in ("loss", "grad_norm", "lr")}
         stats.update({f"student_{k}": student[k] for k in ("loss", "grad_norm", "lr")})
         stats["images"] = student["images"]
@@ -183,7 +205,7 @@ class DistillJob:
 class DPDM:
     """Algorithm 1 for a caller's own single-process loop (``DistillJob`` on the teacher's device).
 
-    ``step(next_batch, generator)`` alternates ``fake_updates`` fake-score steps with one student step;
+    ``step(next_batch, generator)`` alternates one student step with ``fake_updates`` fake-score steps;
     ``fake_step``, ``student_loss`` and ``student_step`` are public for custom loops. ``student``, ``fake`` and
     ``teacher`` are the raw models; ``model`` is the student to evaluate. Arguments as ``DistillJob``'s.
     A step with a NaN/Inf loss or gradient is skipped.
@@ -230,12 +252,10 @@ class DPDM:
         return {"student_loss": stats["loss"], "student_grad_norm": stats["grad_norm"]}
 
     def step(self, next_batch: Callable[[], tuple], generator=None) -> dict:
-        """One iteration: ``fake_updates`` fake-score steps, then one student step.
+        """One iteration (``DistillJob.iteration``): one student step, then ``fake_updates`` fake-score steps, the
+        first on the student step's outputs.
 
         ``next_batch()`` returns ``(x0, class_labels)`` in model space (labels may be None).
         """
-        stats: dict = {}
-        for _ in range(self.fake_updates):
-            stats.update(self.fake_step(*next_batch(), generator=generator))
-        stats.update(self.student_step(*next_batch(), generator=generator))
-        return stats
+        stats = self.job.iteration(next_batch, generator)
+        return {k: stats[k] for k in ("fake_loss", "fake_grad_norm", "student_loss", "student_grad_norm")}

@@ -56,6 +56,16 @@ class Precision:
         return f"Precision({self.mode!r}, {str(self.device)!r})"
 
 
+def frozen_call():
+    """The context for calling a model that is not being trained inside another model's autocast forward:
+    autocast's weight cache off, so the bf16/fp16 copies of its trainable weights are not kept until the
+    outer context ends (they would be, because those weights require grad). Nothing outside autocast."""
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+    return contextlib.nullcontext()
+
+
 def _fp16_supported(device: torch.device) -> bool:
     try:
         torch.amp.GradScaler(device.type)
