@@ -81,7 +81,7 @@ def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, diverg
 
 
 class DistillJob:
-    """Algorithm 1 as an engine job: each iteration takes ``fake_updates`` fake-score steps, then one student step.
+    """Algorithm 1 as an engine job: each iteration takes one student step, then ``fake_updates`` fake-score steps.
 
     Each step is one optimizer step over ``accum`` micro-batches. Under DDP student and fake score each get
     their own ``DistributedDataParallel`` wrapper, and a step only ever runs its own model's wrapper: the
