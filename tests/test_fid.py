@@ -263,3 +263,39 @@ def test_pytorch_fid_weights_load_and_give_2048_features(tmp_path, legacy):
         with torch.no_grad():
             on_299 = det.net(big)  # (2, 2048) from 299×299 inputs
         torch.testing.assert_close(on_299, features, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the registered metric
+
+class SmallDetector(torch.nn.Module):
+    """The official call signature with 16 features (so the test's sqrtm is 16x16, not 2048x2048)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 16)
+
+    def forward(self, x, return_features: bool = False):
+        return self.proj(x.to(torch.float32).mean(dim=(2, 3)) / 255)
+
+
+def test_fid_metric_from_the_registry(tmp_path):
+    from dpdm.core import get
+    from dpdm.core.datasets import from_model, to_model
+
+    path = tmp_path / "small-detector.pt"
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(SmallDetector()), buffer)
+    path.write_bytes(buffer.getvalue())
+    metric = get("metric", "fid")(detector=str(path), batch_size=3)
+    det = metric.detector
+    det.feature_dim = 16  # the real detector's 2048, checked on every call, is this detector's 16
+    a, b = to_model(_images(n=10, seed=1)), to_model(_images(n=12, seed=2))
+    fa = det(from_model(a, "image")).double().numpy()
+    fb = det(from_model(b, "image")).double().numpy()
+    want = fid.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    assert metric(a, b) == pytest.approx(want, rel=1e-6, abs=1e-8)
+    assert metric(a, b) > 1e-6 and abs(metric(a, a)) < 1e-6
+    with pytest.raises(DpdmError, match="fid: no detector given"):
+        get("metric", "fid")()
+    with pytest.raises(DpdmError, match="fid compares images"):
+        metric(torch.zeros(4, 2), torch.zeros(4, 2))

@@ -192,7 +192,7 @@ def test_unknown_name_without_close_match():
     with pytest.raises(KeyError) as info:  # catchable as a KeyError
         get("metric", "zzzzzz")
     assert str(info.value) == (
-        "unknown metric 'zzzzzz'. Registered metrics: energy, sliced-wasserstein. "
+        "unknown metric 'zzzzzz'. Registered metrics: energy, fid, sliced-wasserstein. "
         "Run `dpdm plugins` to see every component and the package that provides it."
     )
     assert "Did you mean" not in str(info.value)
@@ -240,7 +240,7 @@ def test_builtin_names():
     assert names("schedule") == ["dpdm", "karras"]
     assert names("preconditioning") == ["edm", "ve", "vp"]
     assert names("divergence") == ["ikl", "smoothed-kl"]
-    assert names("metric") == ["energy", "sliced-wasserstein"]
+    assert names("metric") == ["energy", "fid", "sliced-wasserstein"]
     assert {"mlp", "unet-small"} <= set(names("backbone"))
     assert {"gaussian-ring", "digits"} <= set(names("dataset"))
 

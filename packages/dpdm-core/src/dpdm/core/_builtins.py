@@ -44,3 +44,6 @@ def register_metrics(register):
 
     for name, factory in METRICS.items():
         register(name, factory)
+    from .fid import fid_metric
+
+    register("fid", fid_metric)

@@ -160,3 +160,34 @@ def _slug(key: str) -> str:
 def stats_cache_path(dataset_key: str, detector_key: str) -> Path:
     """``$DPDM_CACHE/fid-stats/<dataset>--<detector>.npz`` (keys reduced to file-name characters)."""
     return cache_dir() / "fid-stats" / f"{_slug(dataset_key)}--{_slug(detector_key)}.npz"
+
+
+def fid_metric(*, detector: str = "", batch_size: int = 100, device: str = "cpu"):
+    """The registered metric ``fid``: ``fn(samples, reference) -> float``, the Fréchet distance between the
+    detector's features of two image sets given in model space ([-1, 1], ``(N, C, H, W)``), each converted to
+    uint8 as EDM saves its images (``datasets.from_model``: (x + 1)·127.5, rounded, clipped) and fed in batches of
+    ``batch_size``. ``detector``: a path or URL of the FID Inception-v3 (see ``detectors.load_detector``); it is
+    loaded once, when the metric is built."""
+    from .datasets import from_model
+    from .detectors import load_detector
+
+    if not detector:
+        raise DpdmError("fid: no detector given; set the metric's detector option to the FID Inception-v3 file, "
+                        "e.g. eval.metric={name: fid, detector: /path/to/inception-2015-12-05.pkl}")
+    if batch_size < 1:
+        raise DpdmError(f"fid: batch_size must be at least 1, got {batch_size}")
+    net = load_detector(detector, device=device)
+
+    def stats_of(images) -> FeatureStats:
+        images = torch.as_tensor(images)
+        if images.ndim != 4:
+            raise DpdmError(f"fid compares images (N, C, H, W), got shape {tuple(images.shape)}")
+        uint8 = from_model(images, "image")
+        return feature_stats(net, (uint8[i:i + batch_size] for i in range(0, len(uint8), batch_size)))
+
+    def fid(samples, reference) -> float:
+        a, b = stats_of(samples), stats_of(reference)
+        return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+    fid.detector = net
+    return fid
