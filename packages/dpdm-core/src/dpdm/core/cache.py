@@ -13,6 +13,7 @@ Files are written under a temporary name and renamed into place when complete.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -47,24 +48,35 @@ def local_copy(url: str) -> str:
     if path.is_file():
         return str(path)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    network_hint = ("check the URL and the network, or download the file yourself and give its local path "
+                    f"(downloads are cached in {cache_dir()})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as f:
-            expected = response.headers.get("Content-Length")
+        response, expected = open_url(url, http_hint="check the URL", network_hint=network_hint)
+        with response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f, 1 << 20)
             got = f.tell()
-        if expected is not None and got != int(expected):
+        if expected is not None and got != expected:
             raise DpdmError(f"download of {url!r} was cut short ({got} of {expected} bytes); try again")
         os.replace(tmp, path)
-    except urllib.error.HTTPError as exc:
-        raise DpdmError(f"cannot download {url!r}: HTTP {exc.code} {exc.reason}; check the URL") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise DpdmError(f"cannot download {url!r}: {reason}; check the URL and the network, or download the "
-                        f"file yourself and give its local path (downloads are cached in {cache_dir()})") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # while reading the response
+        raise DpdmError(f"cannot download {url!r}: {getattr(exc, 'reason', None) or exc}; {network_hint}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return str(path)
+
+
+def open_url(url: str, *, http_hint: str, network_hint: str):
+    """``(response, Content-Length or None)`` of an http(s) ``url`` (standard library, ``TIMEOUT_S`` per network
+    operation); an HTTP error or an unreachable host is one ``DpdmError`` naming the URL and the hint."""
+    try:
+        response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        raise DpdmError(f"cannot download {url!r}: HTTP {exc.code} {exc.reason}; {http_hint}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        raise DpdmError(f"cannot download {url!r}: {getattr(exc, 'reason', None) or exc}; {network_hint}") from None
+    size = response.headers.get("Content-Length")
+    return response, int(size) if size is not None else None
 
 
 def import_cache_path(url: str, local: str, version: str) -> Path:

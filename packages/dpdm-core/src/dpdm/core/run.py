@@ -399,8 +399,7 @@ def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, di
     dist.barrier()
     device = dist.device
     timings = {}
-    with Tracker(out / "metrics.jsonl", dist=dist, tensorboard=out / "tensorboard" if _has_tensorboard() else None) \
-            as tracker:
+    with Tracker(out / "metrics.jsonl", dist=dist, tensorboard=out / "tensorboard") as tracker:  # TB if installed
         phase = Phase(recipe, out, dist, progress, tracker, resume)
         t0 = time.perf_counter()
         if recipe.teacher.checkpoint:
@@ -429,12 +428,6 @@ def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, di
         write_report(report, out)
     dist.barrier()
     return report
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
 
 
 def load_run(run_dir: str | Path, device="cpu"):

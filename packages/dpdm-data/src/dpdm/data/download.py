@@ -24,18 +24,17 @@ import hashlib
 import http.client
 import posixpath
 import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass
 
 import fsspec
 
+from dpdm.core.cache import open_url
 from dpdm.core.errors import DpdmError, did_you_mean
 
 from . import cifar10, mnist
 
 CHUNK = 1 << 20
-TIMEOUT_S = 60.0  # per network operation, not for the whole download
 
 
 @dataclass(frozen=True)
@@ -110,19 +109,15 @@ def _md5_of(fs, path: str) -> str:
 
 def _open_source(url: str):
     """``(file object, size or None)`` for ``url``; errors name it."""
+    hints = dict(http_hint="check the URL or --mirror",
+                 network_hint="check the network or --mirror, or download the file yourself")
+    if url.startswith(("http://", "https://")):
+        return open_url(url, **hints)
     try:
-        if url.startswith(("http://", "https://")):
-            response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
-            size = response.headers.get("Content-Length")
-            return response, int(size) if size is not None else None
         fs, path = fsspec.core.url_to_fs(url)
         return fs.open(path, "rb"), fs.size(path)
-    except urllib.error.HTTPError as exc:
-        raise DpdmError(f"cannot download {url!r}: HTTP {exc.code} {exc.reason}; check the URL or --mirror") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise DpdmError(f"cannot download {url!r}: {reason}; check the network or --mirror, or download the "
-                        f"file yourself") from None
+    except (OSError, ValueError) as exc:
+        raise DpdmError(f"cannot download {url!r}: {exc}; {hints['network_hint']}") from None
 
 
 def _fetch(url: str, fs, target: str, md5: str, progress) -> None:
