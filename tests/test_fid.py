@@ -297,5 +297,12 @@ def test_fid_metric_from_the_registry(tmp_path):
     assert metric(a, b) > 1e-6 and abs(metric(a, a)) < 1e-6
     with pytest.raises(DpdmError, match="fid: no detector given"):
         get("metric", "fid")()
-    with pytest.raises(DpdmError, match="fid compares images"):
+    with pytest.raises(DpdmError, match="small-detector compares images"):
         metric(torch.zeros(4, 2), torch.zeros(4, 2))
+    # a reference featurised once gives the same distance; statistics of another detector are refused
+    prepared = metric.prepare(b)
+    assert isinstance(prepared, fid.FeatureStats) and prepared.num_images == 12
+    assert metric(a, prepared) == pytest.approx(metric(a, b), rel=1e-12)
+    other = fid.FeatureStats(np.zeros(8), np.eye(8), 100)
+    with pytest.raises(DpdmError, match="have 8 dims but the features have 16"):
+        metric(a, other)

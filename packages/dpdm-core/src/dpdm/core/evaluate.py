@@ -9,29 +9,24 @@ from typing import Callable
 
 import torch
 
+from . import generation
 from .registry import get
 from .samplers import steps_for_nfe
 
 
-def random_labels(num: int, label_dim: int, generator, device) -> torch.Tensor | None:
-    """Uniform class indices for conditional generation (None when unconditional)."""
-    if label_dim == 0:
-        return None
-    return torch.randint(label_dim, (num,), generator=generator, device=device)
-
-
-@torch.no_grad()
 def generate(denoiser, sampler, sigmas: torch.Tensor, num: int, shape, *, label_dim: int = 0, seed: int = 0,
-             batch_size: int = 4096, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """``num`` samples in model space: x = σ_0·ε, then ``sampler``; fixed seed, batched."""
-    generator = torch.Generator(device).manual_seed(seed)
-    out = []
-    for start in range(0, num, batch_size):
-        b = min(batch_size, num - start)
-        x = torch.randn((b, *shape), generator=generator, device=device, dtype=dtype) * sigmas[0].to(dtype)
-        labels = random_labels(b, label_dim, generator, device)
-        out.append(sampler(denoiser, x, sigmas.to(device), generator=generator, class_labels=labels).float().cpu())
-    return torch.cat(out)
+             batch_size: int = 1024, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """``num`` samples in model space: item i starts from σ_0·ε_i with its own generator (``generation``), so
+    the samples do not depend on ``batch_size``."""
+    return generation.generate(denoiser, sampler, sigmas, num, shape, label_dim=label_dim, seed=seed,
+                               batch_size=batch_size, device=device, dtype=dtype)
+
+
+def prepare_reference(metric, reference):
+    """What ``metric`` compares with: feature metrics (``fid``, ``fd-<dataset>``) featurise the reference once
+    (``metric.prepare``), the others take the data as it is."""
+    prepare = getattr(metric, "prepare", None)
+    return prepare(reference) if prepare is not None else reference
 
 
 def _schedule(spec: dict) -> Callable:
@@ -56,6 +51,7 @@ def sweep_student(student, metric, reference, *, sampler: dict, schedule: dict, 
     """Metric per NFE for the student; returns ``({nfe: value}, {nfe: samples})``."""
     _, sample_fn, nfe_of = _sampler(sampler)
     sched = _schedule(schedule)
+    reference = prepare_reference(metric, reference)
     values, samples = {}, {}
     for n in steps:
         x = generate(student, sample_fn, sched(n), num, shape, label_dim=label_dim, seed=seed, device=device)
@@ -70,6 +66,7 @@ def sweep_teacher(teacher, metric, reference, *, samplers: list[dict], schedule:
     """Metric per (sampler, NFE) for the teacher; NFEs a sampler cannot hit exactly are skipped
     (Heun's NFE is always odd)."""
     sched = _schedule(schedule)
+    reference = prepare_reference(metric, reference)
     values: dict = {}
     samples: dict = {}
     for spec in samplers:
@@ -91,6 +88,7 @@ def best_one_step(student, metric, validation, reference, *, sampler: dict, sche
     reported on ``reference`` data (so the choice does not flatter the reported number)."""
     _, sample_fn, _ = _sampler(sampler)
     sched = _schedule(schedule)
+    validation, reference = prepare_reference(metric, validation), prepare_reference(metric, reference)
     scores, samples = {}, {}
     for smax in sigma_maxes:
         samples[smax] = generate(student, sample_fn, sched(1, sigma_max=smax), num, shape, label_dim=label_dim,
@@ -113,21 +111,25 @@ def recovery(student, teacher, metric, clean: torch.Tensor, labels, sigmas: list
     another split): the recovered items are paired with the clean ones, and a two-sample
     statistic against the very same items would be biased low for close pairs.
 
-    Returns ``({σ: {"noisy", "teacher", "student"}}, {σ: {"noisy", "teacher", "student"}})``.
+    Item i's noise at the j-th σ comes from its own generator (seed ``derive_seed(derive_seed(seed, j), i)``),
+    so the result does not depend on ``batch_size``. Returns
+    ``({σ: {"noisy", "teacher", "student"}}, {σ: {"noisy", "teacher", "student"}})``.
     """
-    generator = torch.Generator(device).manual_seed(seed)
     table, examples = {}, {}
-    for sigma in sigmas:
+    reference = prepare_reference(metric, reference)
+    for j, sigma in enumerate(sigmas):
         outs = {"noisy": [], "teacher": [], "student": []}
         for start in range(0, len(clean), batch_size):
             x0 = clean[start:start + batch_size].to(device)
             y = None if labels is None else labels[start:start + batch_size].to(device)
-            noisy = x0 + sigma * torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            gens = generation.ItemGenerators(generation.item_seeds(generation.derive_seed(seed, j),
+                                                                   range(start, start + len(x0))), device=device)
+            noisy = x0 + sigma * gens.randn(tuple(x0.shape[1:]), dtype=x0.dtype)
             s = torch.full((len(x0),), float(sigma), device=device)
             outs["noisy"].append(noisy.cpu())
             outs["teacher"].append(teacher(noisy, s, class_labels=y).float().cpu())
             outs["student"].append(student(noisy, s, class_labels=y).float().cpu())
         outs = {k: torch.cat(v) for k, v in outs.items()}
-        table[sigma] = {k: metric(v, reference.cpu()) for k, v in outs.items()}
+        table[sigma] = {k: metric(v, reference) for k, v in outs.items()}
         examples[sigma] = outs
     return table, examples

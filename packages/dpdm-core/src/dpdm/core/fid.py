@@ -162,13 +162,45 @@ def stats_cache_path(dataset_key: str, detector_key: str) -> Path:
     return cache_dir() / "fid-stats" / f"{_slug(dataset_key)}--{_slug(detector_key)}.npz"
 
 
+def feature_metric(detector, *, batch_size: int = 100):
+    """``fn(samples, reference) -> float``: the Fréchet distance between ``detector``'s features of two image sets
+    given in model space ([-1, 1], ``(N, C, H, W)``), each converted to uint8 as EDM saves its images
+    (``datasets.from_model``: (x + 1)·127.5, rounded, clipped) and fed in batches of ``batch_size``.
+
+    ``detector``: uint8 (N, C, H, W) → float (N, D), e.g. ``detectors.Detector`` or the ``fd-<dataset>``
+    classifier. ``reference`` may also be ``FeatureStats`` (``fn.prepare(images)``, or a loaded ``.npz``), so a
+    reference is featurised once however many sample sets are compared with it. The function carries
+    ``detector``, ``prepare`` and ``stats_of``.
+    """
+    if batch_size < 1:
+        raise DpdmError(f"batch_size must be at least 1, got {batch_size}")
+
+    def stats_of(images) -> FeatureStats:
+        from .datasets import from_model
+
+        images = torch.as_tensor(images)
+        if images.ndim != 4:
+            raise DpdmError(f"{getattr(detector, 'name', 'the detector')} compares images (N, C, H, W), "
+                            f"got shape {tuple(images.shape)}")
+        uint8 = from_model(images, "image")
+        return feature_stats(detector, (uint8[i:i + batch_size] for i in range(0, len(uint8), batch_size)))
+
+    def prepare(reference) -> FeatureStats:
+        return reference if isinstance(reference, FeatureStats) else stats_of(reference)
+
+    def distance(samples, reference) -> float:
+        a = prepare(samples)
+        b = prepare(reference)
+        check_dims(a.mu, a.sigma, b.mu, b.sigma)
+        return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+    distance.detector, distance.prepare, distance.stats_of = detector, prepare, stats_of
+    return distance
+
+
 def fid_metric(*, detector: str = "", batch_size: int = 100, device: str = "cpu"):
-    """The registered metric ``fid``: ``fn(samples, reference) -> float``, the Fréchet distance between the
-    detector's features of two image sets given in model space ([-1, 1], ``(N, C, H, W)``), each converted to
-    uint8 as EDM saves its images (``datasets.from_model``: (x + 1)·127.5, rounded, clipped) and fed in batches of
-    ``batch_size``. ``detector``: a path or URL of the FID Inception-v3 (see ``detectors.load_detector``); it is
-    loaded once, when the metric is built."""
-    from .datasets import from_model
+    """The registered metric ``fid``: ``feature_metric`` with the FID Inception-v3 loaded from ``detector`` (a path
+    or URL, see ``detectors.load_detector``), once, when the metric is built."""
     from .detectors import load_detector
 
     if not detector:
@@ -176,18 +208,4 @@ def fid_metric(*, detector: str = "", batch_size: int = 100, device: str = "cpu"
                         "e.g. eval.metric={name: fid, detector: /path/to/inception-2015-12-05.pkl}")
     if batch_size < 1:
         raise DpdmError(f"fid: batch_size must be at least 1, got {batch_size}")
-    net = load_detector(detector, device=device)
-
-    def stats_of(images) -> FeatureStats:
-        images = torch.as_tensor(images)
-        if images.ndim != 4:
-            raise DpdmError(f"fid compares images (N, C, H, W), got shape {tuple(images.shape)}")
-        uint8 = from_model(images, "image")
-        return feature_stats(net, (uint8[i:i + batch_size] for i in range(0, len(uint8), batch_size)))
-
-    def fid(samples, reference) -> float:
-        a, b = stats_of(samples), stats_of(reference)
-        return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-
-    fid.detector = net
-    return fid
+    return feature_metric(load_detector(detector, device=device), batch_size=batch_size)

@@ -22,8 +22,16 @@ def _nfe(fn):
     return attach
 
 
-def _noise(x: torch.Tensor, generator) -> torch.Tensor:
+def noise_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` from ``generator``: a ``torch.Generator`` (or None), or
+    ``generation.ItemGenerators``, one generator per item, which evaluation passes so that each item's
+    noise is independent of the batch it is in. Plugin samplers should draw their noise through this."""
+    if hasattr(generator, "randn"):
+        return generator.randn(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+_noise = noise_like
 
 
 def _denoise(denoiser, x, sigma, class_labels):

@@ -1,0 +1,128 @@
+"""Reproducible batched generation for evaluation: every item has its own seed.
+
+Item ``i`` of a generation with seed ``s`` draws all its randomness (initial noise, class label, the
+fresh noise of stochastic samplers such as Algorithm 2's re-noising) from its own ``torch.Generator``
+seeded with ``derive_seed(s, i)``, the idea of EDM's ``StackedRandomGenerator`` (``generate.py``). So
+item ``i`` is the same whatever the batch size, the number of processes, or which rank draws it; a
+50k-image FID run can be split over ranks or resumed by index range and gives the same images.
+
+- ``ItemGenerators``: the per-item generators of one batch; samplers take it as their ``generator``
+  (``samplers.noise_like`` draws one (C, H, W) slice per item from it).
+- ``shard(num, rank, world_size)``: the item indices of one rank (``rank::world_size``).
+- ``generate_items``: model-space batches ``(indices, x)`` for given indices.
+- ``sample_feature_stats``: detector statistics of ``num`` generated images over all ranks (each
+  rank featurises its shard; Σx, Σxxᵀ and n are summed over ranks in float64).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .distributed import Dist, derive_seed
+from .fid import FeatureStats, StatsAccumulator
+from .progress import Progress
+
+
+class ItemGenerators:
+    """One ``torch.Generator`` per item of a batch; draws are stacked along the batch dimension."""
+
+    def __init__(self, seeds: Sequence[int], device="cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int], *, dtype=torch.float32, device=None) -> torch.Tensor:
+        """``(len(self), *shape)``: item ``i`` drawn from generator ``i``."""
+        device = self.device if device is None else torch.device(device)
+        out = torch.stack([torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
+                           for g in self.generators])
+        return out.to(device)
+
+    def randint(self, high: int) -> torch.Tensor:
+        """``(len(self),)`` int64 in [0, high)."""
+        return torch.cat([torch.randint(high, (1,), generator=g, device=self.device) for g in self.generators])
+
+
+def item_seeds(seed: int, indices) -> list[int]:
+    """The seed of each item: ``derive_seed(seed, i)``."""
+    return [derive_seed(seed, int(i)) for i in indices]
+
+
+def shard(num: int, rank: int = 0, world_size: int = 1) -> range:
+    """The indices rank ``rank`` of ``world_size`` generates: ``rank, rank + world_size, ...`` below ``num``."""
+    return range(rank, num, world_size)
+
+
+@torch.no_grad()
+def generate_items(denoiser, sampler: Callable, sigmas: torch.Tensor, indices: Sequence[int], shape, *,
+                   label_dim: int = 0, seed: int = 0, batch_size: int = 256, device="cpu",
+                   dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, x)`` batches: x (B, *shape) float32 on the CPU, in model space.
+
+    Item ``i``: ε ~ N(0, I) and (if ``label_dim``) a uniform class from its own generator, x = σ_0·ε, then
+    ``sampler(denoiser, x, sigmas, generator=<the batch's ItemGenerators>, class_labels=labels)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    indices = list(indices)
+    sigmas = sigmas.to(device)
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        gens = ItemGenerators(item_seeds(seed, idx), device=device)
+        x = gens.randn(tuple(shape), dtype=dtype) * sigmas[0].to(dtype)
+        labels = gens.randint(label_dim) if label_dim else None
+        out = sampler(denoiser, x, sigmas, generator=gens, class_labels=labels)
+        yield torch.as_tensor(idx, dtype=torch.int64), out.float().cpu()
+
+
+def generate(denoiser, sampler: Callable, sigmas: torch.Tensor, num: int, shape, **kwargs) -> torch.Tensor:
+    """All ``num`` items (0 … num − 1) of ``generate_items`` in one tensor (single process)."""
+    parts = [x for _, x in generate_items(denoiser, sampler, sigmas, range(num), shape, **kwargs)]
+    return torch.cat(parts) if parts else torch.empty((0, *shape))
+
+
+def all_reduce_stats(acc: StatsAccumulator, dist: Dist, feature_dim: int) -> FeatureStats:
+    """Sum n, Σx and Σxxᵀ (float64) over the ranks and return the statistics of the union."""
+    if acc.sum is None:  # a rank with no items (num < world_size)
+        acc.sum = torch.zeros(feature_dim, dtype=torch.float64)
+        acc.outer = torch.zeros(feature_dim, feature_dim, dtype=torch.float64)
+    if dist.distributed:
+        import torch.distributed as tdist
+
+        device = dist.device
+        n = torch.tensor([float(acc.n)], dtype=torch.float64, device=device)
+        total, outer = acc.sum.to(device), acc.outer.to(device)
+        for t in (n, total, outer):
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        acc.n, acc.sum, acc.outer = int(n.item()), total.cpu(), outer.cpu()
+    return acc.stats()
+
+
+def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num: int, shape, detector, *,
+                         label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
+                         progress: Progress | None = None, description: str = "generate",
+                         on_batch: Callable | None = None) -> FeatureStats:
+    """Detector statistics of ``num`` generated images (items 0 … num − 1), split over the ranks of ``dist``.
+
+    Each rank generates its ``shard`` in batches of ``batch_size`` and converts them to uint8 as EDM saves
+    images; ``on_batch(indices, x)`` sees every model-space batch (e.g. to keep a grid). Every rank returns the
+    statistics of all ``num`` items.
+    """
+    from .datasets import from_model
+
+    dist = dist or Dist()
+    progress = progress or Progress()
+    mine = shard(num, dist.rank, dist.world_size)
+    acc = StatsAccumulator()
+    with progress.task(description, len(mine)) as bar:
+        for idx, x in generate_items(denoiser, sampler, sigmas, mine, shape, label_dim=label_dim, seed=seed,
+                                     batch_size=batch_size, device=dist.device):
+            if on_batch is not None:
+                on_batch(idx, x)
+            acc.update(detector(from_model(x, "image")))
+            bar.advance(len(idx))
+    return all_reduce_stats(acc, dist, detector.feature_dim)
