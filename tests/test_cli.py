@@ -389,8 +389,13 @@ def test_recover_table(tiny_run, tmp_path):
     r = ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--run", tiny_run["run"], "--figure", fig))
     assert "Recovery (energy, 300 held-out items)" in r.stdout
     rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
-    assert any(row.startswith("2 ") for row in rows) and any(row.startswith("0.5 ") for row in rows)
-    assert f"figure: {fig}" in r.stdout
+    assert "σ 2 0.5" in rows  # Table 1's layout: one column per σ, in the order given
+    data = json.loads((tiny_run["run"] / "eval" / "recover.json").read_text())
+    for name in ("noisy", "teacher", "student"):
+        want = f"{name} {data['recovery']['2'][name]:.4g} {data['recovery']['0.5'][name]:.4g}"
+        assert want in rows, (want, rows)
+    assert any(row.startswith("student / teacher ") for row in rows)
+    assert f"figure {fig}" in squash(r.stdout)
     assert fig.read_bytes()[:8] == PNG
 
 

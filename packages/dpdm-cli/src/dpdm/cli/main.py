@@ -13,10 +13,40 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Options that take several values after one flag (`--steps 4 5 6 7 8`, `--sigma 0.5 1 2`): click options take one
+# value each, so the values up to the next option are joined with commas before parsing (`--steps 4,5,6,7,8`);
+# repeating the flag and writing commas work too.
+LIST_OPTIONS = frozenset({"--steps", "--sigma", "--student-nfe", "--teacher-nfe", "--teacher-sampler",
+                          "--figure-sigma"})
+
+
+def join_list_options(args: list[str]) -> list[str]:
+    """``[..., "--steps", "4", "5", "--num", "8"]`` → ``[..., "--steps", "4,5", "--num", "8"]``."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        out.append(arg)
+        i += 1
+        if arg in LIST_OPTIONS:
+            values = []
+            while i < len(args) and not args[i].startswith("--"):
+                values.append(args[i])
+                i += 1
+            if values:
+                out.append(",".join(values))
+    return out
+
+
+class _Group(typer.core.TyperGroup):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, join_list_options(list(args)))
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-Prediction Denoising Models: distill EDM teachers into few-step denoisers.")
 console = Console()
 err = Console(stderr=True)
@@ -161,73 +191,112 @@ def _launch(nproc: int) -> None:
     raise typer.Exit(subprocess.call(cmd))
 
 
+PAPER_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 2.0, 5.0, 7.5, 10.0]  # Table 1 of the DPDM paper
+
+
+def figure_sigmas(sigmas: list[float], count: int = 4) -> list[float]:
+    """``count`` of ``sigmas`` spread over the list (its first and last included), for the Figure 4 panels."""
+    if len(sigmas) <= count:
+        return list(sigmas)
+    ordered = sorted(sigmas)
+    return [ordered[round(i * (len(ordered) - 1) / (count - 1))] for i in range(count)]
+
+
 @app.command()
 @user_errors
 def recover(
-    sigma: List[str] = typer.Option(..., "--sigma", help="Noise level(s): --sigma 2.0 --sigma 5 or --sigma 0.5,1,2"),
+    sigma: Optional[List[str]] = typer.Option(None, "--sigma", help="Noise levels: --sigma 0.5 1 2 (default: the "
+                                                                     "paper's Table 1 list, 0.02 ... 10)"),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
     num: Optional[int] = typer.Option(None, "--num", help="Held-out items (default: the recipe's eval.recovery_num)"),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Metric name (default: the recipe's)"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="fid, fd-<dataset>, energy, ... (default: the recipe's)"),
+    detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL (metric fid)"),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON result (default: RUN/eval/recover.json)"),
     figure: Optional[Path] = typer.Option(None, "--figure", help="Where to save the panels (default: RUN/figures/recover.png)"),
+    figure_sigma: Optional[List[str]] = typer.Option(None, "--figure-sigma", help="σ shown in the figure (default: "
+                                                                                  "4 spread over --sigma)"),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
 ):
-    """Section 5.1 of the paper: noise held-out data at each σ, denoise once with student and teacher,
-    and measure each recovered set's distance to the clean data."""
+    """Section 5.1 / Table 1 of the paper: noise held-out data at each σ, denoise once with student and teacher,
+    and measure each recovered set's distance to real data; a table (σ in columns), JSON, and a Figure-4-style
+    panel (rows clean / noisy / teacher / student)."""
     from dpdm.core.errors import DpdmError
     from dpdm.core.rundir import resolve_run
 
-    sigmas = _floats(sigma, "--sigma")
+    sigmas = _floats(sigma, "--sigma") if sigma else list(PAPER_SIGMAS)
     if not sigmas or any(s <= 0 for s in sigmas):
         raise DpdmError(f"--sigma: noise levels must be positive, got {sigmas}")
+    shown = _floats(figure_sigma, "--figure-sigma") if figure_sigma else figure_sigmas(sigmas)
+    missing = [s for s in shown if s not in sigmas]
+    if missing:
+        raise DpdmError(f"--figure-sigma {missing} are not among --sigma {sigmas}")
     run_dir = resolve_run(run)
 
     import torch
 
     from dpdm.core import evaluate as ev
-    from dpdm.core.registry import get
-    from dpdm.core.run import load_run, make_dataset, recovery_data, references
+    from dpdm.core.run import load_run, make_dataset, recovery_data, references, resolve_device
 
-    recipe, teacher, student = load_run(run_dir)
+    from .evaluation import resolve_metric
+
+    dev = resolve_device(device)
+    recipe, teacher, student = load_run(run_dir, device=dev)
     test_set = make_dataset(recipe, "test")
     n = num or recipe.eval.recovery_num
     if n < 2:
         raise DpdmError(f"--num must be at least 2, got {n}")
-    metric_name = metric or recipe.eval.metric.name
-    metric_fn = get("metric", metric_name)(**(recipe.eval.metric.options if metric is None else {}))
+    metric_name, metric_fn = resolve_metric(metric, detector, recipe, dev)
     clean, labels = recovery_data(recipe, test_set, n)
     _, reference = references(recipe, make_dataset(recipe, "train"), test_set, recipe.eval.num_samples)
+    reference = ev.prepare_reference(metric_fn, reference)
     with torch.no_grad():
-        table, examples = ev.recovery(student, teacher, metric_fn, clean, labels, sigmas, reference, seed=seed)
+        table, examples = ev.recovery(student, teacher, metric_fn, clean, labels, sigmas, reference, seed=seed,
+                                      device=dev)
     fig_path = figure or run_dir / "figures" / "recover.png"
     try:
         from dpdm.core import figures
 
         Path(fig_path).parent.mkdir(parents=True, exist_ok=True)
-        m = recipe.eval.figure_samples if test_set.kind == "image" else len(clean)
-        figures.recovery_figure(clean[:m], {s: {k: v[:m] for k, v in ex.items()} for s, ex in examples.items()},
+        m = min(8, len(clean)) if test_set.kind == "image" else len(clean)
+        figures.recovery_figure(clean[:m], {s: {k: v[:m] for k, v in examples[s].items()} for s in shown},
                                 test_set.kind, fig_path)
     except ImportError:
         fig_path = None
-    result = {"run": str(run_dir), "metric": metric_name, "num": len(clean), "floor": metric_fn(clean, reference),
+    det = getattr(metric_fn, "detector", None)
+    result = {"run": str(run_dir), "metric": metric_name, "num": len(clean), "seed": seed,
+              "floor": metric_fn(clean, reference),
               "recovery": {f"{s:g}": {**v, "ratio": v["student"] / v["teacher"] if v["teacher"] > 0 else None}
                            for s, v in table.items()},
               "figure": str(fig_path) if fig_path else None}
+    if det is not None and getattr(det, "accuracy", None) is not None:
+        result["detector_test_accuracy"] = det.accuracy
+    out_path = out or run_dir / "eval" / "recover.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2))
     if as_json:
         print(json.dumps(result, indent=2))
         return
+    console.print(recovery_table(result))
+    console.print(f"wrote {escape(str(out_path))}" + (f", figure {escape(str(fig_path))}" if fig_path else ""),
+                  highlight=False)
+
+
+def recovery_table(result: dict):
+    """The paper's Table 1 layout: one column per σ; rows noisy, teacher, student and student / teacher."""
     from rich.table import Table
 
-    t = Table(title=f"Recovery ({metric_name}, {len(clean)} held-out items) — lower is better",
-              caption=f"clean held-out items vs the reference: {result['floor']:.4g} (the noise floor)")
-    for col in ("σ", "noisy", "teacher", "student", "student / teacher"):
-        t.add_column(col, justify="right")
-    for s, v in result["recovery"].items():
-        ratio = "—" if v["ratio"] is None else f"{v['ratio']:.3f}"
-        t.add_row(s, f"{v['noisy']:.4g}", f"{v['teacher']:.4g}", f"{v['student']:.4g}", ratio)
-    console.print(t)
-    if fig_path:
-        console.print(f"figure: {escape(str(fig_path))}")
+    t = Table(title=f"Recovery ({result['metric']}, {result['num']} held-out items) — lower is better",
+              caption=f"clean held-out items vs the reference: {result['floor']:.4g} (the estimator's floor)")
+    t.add_column("σ")
+    for s in result["recovery"]:
+        t.add_column(s, justify="right")
+    for row in ("noisy", "teacher", "student"):
+        t.add_row(row, *[f"{v[row]:.4g}" for v in result["recovery"].values()])
+    t.add_row("student / teacher", *["—" if v["ratio"] is None else f"{v['ratio']:.3f}"
+                                     for v in result["recovery"].values()])
+    return t
 
 
 @app.command()
@@ -327,6 +396,10 @@ def convert_edm_pkl(
 from .data import data_app  # noqa: E402  (data.py imports user_errors and the consoles from here)
 
 app.add_typer(data_app, name="data")
+
+from .evaluation import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

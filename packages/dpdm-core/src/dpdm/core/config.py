@@ -78,7 +78,8 @@ class TrainConfig:
 class EvalConfig:
     """What ``report.json`` measures."""
 
-    metric: Component = component("metric", default={"name": "energy"})
+    metric: Component = component("metric", default={"name": "energy"})  # fid, fd-<dataset>, energy, ...
+    ref: str | None = None  # fid / fd-<dataset>: reference statistics .npz (EDM's); default: the test split, cached
     num_samples: int = 4000  # generated samples per (model, sampler, NFE)
     student_sampler: Component = component("sampler", default={"name": "dpdm"})
     student_schedule: Component = component("schedule", default={"name": "dpdm"}, reserved=("n",))

@@ -36,6 +36,24 @@ def image_grid(x: torch.Tensor, cols: int | None = None):
     return grid[..., 0] if c == 1 else grid
 
 
+def save_samples(x: torch.Tensor, path, *, cols: int | None = None, limit: float = 1.6) -> None:
+    """One grid PNG of model-space samples: images tiled (PIL, no matplotlib needed), 2-D vectors scattered."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if x.ndim == 4:
+        from PIL import Image
+
+        Image.fromarray(image_grid(x, cols)).save(path)
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.3, 3.3))
+    _draw(ax, x, "vector", limit, len(x))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _draw(ax, x: torch.Tensor, kind: str, limit: float, max_images: int):
     if kind == "image":
         img = image_grid(x[:max_images])

@@ -121,3 +121,36 @@ def sliced(*, num_projections: int = 256, seed: int = 0):
 
 
 METRICS = {"energy": energy, "sliced-wasserstein": sliced}
+
+
+FD_PREFIX = "fd-"
+
+
+def metric_factory(name: str):
+    """The factory of metric ``name``: a registered metric, or for ``fd-<dataset>`` (any registered dataset) the
+    Fréchet distance in the features of a small classifier trained once on that dataset
+    (``classifier.fd_metric`` with ``dataset`` bound). Unknown names raise ``UnknownComponentError``."""
+    from .errors import UnknownComponentError
+    from .registry import entries, names
+
+    table = entries("metric")
+    if name in table:
+        return table[name].obj
+    if name.startswith(FD_PREFIX) and name[len(FD_PREFIX):] in entries("dataset"):
+        from .classifier import fd_metric
+
+        return functools.partial(fd_metric, dataset=name[len(FD_PREFIX):])
+    raise UnknownComponentError("metric", name, names("metric") + [f"{FD_PREFIX}<dataset>"])
+
+
+def make_metric(name: str, options: dict | None = None, *, data=None):
+    """The metric ``name`` built with ``options`` (see ``metric_factory``).
+
+    ``data``: the recipe's dataset as ``(name, options)``; ``fd-<that name>`` then trains its classifier on the
+    recipe's data (same options) unless the metric's own ``data`` option says otherwise.
+    """
+    options = dict(options or {})
+    if (name.startswith(FD_PREFIX) and data is not None and data[0] == name[len(FD_PREFIX):]
+            and "data" not in options):
+        options["data"] = dict(data[1])
+    return metric_factory(name)(**options)

@@ -15,7 +15,39 @@ from pathlib import Path
 METRIC_NOTES = {
     "energy": "squared energy distance (Székely & Rizzo), U-statistic estimate, in model space; lower is better",
     "sliced-wasserstein": "sliced 2-Wasserstein distance over random projections, in model space; lower is better",
+    "fid": "Fréchet Inception Distance (Inception-v3 pool features, as EDM computes it); lower is better",
 }
+
+
+def metric_note(metric: str) -> str:
+    """What a metric's numbers are, for report headers."""
+    if metric in METRIC_NOTES:
+        return METRIC_NOTES[metric]
+    if metric.startswith("fd-"):
+        return (f"Fréchet distance in the features of a small classifier trained on {metric[3:]} (a substitute for FID, "
+                f"not comparable with published FIDs); lower is better")
+    return "see the metric plugin"
+
+
+def sweep_table(sweep: dict) -> list[str]:
+    """Markdown rows: one line per NFE, one column per (model, sampler); — where a sampler cannot reach that NFE."""
+    columns = [(m, s) for m in ("student", "teacher") for s in sweep.get(m, {})]
+    nfes = sorted({int(n) for by in sweep.values() for v in by.values() for n in v})
+    lines = ["| NFE | " + " | ".join(f"{m} {s}" for m, s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for n in nfes:
+        lines.append(f"| {n} | " + " | ".join(_fmt(sweep[m][s].get(str(n))) for m, s in columns) + " |")
+    return lines
+
+
+def sweep_markdown(result: dict) -> str:
+    """``dpdm eval sweep``'s ``sweep.md``: the metric vs NFE table (the paper's Table 4 layout)."""
+    metric = result["metric"]
+    lines = [f"# NFE sweep: {result.get('run', '')}", "",
+             f"Metric: **{metric}** — {metric_note(metric)}. {result['num']} samples per entry, seed {result['seed']}, "
+             f"reference: {result.get('ref')}."]
+    if result.get("detector_test_accuracy") is not None:
+        lines[-1] += f" Classifier test accuracy: {result['detector_test_accuracy']:.4f}."
+    return "\n".join(lines + [""] + sweep_table(result["sweep"])) + "\n"
 
 
 def checks(report: dict) -> dict:
@@ -41,15 +73,13 @@ def _fmt(v) -> str:
 def markdown(report: dict) -> str:
     metric = report["metric"]
     lines = [f"# Report: {report.get('recipe', '')}", "",
-             f"Metric: **{metric}** — {METRIC_NOTES.get(metric, 'see the metric plugin')}.", "",
-             "## Sampling quality vs NFE", ""]
-    columns = [("student", s) for s in report["sweep"]["student"]] + [("teacher", s) for s in report["sweep"]["teacher"]]
-    nfes = sorted({int(n) for _, by in report["sweep"].items() for v in by.values() for n in v})
-    lines.append("| NFE | " + " | ".join(f"{m} {s}" for m, s in columns) + " |")
-    lines.append("|---" * (len(columns) + 1) + "|")
-    for n in nfes:
-        cells = [_fmt(report["sweep"][m][s].get(str(n))) for m, s in columns]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+             f"Metric: **{metric}** — {metric_note(metric)}.", ""]
+    if report.get("detector"):
+        acc = report.get("detector_test_accuracy")
+        lines += [f"Detector: `{report['detector']}`" + (f" (classifier test accuracy {acc:.4f})" if acc else "") + ".",
+                  ""]
+    lines += ["## Sampling quality vs NFE", ""]
+    lines += sweep_table(report["sweep"])
     one = report.get("one_step")
     if one:
         lines += ["", f"One step from the best σ_max (chosen on validation data): σ_max = {one['best_sigma_max']:g}, "

@@ -39,7 +39,10 @@ from .errors import ConfigError, DpdmError
 from .losses import EDMLoss
 from .precision import Precision
 from .progress import Progress
-from .registry import entry, get
+from .fid import load_stats
+from .metrics import FD_PREFIX, make_metric, metric_factory
+from .registry import entries, entry, get
+from .scoring import cached_dataset_stats, is_feature_metric
 from .report import write_report
 from .structure import dump_yaml, unstructure
 from .snapshots import Snapshots
@@ -64,6 +67,12 @@ def make_dataset(recipe: Recipe, split: str):
         return get("dataset", recipe.data.name)(split=split, **opts)
     except (ValueError, TypeError) as exc:
         raise DpdmError(f"recipe.data ({recipe.data.name}): {exc}") from None
+
+
+def dataset_key(recipe: Recipe, split: str) -> str:
+    """A name for the recipe's data split in caches: ``<dataset>-<hash of its options>-<split>``."""
+    options = json.dumps(recipe.data.options, sort_keys=True, default=str)
+    return f"{recipe.data.name}-{hashlib.sha256(options.encode()).hexdigest()[:8]}-{split}"
 
 
 def preflight(recipe: Recipe, source: str | None = None):
@@ -127,7 +136,9 @@ def preflight(recipe: Recipe, source: str | None = None):
     check("recipe.train.divergence",
           lambda: get("divergence", recipe.train.divergence.name)(sigma=recipe.train.sigma,
                                                                   **recipe.train.divergence.options))
-    check("recipe.eval.metric", lambda: get("metric", recipe.eval.metric.name)(**recipe.eval.metric.options))
+    check("recipe.eval.metric", lambda: _check_metric(recipe))
+    if recipe.eval.ref is not None:
+        check("recipe.eval.ref", lambda: load_stats(recipe.eval.ref))
     student_schedule = ev._schedule({"name": recipe.eval.student_schedule.name, **recipe.eval.student_schedule.options})
     teacher_schedule = ev._schedule({"name": recipe.eval.teacher_schedule.name, **recipe.eval.teacher_schedule.options})
     for n in recipe.eval.student_steps:
@@ -139,6 +150,16 @@ def preflight(recipe: Recipe, source: str | None = None):
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), source)
     return train_set, test_set, spec
+
+
+def _check_metric(recipe: Recipe) -> None:
+    """Build the metric (a missing FID detector fails here), except ``fd-<dataset>``, whose classifier may need
+    training: that happens at evaluation, once, and is cached."""
+    name = recipe.eval.metric.name
+    if name.startswith(FD_PREFIX) and name not in entries("metric"):
+        metric_factory(name)
+        return
+    make_metric(name, recipe.eval.metric.options, data=(recipe.data.name, recipe.data.options))
 
 
 def student_spec(recipe: Recipe, teacher_spec: dict) -> dict:
@@ -314,8 +335,16 @@ def recovery_data(recipe: Recipe, test_set, num: int):
 def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path) -> dict:
     """NFE sweeps, one-step σ_max search and recovery; writes figures, returns the report dict."""
     cfg = recipe.eval
-    metric_fn = get("metric", cfg.metric.name)(**cfg.metric.options)
+    metric_fn = make_metric(cfg.metric.name, cfg.metric.options, data=(recipe.data.name, recipe.data.options))
     reference, validation = references(recipe, train_set, test_set, cfg.num_samples)
+    reference_data = reference
+    if is_feature_metric(metric_fn):  # featurise each reference once (cached on disk for the test split)
+        if cfg.ref:
+            reference = load_stats(cfg.ref)
+        else:
+            reference = cached_dataset_stats(dataset_key(recipe, "test"), test_set, metric_fn.detector,
+                                             progress=progress)
+        validation = metric_fn.prepare(validation)
     shape, label_dim, kind = tuple(test_set.shape), test_set.label_dim, test_set.kind
     common = dict(num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed, device=device)
     student_sampler = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
@@ -346,9 +375,9 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
 
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
-    _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_examples, s_vals, t_vals,
+    _figures(figs, kind, cfg, s_samples, t_samples, one, reference_data, clean, rec_examples, s_vals, t_vals,
              cfg.metric.name, progress)
-    return {
+    report = {
         "metric": cfg.metric.name,
         "sweep": {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
                   "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}},
@@ -358,6 +387,12 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         "recovery_floor": floor,  # distance of the clean held-out items themselves to the reference
         "timings": timings,
     }
+    detector = getattr(metric_fn, "detector", None)
+    if detector is not None:
+        report["detector"] = detector.key
+        if getattr(detector, "accuracy", None) is not None:
+            report["detector_test_accuracy"] = detector.accuracy
+    return report
 
 
 def _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_examples, s_vals, t_vals, metric,

@@ -293,7 +293,12 @@ def _option_types(param: inspect.Parameter) -> tuple[type, ...] | None:
 def _check_component(kind: str, name: str, options: dict, path: str, problems: list[str], reserved) -> None:
     """Check ``name`` against the registry and ``options`` against the registered factory's signature."""
     try:
-        obj = registry.entry(kind, name).obj
+        if kind == "metric":  # metrics include the fd-<dataset> family, which is not registered name by name
+            from .metrics import metric_factory
+
+            obj = metric_factory(name)
+        else:
+            obj = registry.entry(kind, name).obj
     except UnknownComponentError as exc:
         problems.append(f"{path}.name: {exc}")
         return

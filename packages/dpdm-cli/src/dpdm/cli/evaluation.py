@@ -1,0 +1,400 @@
+"""``dpdm eval``: reference statistics (``ref``), FID of a run or checkpoint at several step counts (``fid``),
+and the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4).
+
+The work happens in ``dpdm.core.scoring``. Every command runs under torchrun (or ``--nproc N``): each rank
+generates or featurises its share of the items, statistics are summed over the ranks, rank 0 writes.
+Numbers carry their metric's name: ``fid`` (the standard Inception-v3 detector) or a substitute such as
+``fd-mnist`` (a small classifier; not comparable with published FIDs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+eval_app = typer.Typer(no_args_is_help=True, help="FID and other distances: reference statistics, FID at several "
+                                                  "step counts, NFE sweeps of student and teacher.")
+
+from .main import _launch, console, err, user_errors  # noqa: E402
+
+DEFAULT_TEACHER_NFE = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 35]
+
+
+def ints(values: List[str] | None, option: str) -> list[int]:
+    """``--steps 4 5 6`` (or ``4,5,6``, or repeated) as a list of positive ints."""
+    from dpdm.core.errors import DpdmError
+
+    out = []
+    for v in values or []:
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    n = int(part)
+                except ValueError:
+                    raise DpdmError(f"{option}: expected a whole number, got {part!r}") from None
+                if n < 1:
+                    raise DpdmError(f"{option}: every value must be at least 1, got {n}")
+                out.append(n)
+    return out
+
+
+def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, device="cpu"):
+    """``(name, metric fn)``: ``--detector`` alone means ``fid`` with that detector; ``--metric NAME`` any metric
+    (``fid`` takes ``--detector``); neither: the run's ``eval.metric``."""
+    from dpdm.core.errors import DpdmError
+    from dpdm.core.metrics import make_metric
+
+    data = (recipe.data.name, recipe.data.options) if recipe is not None else None
+    if metric is None and detector is None:
+        if recipe is None:
+            raise DpdmError("no metric: give --detector PATH (the FID Inception-v3) or --metric NAME "
+                            "(e.g. fd-mnist, the substitute; energy for vectors)")
+        name, options = recipe.eval.metric.name, dict(recipe.eval.metric.options)
+    else:
+        name = metric or "fid"
+        options = {}
+        if detector is not None:
+            if name != "fid":
+                raise DpdmError(f"--detector is the FID Inception-v3; metric {name!r} does not take it")
+            options["detector"] = detector
+    if name == "fid":
+        if "detector" not in options:
+            raise DpdmError("metric fid needs the FID Inception-v3: give --detector PATH or URL "
+                            "(inception-2015-12-05.pkl/.pt, or pytorch-fid's pt_inception-2015-12-05-*.pth)")
+        options.setdefault("device", str(device))
+    elif name.startswith("fd-"):
+        options.setdefault("device", str(device))
+    return name, make_metric(name, options, data=data)
+
+
+def _reference(ref: Optional[str], metric, recipe, dist, progress):
+    """The reference: ``--ref`` statistics, or (for a run) the recipe's test split (feature statistics cached)."""
+    from dpdm.core.errors import DpdmError
+    from dpdm.core.fid import load_stats
+    from dpdm.core.scoring import cached_dataset_stats, is_feature_metric
+
+    if ref is not None:
+        if not is_feature_metric(metric):
+            raise DpdmError("--ref holds feature statistics, for fid or fd-<dataset>; this metric compares data")
+        stats = load_stats(ref)
+        d = metric.detector.feature_dim
+        if len(stats.mu) != d:
+            raise DpdmError(f"--ref {ref} holds {len(stats.mu)}-dimensional statistics but {metric.detector.key} gives "
+                            f"{d} features per image: the reference was computed with another detector; recompute it "
+                            f"with `dpdm eval ref DATASET OUT.npz` and this detector, or give the matching detector")
+        return stats, ref
+    if recipe is None:
+        raise DpdmError("no reference: give --ref REF.npz (make one with `dpdm eval ref DATASET REF.npz`, or use "
+                        "EDM's published https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/<dataset>.npz)")
+    from dpdm.core.run import dataset_key, make_dataset, references
+
+    test_set = make_dataset(recipe, "test")
+    if is_feature_metric(metric):
+        return cached_dataset_stats(dataset_key(recipe, "test"), test_set, metric.detector, dist=dist,
+                                    progress=progress), "test split"
+    reference, _ = references(recipe, make_dataset(recipe, "train"), test_set, recipe.eval.num_samples)
+    return reference, "test split"
+
+
+def _model(run: Optional[Path], checkpoint: Optional[str], model: str, device):
+    """``(denoiser, spec-like dict with shape/label_dim, recipe or None, label)``."""
+    from dpdm.core.errors import DpdmError
+
+    if run is not None and checkpoint is not None:
+        raise DpdmError("give --run DIR or --checkpoint PATH, not both")
+    if model not in ("student", "teacher"):
+        raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
+    if checkpoint is not None:
+        from dpdm.core.checkpoint import load_checkpoint
+
+        net, spec = load_checkpoint(checkpoint, device=device)
+        return net, spec, None, checkpoint
+    from dpdm.core.checkpoint import load_checkpoint
+    from dpdm.core.config import load_recipe
+    from dpdm.core.rundir import resolve_run
+
+    run_dir = resolve_run(run)
+    recipe = load_recipe(str(run_dir / "config.yaml"))
+    net, spec = load_checkpoint(str(run_dir / "checkpoints" / f"{model}.safetensors"), device=device)
+    return net, spec, recipe, str(run_dir)
+
+
+def _dist(device: str):
+    from dpdm.core.distributed import init_dist
+    from dpdm.core.progress import Progress, RichProgress
+
+    dist = init_dist(device)
+    return dist, (RichProgress(err) if dist.is_main else Progress())
+
+
+@eval_app.command("ref")
+@user_errors
+def ref_cmd(
+    dataset: str = typer.Argument(..., help="A dataset name (cifar10, mnist, digits, ...; options with --data) or "
+                                            "a path/URL of an EDM dataset ZIP, an image folder or an .npz"),
+    out: str = typer.Argument(..., help="Where to write the statistics (.npz with EDM's mu/sigma), any fsspec URL"),
+    detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="fd-<dataset> instead of FID"),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="Dataset option key=value (repeatable)"),
+    split: str = typer.Option("train", "--split", help="Dataset split (EDM's references use the training set)"),
+    num: Optional[int] = typer.Option(None, "--num", min=2, help="Use the first N items (default: all)"),
+    batch: int = typer.Option(250, "--batch", min=1, help="Images per detector call"),
+    device: str = typer.Option("auto", "--device"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
+):
+    """Feature statistics of a dataset (EDM's `fid.py ref`): the reference of `dpdm eval fid --ref`."""
+    if nproc is not None:
+        _launch(nproc)
+    from dpdm.core.fid import save_stats
+    from dpdm.core.scoring import dataset_stats, is_feature_metric
+
+    ds = _open_dataset(dataset, data or [], split)
+    dist, progress = _dist(device)
+    try:
+        name, metric_fn = resolve_metric(metric, detector, device=dist.device)
+        if not is_feature_metric(metric_fn):
+            from dpdm.core.errors import DpdmError
+
+            raise DpdmError(f"metric {name!r} compares data directly; reference statistics are for fid or fd-<dataset>")
+        t0 = time.perf_counter()
+        stats = dataset_stats(ds, metric_fn.detector, num=num, batch_size=batch, dist=dist, progress=progress)
+        if dist.is_main:
+            save_stats(out, stats, detector=metric_fn.detector.key)
+            console.print(f"wrote {escape(out)}: {name} statistics of {stats.num_images} images of {escape(dataset)} "
+                          f"({split}), {len(stats.mu)} features, detector {escape(metric_fn.detector.key)}, "
+                          f"{time.perf_counter() - t0:.1f} s", highlight=False)
+    finally:
+        dist.destroy()
+
+
+def _open_dataset(dataset: str, data: list[str], split: str):
+    """A registered dataset with ``--data`` options, or a path: ``.zip`` → image-zip, ``.npz`` → npz, else
+    image-folder."""
+    import yaml
+
+    from dpdm.core.errors import DpdmError
+    from dpdm.core.registry import entries, get
+
+    options = {}
+    for item in data:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DpdmError(f"--data {item!r}: expected key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    if dataset in entries("dataset"):
+        name = dataset
+    else:
+        name = ("image-zip" if dataset.endswith(".zip") else "npz" if dataset.endswith(".npz") else "image-folder")
+        options = {"path": dataset, **options}
+    try:
+        return get("dataset", name)(split=split, **options)
+    except (ValueError, TypeError) as exc:
+        raise DpdmError(f"dataset {dataset!r} ({name}): {exc}") from None
+
+
+@eval_app.command("fid")
+@user_errors
+def fid_cmd(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest unless --checkpoint)"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A dpdm checkpoint or an official EDM .pkl"),
+    model: str = typer.Option("student", "--model", help="With --run: student or teacher"),
+    steps: Optional[List[str]] = typer.Option(None, "--steps", help="Step counts: --steps 4 5 6 7 8 "
+                                                                    "(default: the run's eval.student_steps, or 4..8)"),
+    num: int = typer.Option(50000, "--num", min=2, help="Generated images per step count"),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (default with --run: the "
+                                                          "recipe's test split, cached)"),
+    detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="fd-<dataset> (substitute) instead of fid"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Default: dpdm (student, checkpoint), heun (teacher)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Default: the run's, else dpdm (karras for heun)"),
+    sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule"),
+    seed: int = typer.Option(0, "--seed", help="Image i uses the seed derived from (seed, i)"),
+    batch: int = typer.Option(256, "--batch", min=1, help="Images per generation batch on each rank"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON result (default: RUN/eval/fid-<model>.json or "
+                                                           "./fid-<checkpoint name>.json); grids beside it"),
+    device: str = typer.Option("auto", "--device"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
+):
+    """FID (or a named substitute) of a run's student/teacher or a checkpoint at each step count."""
+    if nproc is not None:
+        _launch(nproc)
+    from dpdm.core.errors import DpdmError
+
+    step_list = ints(steps, "--steps")
+    dist, progress = _dist(device)
+    try:
+        net, spec, recipe, source = _model(run, checkpoint, model, dist.device)
+        if not step_list:
+            step_list = list(recipe.eval.student_steps) if recipe is not None and model == "student" else [4, 5, 6, 7, 8]
+        sampler_spec, schedule_spec = _sampling(recipe, model, sampler, schedule, sigma_max)
+        name, metric_fn = resolve_metric(metric, detector, recipe, dist.device)
+        from dpdm.core.scoring import fid_at_steps, is_feature_metric
+
+        if len(spec["shape"]) != 3:
+            raise DpdmError(f"dpdm eval fid is for images; this model makes vectors of shape {spec['shape']} "
+                            f"(use dpdm eval sweep with the energy metric)")
+        reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+        if not is_feature_metric(metric_fn):
+            raise DpdmError(f"metric {name!r} is not a feature distance; use fid or fd-<dataset>")
+        t0 = time.perf_counter()
+        results, grids = fid_at_steps(net, sampler=sampler_spec, schedule=schedule_spec, steps=step_list,
+                                      metric=metric_fn, reference=reference, num=num, shape=tuple(spec["shape"]),
+                                      label_dim=int(spec["label_dim"]), seed=seed, batch_size=batch, dist=dist,
+                                      progress=progress)
+        if dist.is_main:
+            out_path = out or (Path(source) / "eval" / f"fid-{model}.json" if recipe is not None
+                               else Path(f"fid-{Path(source.rstrip('/')).stem}.json"))
+            det = metric_fn.detector
+            result = {"metric": name, "detector": det.key, "source": source,
+                      "model": model if recipe is not None else "checkpoint", "sampler": sampler_spec,
+                      "schedule": schedule_spec, "num": num, "seed": seed, "ref": ref_name,
+                      "world_size": dist.world_size, "seconds": time.perf_counter() - t0,
+                      "results": [{"steps": n, **r} for n, r in results.items()]}
+            if getattr(det, "accuracy", None) is not None:
+                result["detector_test_accuracy"] = det.accuracy
+            _write_json(out_path, result)
+            _grids(out_path.parent, out_path.stem, {f"steps{n:02d}": g for n, g in grids.items()})
+            _fid_table(result)
+            console.print(f"wrote {escape(str(out_path))}", highlight=False)
+    finally:
+        dist.destroy()
+
+
+def _sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str], sigma_max: Optional[float]):
+    """``(sampler spec, schedule spec)``: the run's for its model, else dpdm/dpdm (or karras for other samplers)."""
+    if recipe is not None:
+        cfg = recipe.eval
+        s_cfg = cfg.student_sampler if model == "student" else None
+        sched_cfg = cfg.student_schedule if model == "student" else cfg.teacher_schedule
+        sampler_spec = {"name": sampler or (s_cfg.name if s_cfg else "heun"),
+                        **(dict(s_cfg.options) if s_cfg and not sampler else {})}
+        schedule_spec = {"name": schedule or sched_cfg.name, **(dict(sched_cfg.options) if not schedule else {})}
+    else:
+        name = sampler or "dpdm"
+        sampler_spec = {"name": name}
+        schedule_spec = {"name": schedule or ("dpdm" if name == "dpdm" else "karras")}
+    if sigma_max is not None:
+        schedule_spec["sigma_max"] = sigma_max
+    from dpdm.core.registry import entry
+
+    entry("sampler", sampler_spec["name"])
+    entry("schedule", schedule_spec["name"])
+    return sampler_spec, schedule_spec
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _grids(folder: Path, stem: str, grids: dict) -> None:
+    """One PNG per entry (``<stem>-<key>.png``): images tiled, vectors scattered (needs matplotlib for vectors)."""
+    from dpdm.core import figures
+
+    for key, x in grids.items():
+        if len(x):
+            figures.save_samples(x, folder / f"{stem}-{key}.png")
+
+
+def _fid_table(result: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{result['metric']} of {result['source']} ({result['num']} images, {result['sampler']['name']}"
+                    f", ref: {result['ref']}) — lower is better")
+    for col in ("steps", "NFE", result["metric"], "seconds"):
+        t.add_column(col, justify="right")
+    for r in result["results"]:
+        t.add_row(str(r["steps"]), str(r["nfe"]), f"{r['value']:.4g}", f"{r['seconds']:.1f}")
+    console.print(t)
+
+
+@eval_app.command("sweep")
+@user_errors
+def sweep_cmd(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    student_nfe: Optional[List[str]] = typer.Option(None, "--student-nfe", help="Default: 1 2 ... 10"),
+    teacher_nfe: Optional[List[str]] = typer.Option(None, "--teacher-nfe",
+                                                    help="Default: 1 ... 10 15 20 25 35 (each sampler where reachable)"),
+    teacher_sampler: Optional[List[str]] = typer.Option(None, "--teacher-sampler",
+                                                        help="Default: heun euler dpmpp-2m"),
+    num: Optional[int] = typer.Option(None, "--num", min=2, help="Samples per point (default: eval.num_samples)"),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (fid / fd-<dataset>)"),
+    detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Default: the run's eval.metric"),
+    seed: int = typer.Option(0, "--seed"),
+    batch: int = typer.Option(256, "--batch", min=1, help="Items per generation batch on each rank"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval/sweep)"),
+    device: str = typer.Option("auto", "--device"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
+):
+    """The paper's Table 4: the student (dpdm sampler) at NFE 1…10 against the teacher's samplers at matched NFE;
+    writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
+    if nproc is not None:
+        _launch(nproc)
+    from dpdm.core.checkpoint import load_checkpoint
+    from dpdm.core.config import load_recipe
+    from dpdm.core.rundir import resolve_run
+    from dpdm.core.scoring import nfe_sweep
+
+    s_nfe = ints(student_nfe, "--student-nfe") or list(range(1, 11))
+    t_nfe = ints(teacher_nfe, "--teacher-nfe") or DEFAULT_TEACHER_NFE
+    run_dir = resolve_run(run)
+    recipe = load_recipe(str(run_dir / "config.yaml"))
+    cfg = recipe.eval
+    names = [x.strip() for v in (teacher_sampler or []) for x in v.split(",") if x.strip()]
+    samplers = [{"name": s} for s in (names or ["heun", "euler", "dpmpp-2m"])]
+    from dpdm.core.registry import entry
+
+    for s in samplers:
+        entry("sampler", s["name"])
+    dist, progress = _dist(device)
+    try:
+        student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
+        teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
+        name, metric_fn = resolve_metric(metric, detector, recipe, dist.device)
+        reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+        n = num or cfg.num_samples
+        kind = "image" if len(spec["shape"]) == 3 else "vector"
+        t0 = time.perf_counter()
+        values, grids = nfe_sweep(
+            student, teacher, metric=metric_fn, reference=reference,
+            student_sampler={"name": cfg.student_sampler.name, **cfg.student_sampler.options},
+            student_schedule={"name": cfg.student_schedule.name, **cfg.student_schedule.options}, student_nfe=s_nfe,
+            teacher_samplers=samplers,
+            teacher_schedule={"name": cfg.teacher_schedule.name, **cfg.teacher_schedule.options}, teacher_nfe=t_nfe,
+            num=n, shape=tuple(spec["shape"]), label_dim=int(spec["label_dim"]), seed=seed, batch_size=batch,
+            dist=dist, progress=progress, keep=cfg.figure_samples if kind == "image" else min(n, 2000))
+        if dist.is_main:
+            folder = out or run_dir / "eval" / "sweep"
+            folder.mkdir(parents=True, exist_ok=True)
+            sweep = {role: {s: {str(k): v for k, v in by.items()} for s, by in d.items()} for role, d in values.items()}
+            result = {"metric": name, "run": str(run_dir), "num": n, "seed": seed, "ref": ref_name,
+                      "world_size": dist.world_size, "seconds": time.perf_counter() - t0, "sweep": sweep}
+            det = getattr(metric_fn, "detector", None)
+            if det is not None:
+                result["detector"] = det.key
+                if getattr(det, "accuracy", None) is not None:
+                    result["detector_test_accuracy"] = det.accuracy
+            _write_json(folder / "sweep.json", result)
+            from dpdm.core.report import sweep_markdown
+
+            (folder / "sweep.md").write_text(sweep_markdown(result))
+            from dpdm.core import figures
+
+            figures.curve_figure(sweep, name, folder / "nfe_curve.png")
+            for role, by_sampler in grids.items():
+                _grids(folder / "grids", role, {f"{s}-nfe{k:02d}": x for s, by in by_sampler.items()
+                                                for k, x in by.items()})
+            from rich.markdown import Markdown
+
+            console.print(Markdown(sweep_markdown(result)))
+            console.print(f"wrote {escape(str(folder))}/sweep.json, sweep.md, nfe_curve.png, grids/", highlight=False)
+    finally:
+        dist.destroy()

@@ -1,0 +1,322 @@
+"""Evaluation beyond the metrics themselves: per-item seeds, sharded generation and statistics, cached reference
+statistics, and the `dpdm eval ref|fid` commands run end to end through a small detector in the official format."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dpdm.cli.main import app, join_list_options
+from dpdm.core import detectors, fid, generation, scoring
+from dpdm.core.checkpoint import build_denoiser, network_spec, save_denoiser
+from dpdm.core.datasets import from_model, to_model
+from dpdm.core.errors import DpdmError
+from dpdm.core.registry import get
+
+WIDE = {"COLUMNS": "1000"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], env=WIDE)
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+class SmallDetector(torch.nn.Module):
+    """The FID detector's call signature (uint8 images, ``return_features``) with 16 features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(64, 16)
+
+    def forward(self, x, return_features: bool = False):
+        x = torch.nn.functional.adaptive_avg_pool2d(x.to(torch.float32) / 255, 8)  # (N, 3, 8, 8)
+        return torch.tanh(self.proj(x[:, 0].reshape(len(x), 64)) + x.mean(dim=(1, 2, 3))[:, None])
+
+
+@pytest.fixture
+def small_detector(tmp_path, monkeypatch):
+    """A TorchScript detector file; the Inception's 2048-feature check is lowered to its 16 features."""
+    monkeypatch.setattr(detectors, "FEATURE_DIM", 16)
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "small-detector.pt"
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(SmallDetector()), buffer)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def tiny_denoiser(shape=(1, 8, 8), label_dim=10, seed=0):
+    torch.manual_seed(seed)
+    spec = network_spec({"name": "mlp", "hidden": 32, "depth": 1}, {"name": "edm"}, shape, label_dim)
+    return build_denoiser(spec).eval(), spec
+
+
+# ---------------------------------------------------------------- per-item seeds
+
+
+def test_item_generators_draw_per_item():
+    gens = generation.ItemGenerators([5, 6, 7])
+    x = gens.randn((2, 3))
+    assert x.shape == (3, 2, 3)
+    assert torch.equal(x[1], torch.randn((2, 3), generator=torch.Generator().manual_seed(6)))
+    labels = generation.ItemGenerators([5, 6, 7]).randint(10)
+    assert labels.shape == (3,) and labels.dtype == torch.int64 and bool(((labels >= 0) & (labels < 10)).all())
+
+
+@pytest.mark.parametrize("sampler", ["dpdm", "euler-stochastic", "heun"])
+def test_samples_do_not_depend_on_the_batch_size(sampler):
+    """Item i is the same whether it is drawn alone, in a batch of 7 or in one batch of all (labels too)."""
+    net, _ = tiny_denoiser()
+    fn = get("sampler", sampler)
+    kw = {"s_churn": 40.0} if sampler == "euler-stochastic" else {}
+    sigmas = get("schedule", "karras")(3)
+
+    def sample(d, x, s, **k):
+        return fn(d, x, s, **k, **kw)
+
+    runs = [generation.generate(net, sample, sigmas, 20, (1, 8, 8), label_dim=10, seed=3, batch_size=b)
+            for b in (1, 7, 20)]
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(runs[0][0], runs[0][1])  # items differ from each other
+    again = generation.generate(net, sample, sigmas, 20, (1, 8, 8), label_dim=10, seed=4, batch_size=20)
+    assert not torch.allclose(again, runs[0])  # and the seed matters
+
+
+def test_item_seeds_of_a_stochastic_sampler_are_used():
+    """dpdm re-noises between steps from the item's generator: a denoiser returning 0 exposes that noise."""
+    zero = lambda x, sigma, class_labels=None: torch.zeros_like(x)  # noqa: E731
+    sigmas = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    x = generation.generate(zero, get("sampler", "dpdm"), sigmas, 4, (3,), seed=1, batch_size=2)
+    assert torch.equal(x, torch.zeros(4, 3))  # the last step returns the denoiser's 0
+    seen = []
+    record = lambda x, sigma, class_labels=None: (seen.append(x.clone()), torch.zeros_like(x))[1]  # noqa: E731
+    for b in (1, 4):
+        seen.clear()
+        generation.generate(record, get("sampler", "dpdm"), sigmas, 4, (3,), seed=1, batch_size=b)
+        second_step = torch.cat(seen[1::2]) if b == 1 else seen[1]
+        if b == 1:
+            ref = second_step
+    torch.testing.assert_close(second_step, ref, rtol=0, atol=0)  # 1.0 · ε' of each item, bit for bit
+
+
+def test_shards_partition_the_items():
+    parts = [list(generation.shard(10, r, 3)) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(10))
+    assert parts[0] == [0, 3, 6, 9] and list(generation.shard(2, 2, 3)) == []
+
+
+# ---------------------------------------------------------------- statistics of generated sets and datasets
+
+
+def test_sample_feature_stats_match_a_direct_computation(small_detector):
+    det = detectors.load_detector(str(small_detector))
+    net, spec = tiny_denoiser()
+    sampler, sigmas = get("sampler", "dpdm"), get("schedule", "dpdm")(2)
+    x = generation.generate(net, sampler, sigmas, 30, (1, 8, 8), label_dim=10, seed=2, batch_size=30)
+    f = det(from_model(x, "image")).double().numpy()
+    stats = generation.sample_feature_stats(net, sampler, sigmas, 30, (1, 8, 8), det, label_dim=10, seed=2,
+                                            batch_size=4)
+    assert stats.num_images == 30
+    np.testing.assert_allclose(stats.mu, f.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats.sigma, np.cov(f, rowvar=False), rtol=1e-4, atol=1e-9)  # float32 features
+    # the shards of 3 ranks, summed, give the same statistics (what all_reduce_stats does across processes)
+    accs = []
+    for rank in range(3):
+        acc = fid.StatsAccumulator()
+        for _, xb in generation.generate_items(net, sampler, sigmas, generation.shard(30, rank, 3), (1, 8, 8),
+                                               label_dim=10, seed=2, batch_size=5):
+            acc.update(det(from_model(xb, "image")))
+        accs.append(acc)
+    total = fid.StatsAccumulator()
+    total.n = sum(a.n for a in accs)
+    total.sum = sum(a.sum for a in accs)
+    total.outer = sum(a.outer for a in accs)
+    np.testing.assert_allclose(total.stats().sigma, stats.sigma, rtol=1e-4, atol=1e-9)
+
+
+def test_dataset_stats_and_their_cache(small_detector, monkeypatch):
+    det = detectors.load_detector(str(small_detector))
+    ds = get("dataset", "digits")(split="test")
+    f = det(ds.tensors()[0][:100]).double().numpy()
+    stats = scoring.dataset_stats(ds, det, num=100, batch_size=32)
+    np.testing.assert_allclose(stats.mu, f.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats.sigma, np.cov(f, rowvar=False), rtol=1e-5, atol=1e-7)
+    cached = scoring.cached_dataset_stats("digits-test", ds, det, num=100)
+    path = fid.stats_cache_path("digits-test-n100", det.key)
+    assert path.exists() and np.allclose(cached.sigma, stats.sigma)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(scoring, "dataset_stats", boom)
+    again = scoring.cached_dataset_stats("digits-test", ds, det, num=100)
+    np.testing.assert_array_equal(again.sigma, cached.sigma)
+    with pytest.raises(AssertionError, match="recomputed"):  # another size is another entry
+        scoring.cached_dataset_stats("digits-test", ds, det, num=50)
+
+
+def test_vector_data_has_no_feature_statistics(small_detector):
+    det = detectors.load_detector(str(small_detector))
+    with pytest.raises(DpdmError, match="holds vectors"):
+        scoring.dataset_stats(get("dataset", "gaussian-ring")(split="test"), det)
+
+
+def test_score_streams_feature_metrics_and_gathers_the_others(small_detector):
+    net, _ = tiny_denoiser()
+    sampler, sigmas = get("sampler", "dpdm"), get("schedule", "dpdm")(2)
+    x = generation.generate(net, sampler, sigmas, 24, (1, 8, 8), label_dim=10, seed=0)
+    ref = to_model(get("dataset", "digits")(split="test").tensors()[0][:50])
+    metric = get("metric", "fid")(detector=str(small_detector), batch_size=7)
+    value, first = scoring.score(net, sampler, sigmas, metric, metric.prepare(ref), num=24, shape=(1, 8, 8),
+                                 label_dim=10, batch_size=5, keep=6)
+    assert value == pytest.approx(metric(x, ref), rel=1e-6)
+    torch.testing.assert_close(first, x[:6])
+    energy = get("metric", "energy")()
+    value, first = scoring.score(net, sampler, sigmas, energy, ref, num=24, shape=(1, 8, 8), label_dim=10,
+                                 batch_size=5, keep=30)
+    assert value == pytest.approx(energy(x, ref), rel=1e-9) and len(first) == 24
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_list_options_take_several_values():
+    assert join_list_options(["eval", "fid", "--steps", "4", "5", "6", "--num", "8"]) == \
+        ["eval", "fid", "--steps", "4,5,6", "--num", "8"]
+    assert join_list_options(["recover", "--sigma", "0.5,1", "--sigma", "2"]) == \
+        ["recover", "--sigma", "0.5,1", "--sigma", "2"]
+    assert join_list_options(["--steps"]) == ["--steps"]
+
+
+@pytest.fixture
+def digits_checkpoint(tmp_path):
+    net, spec = tiny_denoiser()
+    path = tmp_path / "tiny.safetensors"
+    save_denoiser(str(path), net, spec)
+    return path, net
+
+
+def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
+    ref = tmp_path / "ref.npz"
+    r = invoke("eval", "ref", "digits", ref, "--detector", small_detector, "--split", "test", "--batch", "64")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {ref}: fid statistics of 359 images of digits (test), 16 features" in squash(r.stdout)
+    det = detectors.load_detector(str(small_detector))
+    want = scoring.dataset_stats(get("dataset", "digits")(split="test"), det)
+    got = fid.load_stats(str(ref))
+    np.testing.assert_allclose(got.sigma, want.sigma, rtol=1e-12)
+    assert got.num_images == 359
+
+    ckpt, net = digits_checkpoint
+    out = tmp_path / "fid.json"
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "1", "2", "--num", "40", "--ref", ref,
+               "--detector", small_detector, "--batch", "16", "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["metric"] == "fid" and data["num"] == 40 and data["sampler"] == {"name": "dpdm"}
+    assert [row["steps"] for row in data["results"]] == [1, 2] and [row["nfe"] for row in data["results"]] == [1, 2]
+    metric = get("metric", "fid")(detector=str(small_detector))
+    for row in data["results"]:
+        x = generation.generate(net, get("sampler", "dpdm"), get("schedule", "dpdm")(row["steps"]), 40, (1, 8, 8),
+                                label_dim=10, seed=0, batch_size=40)
+        assert row["value"] == pytest.approx(metric(x, got), rel=1e-6)
+    assert (tmp_path / "fid-steps01.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [squash(line.replace("│", " ")) for line in r.stdout.splitlines()]
+    assert any(row.startswith(f"1 1 {data['results'][0]['value']:.4g} ") for row in rows), rows
+
+
+def test_eval_fid_errors(small_detector, digits_checkpoint, tmp_path):
+    ckpt, _ = digits_checkpoint
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "1", "--num", "4", "--detector", tmp_path / "nope.pt")
+    assert r.exit_code == 1 and "no FID detector at" in squash(r.stderr) and "Traceback" not in r.output
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "1", "--num", "4")
+    assert r.exit_code == 1 and "no metric: give --detector PATH (the FID Inception-v3) or --metric NAME" in squash(r.stderr)
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "1", "--num", "4", "--detector", small_detector)
+    assert r.exit_code == 1 and "no reference: give --ref REF.npz" in squash(r.stderr)
+    wrong = tmp_path / "wrong.npz"
+    fid.save_stats(str(wrong), fid.FeatureStats(np.zeros(2048), np.eye(2048), 10))
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "1", "--num", "4", "--detector", small_detector,
+               "--ref", wrong)
+    assert r.exit_code == 1
+    assert (f"--ref {wrong} holds 2048-dimensional statistics but small-detector-" in squash(r.stderr)
+            and "gives 16 features per image" in squash(r.stderr))
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "0", "--num", "4")
+    assert r.exit_code == 1 and "--steps: every value must be at least 1, got 0" in squash(r.stderr)
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--run", tmp_path, "--num", "4")
+    assert r.exit_code == 1 and "give --run DIR or --checkpoint PATH, not both" in squash(r.stderr)
+
+
+def test_eval_ref_errors(small_detector, tmp_path):
+    r = invoke("eval", "ref", "digits", tmp_path / "r.npz")
+    assert r.exit_code == 1 and "no metric: give --detector PATH" in squash(r.stderr)
+    r = invoke("eval", "ref", "gaussian-ring", tmp_path / "r.npz", "--detector", small_detector)
+    assert r.exit_code == 1 and "holds vectors" in squash(r.stderr)
+    r = invoke("eval", "ref", tmp_path / "missing.zip", tmp_path / "r.npz", "--detector", small_detector)
+    assert r.exit_code == 1 and "missing.zip" in squash(r.stderr) and "Traceback" not in r.output
+    r = invoke("eval", "ref", "digits", tmp_path / "r.npz", "--detector", small_detector, "--data", "nokey")
+    assert r.exit_code == 1 and "--data 'nokey': expected key=value" in squash(r.stderr)
+
+
+# ---------------------------------------------------------------- two processes
+
+
+GEN_SCRIPT = """
+import sys, torch
+from dpdm.core import generation
+from dpdm.core.distributed import init_dist
+from dpdm.core.registry import get
+sys.path.insert(0, {tests!r})
+from test_eval import tiny_denoiser, SmallDetector
+dist = init_dist("cpu")
+net, _ = tiny_denoiser()
+sampler, sigmas = get("sampler", "dpdm"), get("schedule", "dpdm")(2)
+mine = generation.shard(23, dist.rank, dist.world_size)
+parts = list(generation.generate_items(net, sampler, sigmas, mine, (1, 8, 8), label_dim=10, seed=5, batch_size=4))
+det = SmallDetector().eval()
+det.feature_dim = 16
+det_fn = lambda x: det(x, return_features=True).detach()
+det_fn.feature_dim = 16
+stats = generation.sample_feature_stats(net, sampler, sigmas, 23, (1, 8, 8), det_fn, label_dim=10, seed=5,
+                                        batch_size=3, dist=dist)
+torch.save({{"parts": parts, "mu": stats.mu, "sigma": stats.sigma, "n": stats.num_images}},
+           {out!r} + f"-{{dist.rank}}.pt")
+dist.destroy()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_generate_what_one_does(tmp_path):
+    script = tmp_path / "gen.py"
+    script.write_text(GEN_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "two")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    script.write_text(GEN_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "one")))
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=300, capture_output=True)
+    one = torch.load(tmp_path / "one-0.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / f"two-{r}.pt", weights_only=False) for r in range(2)]
+    single = torch.cat([x for _, x in one["parts"]])
+    union = torch.empty_like(single)
+    for r in ranks:
+        for idx, x in r["parts"]:
+            union[idx] = x
+    torch.testing.assert_close(union, single, rtol=0, atol=1e-6)
+    for r in ranks:  # every rank holds the statistics of all 23 items
+        assert r["n"] == 23
+        np.testing.assert_allclose(r["mu"], one["mu"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(r["sigma"], one["sigma"], rtol=1e-7, atol=1e-12)
