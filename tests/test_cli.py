@@ -472,3 +472,52 @@ def test_sample_bad_run(tmp_path):
 def test_sample_bad_model(tiny_run, tmp_path):
     assert user_error(invoke("sample", "--run", tiny_run["run"], "--model", "fake", "--out", tmp_path / "x.png")) == (
         "error: --model must be 'student' or 'teacher', got 'fake'\n")
+
+
+def test_recover_defaults_to_the_papers_sigmas(tiny_run):
+    data = json.loads(ok(invoke("recover", "--json", "--num", "40", "--run", tiny_run["run"])).stdout)
+    assert list(data["recovery"]) == ["0.02", "0.05", "0.1", "0.2", "0.5", "0.75", "1", "2", "5", "7.5", "10"]
+    assert data["metric"] == "energy" and data["num"] == 40
+    assert json.loads((tiny_run["run"] / "eval" / "recover.json").read_text()) == data
+    assert Path(data["figure"]).read_bytes()[:8] == PNG
+
+
+def test_figure_sigmas_spread_over_the_list():
+    from dpdm.cli.main import PAPER_SIGMAS, figure_sigmas
+
+    assert figure_sigmas(PAPER_SIGMAS) == [0.02, 0.2, 2.0, 10.0]  # indices 0, 3, 7, 10 of 11
+    assert figure_sigmas([2.0, 0.5]) == [2.0, 0.5]
+
+
+def test_recover_figure_sigma_must_be_evaluated(tiny_run):
+    err = user_error(invoke("recover", "--sigma", "1", "2", "--figure-sigma", "3", "--run", tiny_run["run"]))
+    assert squash(err) == "error: --figure-sigma [3.0] are not among --sigma [1.0, 2.0]"
+
+
+def test_eval_sweep_on_a_run(tiny_run, tmp_path):
+    out = tmp_path / "sweep"
+    r = ok(invoke("eval", "sweep", "--run", tiny_run["run"], "--student-nfe", "1", "2", "--teacher-nfe", "1", "2", "3",
+                  "--teacher-sampler", "heun", "euler", "--num", "200", "--out", out))
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["metric"] == "energy" and data["num"] == 200
+    assert set(data["sweep"]["student"]["dpdm"]) == {"1", "2"}
+    assert set(data["sweep"]["teacher"]["heun"]) == {"1", "3"}  # Heun reaches odd NFEs only
+    assert set(data["sweep"]["teacher"]["euler"]) == {"1", "2", "3"}
+    # the student's numbers are those of its samples: recompute one point directly
+    from dpdm.core import evaluate as ev
+    from dpdm.core.registry import get
+    from dpdm.core.run import load_run, make_dataset, references
+
+    recipe, teacher, student = load_run(tiny_run["run"])
+    reference, _ = references(recipe, make_dataset(recipe, "train"), make_dataset(recipe, "test"),
+                              recipe.eval.num_samples)
+    x = ev.generate(student, get("sampler", "dpdm"), get("schedule", "dpdm")(2), 200, (2,), seed=0)
+    assert data["sweep"]["student"]["dpdm"]["2"] == pytest.approx(get("metric", "energy")()(x, reference), rel=1e-9)
+    assert (out / "nfe_curve.png").read_bytes()[:8] == PNG
+    assert sorted(p.name for p in (out / "grids").iterdir())[:2] == ["student-dpdm-nfe01.png", "student-dpdm-nfe02.png"]
+    assert "| 2 |" in (out / "sweep.md").read_text() and "NFE" in r.stdout
+
+
+def test_eval_sweep_unknown_sampler(tiny_run):
+    err = user_error(invoke("eval", "sweep", "--run", tiny_run["run"], "--teacher-sampler", "hen"))
+    assert "unknown sampler 'hen'. Did you mean 'heun'?" in squash(err)

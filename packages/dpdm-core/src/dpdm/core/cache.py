@@ -39,12 +39,22 @@ def is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
+def download_path(url: str) -> Path:
+    """Where the cached copy of an http(s) ``url`` lives (whether or not it was downloaded yet)."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "download"
+    return cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+
+
+def needs_download(url: str) -> bool:
+    """Whether reading ``url`` would download it now (an http(s) URL not in the cache yet)."""
+    return is_http(url) and not download_path(url).is_file()
+
+
 def local_copy(url: str) -> str:
     """``url`` itself, or for http(s) URLs the path of a cached copy (downloaded on first use)."""
     if not is_http(url):
         return url
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "download"
-    path = cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    path = download_path(url)
     if path.is_file():
         return str(path)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -39,6 +39,7 @@ from .errors import ConfigError, DpdmError
 from .losses import EDMLoss
 from .precision import Precision
 from .progress import Progress
+from .cache import local_copy, needs_download
 from .fid import load_stats
 from .metrics import FD_PREFIX, make_metric, metric_factory
 from .registry import entries, entry, get
@@ -137,7 +138,7 @@ def preflight(recipe: Recipe, source: str | None = None):
           lambda: get("divergence", recipe.train.divergence.name)(sigma=recipe.train.sigma,
                                                                   **recipe.train.divergence.options))
     check("recipe.eval.metric", lambda: _check_metric(recipe))
-    if recipe.eval.ref is not None:
+    if recipe.eval.ref is not None and not needs_download(recipe.eval.ref):
         check("recipe.eval.ref", lambda: load_stats(recipe.eval.ref))
     student_schedule = ev._schedule({"name": recipe.eval.student_schedule.name, **recipe.eval.student_schedule.options})
     teacher_schedule = ev._schedule({"name": recipe.eval.teacher_schedule.name, **recipe.eval.teacher_schedule.options})
@@ -154,12 +155,31 @@ def preflight(recipe: Recipe, source: str | None = None):
 
 def _check_metric(recipe: Recipe) -> None:
     """Build the metric (a missing FID detector fails here), except ``fd-<dataset>``, whose classifier may need
-    training: that happens at evaluation, once, and is cached."""
-    name = recipe.eval.metric.name
+    training (that happens at evaluation, once, and is cached), and a detector URL not downloaded yet (a real run
+    fetches it before training, ``prefetch``; ``--dry-run`` does not download)."""
+    name, options = recipe.eval.metric.name, recipe.eval.metric.options
     if name.startswith(FD_PREFIX) and name not in entries("metric"):
         metric_factory(name)
         return
-    make_metric(name, recipe.eval.metric.options, data=(recipe.data.name, recipe.data.options))
+    if isinstance(options.get("detector"), str) and needs_download(options["detector"]):
+        return
+    make_metric(name, options, data=(recipe.data.name, recipe.data.options))
+
+
+def prefetch(recipe: Recipe) -> None:
+    """Download what evaluation will read from the web (the FID detector, ``eval.ref``) before training starts,
+    so that a wrong URL or a missing network fails now rather than after the training."""
+    detector = recipe.eval.metric.options.get("detector")
+    for key, url in (("recipe.eval.metric.detector", detector), ("recipe.eval.ref", recipe.eval.ref)):
+        if isinstance(url, str) and needs_download(url):
+            try:
+                local_copy(url)
+            except DpdmError as exc:
+                raise DpdmError(f"{key}: {exc}") from None
+    if recipe.eval.ref is not None:
+        load_stats(recipe.eval.ref)
+    if detector:
+        _check_metric(recipe)
 
 
 def student_spec(recipe: Recipe, teacher_spec: dict) -> dict:
@@ -429,6 +449,7 @@ def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, di
     train_set, test_set, spec = preflight(recipe)
     out = Path(out)
     if dist.is_main:
+        prefetch(recipe)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(unstructure(recipe)))
     dist.barrier()
