@@ -95,10 +95,11 @@ def _reference(ref: Optional[str], metric, recipe, dist, progress):
 
     test_set = make_dataset(recipe, "test")
     if is_feature_metric(metric):
-        return cached_dataset_stats(dataset_key(recipe, "test"), test_set, metric.detector, dist=dist,
-                                    progress=progress), "test split"
+        return (cached_dataset_stats(dataset_key(recipe, "test"), test_set, metric.detector, dist=dist,
+                                     progress=progress), f"{recipe.data.name} test split ({len(test_set)} items)")
     reference, _ = references(recipe, make_dataset(recipe, "train"), test_set, recipe.eval.num_samples)
-    return reference, "test split"
+    what = "fresh samples" if hasattr(test_set, "sample") else "test split"
+    return reference, f"{recipe.data.name} {what} ({len(reference)} items)"
 
 
 def _model(run: Optional[Path], checkpoint: Optional[str], model: str, device):

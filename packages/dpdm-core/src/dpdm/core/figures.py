@@ -54,9 +54,9 @@ def save_samples(x: torch.Tensor, path, *, cols: int | None = None, limit: float
     plt.close(fig)
 
 
-def _draw(ax, x: torch.Tensor, kind: str, limit: float, max_images: int):
+def _draw(ax, x: torch.Tensor, kind: str, limit: float, max_images: int, cols: int | None = None):
     if kind == "image":
-        img = image_grid(x[:max_images])
+        img = image_grid(x[:max_images], cols)
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
     else:
         pts = x.reshape(len(x), -1)[:, :2].numpy()
@@ -106,20 +106,26 @@ def curve_figure(sweep: dict, metric: str, path) -> None:
 
 def recovery_figure(clean: torch.Tensor, examples: dict, kind: str, path, limit: float = 1.6,
                     max_images: int = 16) -> None:
-    """Rows clean / noisy / teacher / student, one column per σ (the paper's Figure 4)."""
+    """Rows clean / noisy / teacher / student, one column per σ (the paper's Figure 4); images are shown as one
+    strip of the same items per cell."""
     plt = _plt()
     sigmas = list(examples)
     rows = ["clean", "noisy", "teacher", "student"]
-    fig, axes = plt.subplots(len(rows), len(sigmas), figsize=(2.6 * len(sigmas), 2.6 * len(rows)), squeeze=False)
+    strip = kind == "image"
+    n = min(len(clean), max_images)
+    width = (0.55 * n + 0.3) if strip else 2.6
+    height = (0.55 + 0.25) if strip else 2.6
+    fig, axes = plt.subplots(len(rows), len(sigmas), figsize=(width * len(sigmas), height * len(rows) + 0.4),
+                             squeeze=False)
     for j, sigma in enumerate(sigmas):
         for i, row in enumerate(rows):
             x = clean if row == "clean" else examples[sigma][row]
             lim = limit + (3 * sigma if row == "noisy" else 0)
-            _draw(axes[i][j], x, kind, lim, max_images)
+            _draw(axes[i][j], x, kind, lim, max_images, cols=n if strip else None)
             if i == 0:
                 axes[i][j].set_title(f"σ = {sigma:g}", fontsize=9)
             if j == 0:
-                axes[i][j].set_ylabel(row)
+                axes[i][j].set_ylabel(row, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -147,10 +147,14 @@ def make_metric(name: str, options: dict | None = None, *, data=None):
     """The metric ``name`` built with ``options`` (see ``metric_factory``).
 
     ``data``: the recipe's dataset as ``(name, options)``; ``fd-<that name>`` then trains its classifier on the
-    recipe's data (same options) unless the metric's own ``data`` option says otherwise.
+    recipe's data (same options, except that ``labels: false``, which makes a recipe's generator unconditional,
+    becomes true: the classifier learns the labels, the images are the same) unless the metric's own ``data``
+    option says otherwise.
     """
     options = dict(options or {})
     if (name.startswith(FD_PREFIX) and data is not None and data[0] == name[len(FD_PREFIX):]
             and "data" not in options):
         options["data"] = dict(data[1])
+        if options["data"].get("labels") is False:
+            options["data"]["labels"] = True
     return metric_factory(name)(**options)

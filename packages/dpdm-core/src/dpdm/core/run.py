@@ -355,7 +355,10 @@ def recovery_data(recipe: Recipe, test_set, num: int):
 def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path) -> dict:
     """NFE sweeps, one-step σ_max search and recovery; writes figures, returns the report dict."""
     cfg = recipe.eval
-    metric_fn = make_metric(cfg.metric.name, cfg.metric.options, data=(recipe.data.name, recipe.data.options))
+    options = dict(cfg.metric.options)
+    if (cfg.metric.name == "fid" or cfg.metric.name.startswith(FD_PREFIX)) and "device" not in options:
+        options["device"] = str(device)  # detector features on the run's device (fd classifiers train on the CPU)
+    metric_fn = make_metric(cfg.metric.name, options, data=(recipe.data.name, recipe.data.options))
     reference, validation = references(recipe, train_set, test_set, cfg.num_samples)
     reference_data = reference
     if is_feature_metric(metric_fn):  # featurise each reference once (cached on disk for the test split)
@@ -433,7 +436,7 @@ def _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_e
     sweep = {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
              "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}}
     figures.curve_figure(sweep, metric, figs / "nfe_curve.png")
-    m = cfg.figure_samples if kind == "image" else len(clean)
+    m = min(8, cfg.figure_samples) if kind == "image" else len(clean)  # Figure 4: a strip of 8 items per cell
     shown = {s: {k: v[:m] for k, v in ex.items()} for s, ex in rec_examples.items()}
     figures.recovery_figure(clean[:m], shown, kind, figs / "recovery.png")
 
