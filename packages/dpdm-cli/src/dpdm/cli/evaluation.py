@@ -43,7 +43,7 @@ def ints(values: List[str] | None, option: str) -> list[int]:
     return out
 
 
-def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, device="cpu"):
+def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, device="cpu", progress=None):
     """``(name, metric fn)``: ``--detector`` alone means ``fid`` with that detector; ``--metric NAME`` any metric
     (``fid`` takes ``--detector``); neither: the run's ``eval.metric``."""
     from dpdm.core.errors import DpdmError
@@ -69,7 +69,18 @@ def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, 
         options.setdefault("device", str(device))
     elif name.startswith("fd-"):
         options.setdefault("device", str(device))
-    return name, make_metric(name, options, data=data)
+    return name, make_metric(name, options, data=data, progress=progress)
+
+
+def _metric_on_ranks(dist, metric, detector, recipe, progress):
+    """``resolve_metric`` on rank 0 first (it may download a detector or train an fd classifier into the cache),
+    then on the other ranks, which find it cached."""
+    if dist.is_main:
+        result = resolve_metric(metric, detector, recipe, dist.device, progress)
+    dist.barrier()
+    if not dist.is_main:
+        result = resolve_metric(metric, detector, recipe, dist.device)
+    return result
 
 
 def _reference(ref: Optional[str], metric, recipe, dist, progress):
@@ -157,7 +168,7 @@ def ref_cmd(
     ds = _open_dataset(dataset, data or [], split)
     dist, progress = _dist(device)
     try:
-        name, metric_fn = resolve_metric(metric, detector, device=dist.device)
+        name, metric_fn = _metric_on_ranks(dist, metric, detector, None, progress)
         if not is_feature_metric(metric_fn):
             from dpdm.core.errors import DpdmError
 
@@ -233,7 +244,7 @@ def fid_cmd(
         if not step_list:
             step_list = list(recipe.eval.student_steps) if recipe is not None and model == "student" else [4, 5, 6, 7, 8]
         sampler_spec, schedule_spec = _sampling(recipe, model, sampler, schedule, sigma_max)
-        name, metric_fn = resolve_metric(metric, detector, recipe, dist.device)
+        name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
         from dpdm.core.scoring import fid_at_steps, is_feature_metric
 
         if len(spec["shape"]) != 3:
@@ -359,7 +370,7 @@ def sweep_cmd(
     try:
         student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
         teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
-        name, metric_fn = resolve_metric(metric, detector, recipe, dist.device)
+        name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
         reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
         n = num or cfg.num_samples
         kind = "image" if len(spec["shape"]) == 3 else "vector"

@@ -247,7 +247,9 @@ def recover(
     n = num or recipe.eval.recovery_num
     if n < 2:
         raise DpdmError(f"--num must be at least 2, got {n}")
-    metric_name, metric_fn = resolve_metric(metric, detector, recipe, dev)
+    from dpdm.core.progress import RichProgress
+
+    metric_name, metric_fn = resolve_metric(metric, detector, recipe, dev, RichProgress(err))
     clean, labels = recovery_data(recipe, test_set, n)
     _, reference = references(recipe, make_dataset(recipe, "train"), test_set, recipe.eval.num_samples)
     reference = ev.prepare_reference(metric_fn, reference)

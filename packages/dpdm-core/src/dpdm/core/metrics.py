@@ -137,13 +137,26 @@ def metric_factory(name: str):
     if name in table:
         return table[name].obj
     if name.startswith(FD_PREFIX) and name[len(FD_PREFIX):] in entries("dataset"):
-        from .classifier import fd_metric
-
-        return functools.partial(fd_metric, dataset=name[len(FD_PREFIX):])
+        return _fd_factory(name[len(FD_PREFIX):])
     raise UnknownComponentError("metric", name, names("metric") + [f"{FD_PREFIX}<dataset>"])
 
 
-def make_metric(name: str, options: dict | None = None, *, data=None):
+def _fd_factory(dataset: str):
+    """``classifier.fd_metric`` for one dataset, with the options a recipe may set (``dataset`` is the name's)."""
+
+    def fd(*, data: dict | None = None, seed: int = 0, epochs: int | None = None, batch_size: int = 100,
+           device: str = "cpu", progress=None):
+        from .classifier import fd_detector, fd_metric
+
+        if progress is not None:  # train (or load) the classifier with progress shown; fd_metric then loads it
+            fd_detector(dataset, data=data, seed=seed, epochs=epochs, progress=progress)
+        return fd_metric(dataset=dataset, data=data, seed=seed, epochs=epochs, batch_size=batch_size, device=device)
+
+    fd.__name__ = fd.__qualname__ = f"fd_{dataset}"
+    return fd
+
+
+def make_metric(name: str, options: dict | None = None, *, data=None, progress=None):
     """The metric ``name`` built with ``options`` (see ``metric_factory``).
 
     ``data``: the recipe's dataset as ``(name, options)``; ``fd-<that name>`` then trains its classifier on the
@@ -151,10 +164,14 @@ def make_metric(name: str, options: dict | None = None, *, data=None):
     becomes true: the classifier learns the labels, the images are the same) unless the metric's own ``data``
     option says otherwise.
     """
+    from .registry import entries
+
     options = dict(options or {})
     if (name.startswith(FD_PREFIX) and data is not None and data[0] == name[len(FD_PREFIX):]
             and "data" not in options):
         options["data"] = dict(data[1])
         if options["data"].get("labels") is False:
             options["data"]["labels"] = True
+    if name.startswith(FD_PREFIX) and progress is not None and name not in entries("metric"):
+        options["progress"] = progress
     return metric_factory(name)(**options)

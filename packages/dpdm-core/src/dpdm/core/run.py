@@ -358,7 +358,7 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     options = dict(cfg.metric.options)
     if (cfg.metric.name == "fid" or cfg.metric.name.startswith(FD_PREFIX)) and "device" not in options:
         options["device"] = str(device)  # detector features on the run's device (fd classifiers train on the CPU)
-    metric_fn = make_metric(cfg.metric.name, options, data=(recipe.data.name, recipe.data.options))
+    metric_fn = make_metric(cfg.metric.name, options, data=(recipe.data.name, recipe.data.options), progress=progress)
     reference, validation = references(recipe, train_set, test_set, cfg.num_samples)
     reference_data = reference
     if is_feature_metric(metric_fn):  # featurise each reference once (cached on disk for the test split)

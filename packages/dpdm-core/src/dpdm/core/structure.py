@@ -201,7 +201,7 @@ RESERVED_OPTIONS: dict[str, tuple[str, ...]] = {
     "sampler": ("denoiser", "x", "sigmas", "generator", "callback", "class_labels"),
     "divergence": ("sigma",),
     "dataset": ("split",),
-    "metric": (),
+    "metric": ("progress",),
 }
 
 
