@@ -320,3 +320,27 @@ def test_two_gloo_processes_generate_what_one_does(tmp_path):
         assert r["n"] == 23
         np.testing.assert_allclose(r["mu"], one["mu"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(r["sigma"], one["sigma"], rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_eval_fid_under_torchrun_matches_one_process(tmp_path):
+    """`dpdm eval fid --nproc 2` (gloo, each rank its share of the images) gives one process's numbers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DPDM_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    net, spec = tiny_denoiser()
+    ckpt = tmp_path / "tiny.safetensors"
+    save_denoiser(str(ckpt), net, spec)
+    cli = [sys.executable, "-m", "dpdm.cli"]
+    subprocess.run(cli + ["eval", "ref", "digits", str(tmp_path / "ref.npz"), "--metric", "fd-digits", "--split",
+                          "test", "--device", "cpu"], check=True, env=env, timeout=300, capture_output=True)
+    common = ["eval", "fid", "--checkpoint", str(ckpt), "--steps", "1", "2", "--num", "45", "--batch", "8",
+              "--metric", "fd-digits", "--ref", str(tmp_path / "ref.npz"), "--device", "cpu"]
+    subprocess.run(cli + common + ["--out", str(tmp_path / "one.json")], check=True, env=env, timeout=300,
+                   capture_output=True)
+    two = subprocess.run(cli + common + ["--out", str(tmp_path / "two.json"), "--nproc", "2"], env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and one["metric"] == two["metric"] == "fd-digits"
+    for a, b in zip(one["results"], two["results"]):
+        assert a["steps"] == b["steps"] and b["value"] == pytest.approx(a["value"], rel=1e-5)
+    assert one["results"][0]["value"] != pytest.approx(one["results"][1]["value"], rel=1e-3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -185,10 +186,13 @@ def _launch(nproc: int) -> None:
         if arg.startswith("--nproc="):
             continue
         argv.append(arg)
+    # The command's own arguments travel in DPDM_ARGV, not on torchrun's command line: torchrun's parser takes
+    # abbreviations of its options anywhere (`--num` would clash with `--numa-binding`, `--run` would become
+    # `--run-path`).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dpdm.cli", *argv]
-    err.print(f"launching: {escape(' '.join(cmd[1:]))}")
-    raise typer.Exit(subprocess.call(cmd))
+           "-m", "dpdm.cli"]
+    err.print(f"launching: {escape(' '.join(cmd[1:] + argv))}")
+    raise typer.Exit(subprocess.call(cmd, env={**os.environ, ARGV_ENV: json.dumps(argv)}))
 
 
 PAPER_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 2.0, 5.0, 7.5, 10.0]  # Table 1 of the DPDM paper
@@ -406,8 +410,14 @@ from .evaluation import eval_app  # noqa: E402
 app.add_typer(eval_app, name="eval")
 
 
+ARGV_ENV = "DPDM_ARGV"  # set by --nproc for the processes torchrun starts (a JSON list of arguments)
+
+
 def main() -> None:
-    app(prog_name="dpdm")
+    argv = sys.argv[1:]
+    if not argv and os.environ.get(ARGV_ENV):
+        argv = json.loads(os.environ[ARGV_ENV])
+    app(args=argv, prog_name="dpdm")
 
 
 if __name__ == "__main__":
