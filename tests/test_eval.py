@@ -344,3 +344,27 @@ def test_eval_fid_under_torchrun_matches_one_process(tmp_path):
     for a, b in zip(one["results"], two["results"]):
         assert a["steps"] == b["steps"] and b["value"] == pytest.approx(a["value"], rel=1e-5)
     assert one["results"][0]["value"] != pytest.approx(one["results"][1]["value"], rel=1e-3)
+
+
+def test_eval_ref_reads_an_edm_zip_path(small_detector, tmp_path):
+    import zipfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "data.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for i, img in enumerate(images):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="png")
+            z.writestr(f"00000/img{i:08d}.png", buf.getvalue())
+    out = tmp_path / "zip-ref.npz"
+    r = invoke("eval", "ref", path, out, "--detector", small_detector, "--batch", "5", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    det = detectors.load_detector(str(small_detector))
+    f = det(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()).double().numpy()
+    got = fid.load_stats(str(out))
+    assert got.num_images == 12
+    np.testing.assert_allclose(got.mu, f.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.sigma, np.cov(f, rowvar=False), rtol=1e-4, atol=1e-9)
