@@ -368,3 +368,34 @@ def test_eval_ref_reads_an_edm_zip_path(small_detector, tmp_path):
     assert got.num_images == 12
     np.testing.assert_allclose(got.mu, f.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got.sigma, np.cov(f, rowvar=False), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_whole_pipeline_through_pytorch_fid_weights(tmp_path, monkeypatch):
+    """A state dict with pytorch-fid's keys (random values) through `eval ref` and `eval fid`: 2048 features,
+    a 2048×2048 sqrtm, the number equal to the Fréchet distance computed by hand from the same features."""
+    from test_fid import pytorch_fid_shapes
+
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "cache"))
+    generator = torch.Generator().manual_seed(0)
+    state = {k: (torch.rand(s, generator=generator) + 0.5 if k.endswith("running_var")
+                 else torch.randn(s, generator=generator) * 0.1) for k, s in pytorch_fid_shapes().items()}
+    det_path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(state, det_path)
+    ref = tmp_path / "ref.npz"
+    r = invoke("eval", "ref", "digits", ref, "--detector", det_path, "--split", "test", "--num", "24", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    net, spec = tiny_denoiser()
+    ckpt = tmp_path / "tiny.safetensors"
+    save_denoiser(str(ckpt), net, spec)
+    out = tmp_path / "fid.json"
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "2", "--num", "12", "--ref", ref, "--detector", det_path,
+               "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    value = json.loads(out.read_text())["results"][0]["value"]
+    det = detectors.load_detector(str(det_path))
+    x = generation.generate(net, get("sampler", "dpdm"), get("schedule", "dpdm")(2), 12, (1, 8, 8), label_dim=10)
+    f = det(from_model(x, "image")).double().numpy()
+    g = det(get("dataset", "digits")(split="test").tensors()[0][:24]).double().numpy()
+    want = fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), g.mean(0), np.cov(g, rowvar=False))
+    assert value == pytest.approx(want, rel=1e-4)
