@@ -35,8 +35,7 @@ def is_feature_metric(metric) -> bool:
 
 
 def _items(dataset, indices) -> torch.Tensor:
-    if hasattr(dataset, "tensors"):
-        return dataset.tensors()[0][torch.as_tensor(list(indices), dtype=torch.int64)]
+    """The images of ``indices``, read batch by batch (a lazy ZIP is never decoded whole into memory)."""
     if hasattr(dataset, "__getitems__"):
         return dataset.__getitems__(list(indices))[0]
     return torch.stack([dataset[i][0] for i in indices])
