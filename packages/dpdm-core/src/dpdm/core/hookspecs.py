@@ -18,7 +18,9 @@ What each kind's object must be:
   with an ``nfe(num_steps) -> int`` attribute.
 - ``divergence``: ``factory(**options) -> Divergence`` (see ``dpdm.core.divergences``).
 - ``dataset``: ``factory(split="train", **options) -> Dataset`` (see ``dpdm.core.datasets``).
-- ``metric``: ``factory(**options) -> fn(samples, reference) -> float``.
+- ``metric``: ``factory(**options) -> fn(samples, reference) -> float``. A metric on detector features
+  (like ``fid``) is best built with ``dpdm.core.fid.feature_metric(detector)``: it then streams under
+  ``dpdm eval`` (statistics summed over ranks) and featurises each reference once.
 """
 
 from __future__ import annotations
