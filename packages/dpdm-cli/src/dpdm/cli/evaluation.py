@@ -167,6 +167,7 @@ def ref_cmd(
 
     ds = _open_dataset(dataset, data or [], split)
     dist, progress = _dist(device)
+    finished = False
     try:
         name, metric_fn = _metric_on_ranks(dist, metric, detector, None, progress)
         if not is_feature_metric(metric_fn):
@@ -180,8 +181,9 @@ def ref_cmd(
             console.print(f"wrote {escape(out)}: {name} statistics of {stats.num_images} images of {escape(dataset)} "
                           f"({split}), {len(stats.mu)} features, detector {escape(metric_fn.detector.key)}, "
                           f"{time.perf_counter() - t0:.1f} s", highlight=False)
+        finished = True
     finally:
-        dist.destroy()
+        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
 
 def _open_dataset(dataset: str, data: list[str], split: str):
@@ -239,6 +241,7 @@ def fid_cmd(
 
     step_list = ints(steps, "--steps")
     dist, progress = _dist(device)
+    finished = False
     try:
         net, spec, recipe, source = _model(run, checkpoint, model, dist.device)
         if not step_list:
@@ -273,8 +276,9 @@ def fid_cmd(
             _grids(out_path.parent, out_path.stem, {f"steps{n:02d}": g for n, g in grids.items()})
             _fid_table(result)
             console.print(f"wrote {escape(str(out_path))}", highlight=False)
+        finished = True
     finally:
-        dist.destroy()
+        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
 
 def _sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str], sigma_max: Optional[float]):
@@ -367,6 +371,7 @@ def sweep_cmd(
     for s in samplers:
         entry("sampler", s["name"])
     dist, progress = _dist(device)
+    finished = False
     try:
         student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
         teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
@@ -408,5 +413,6 @@ def sweep_cmd(
 
             console.print(Markdown(sweep_markdown(result)))
             console.print(f"wrote {escape(str(folder))}/sweep.json, sweep.md, nfe_curve.png, grids/", highlight=False)
+        finished = True
     finally:
-        dist.destroy()
+        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it

@@ -121,6 +121,7 @@ def run(
     from dpdm.core.run import run as run_recipe
 
     dist = init_dist(resolved.device)
+    finished = False
     try:
         out_dir = dist.broadcast_object(_run_dir(resolved, out, resume) if dist.is_main else None)
         if dist.is_main:
@@ -132,8 +133,9 @@ def run(
 
             console.print(Markdown((Path(out_dir) / "report.md").read_text()))
             err.print(f"[green]done:[/] {escape(str(out_dir))}/report.json, report.md, figures/")
+        finished = True
     finally:
-        dist.destroy()
+        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
 
 def _run_dir(recipe, out: Optional[Path], resume: Optional[str]) -> Path:

@@ -100,9 +100,15 @@ class Dist:
         generator.manual_seed(derive_seed(seed, self.rank, 0))
         return generator
 
-    def destroy(self) -> None:
-        """Leave the process group (if this process is in one)."""
+    def destroy(self, sync: bool = True) -> None:
+        """Leave the process group (if this process is in one).
+
+        ``sync``: first wait for every rank (a barrier), so that no rank tears down its connections while a peer
+        still has collective work in flight (gloo can abort a process whose worker threads still hold such work
+        at exit). Pass ``sync=False`` on an error path, where the other ranks may never reach the barrier."""
         if self.distributed and tdist.is_initialized():
+            if sync:
+                tdist.barrier()
             tdist.destroy_process_group()
 
 
