@@ -399,3 +399,47 @@ def test_whole_pipeline_through_pytorch_fid_weights(tmp_path, monkeypatch):
     g = det(get("dataset", "digits")(split="test").tensors()[0][:24]).double().numpy()
     want = fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), g.mean(0), np.cov(g, rowvar=False))
     assert value == pytest.approx(want, rel=1e-4)
+
+
+def test_sweeps_and_recovery_keep_only_what_figures_need():
+    from dpdm.core import evaluate as ev
+
+    net, _ = tiny_denoiser()
+    energy = get("metric", "energy")()
+    ref = to_model(get("dataset", "digits")(split="test").tensors()[0][:40])
+    common = dict(num=30, shape=(1, 8, 8), label_dim=10, seed=0, device="cpu")
+    vals, samples = ev.sweep_student(net, energy, ref, sampler={"name": "dpdm"}, schedule={"name": "dpdm"},
+                                     steps=[1, 2], keep=5, **common)
+    full, _ = ev.sweep_student(net, energy, ref, sampler={"name": "dpdm"}, schedule={"name": "dpdm"}, steps=[1, 2],
+                               **common)
+    assert vals == full and [len(x) for x in samples.values()] == [5, 5]  # the values use all 30 samples
+    clean = ref[:12]
+    table, examples = ev.recovery(net, net, energy, clean, None, [0.5, 2.0], ref, keep=4, batch_size=5)
+    full, whole = ev.recovery(net, net, energy, clean, None, [0.5, 2.0], ref, batch_size=12)
+    assert all(table[s][k] == pytest.approx(full[s][k], rel=1e-6) for s in full for k in full[s])
+    assert all(len(v) == 4 for ex in examples.values() for v in ex.values())
+    torch.testing.assert_close(examples[2.0]["noisy"], whole[2.0]["noisy"][:4])  # per-item noise: batch-independent
+
+
+def test_a_run_evaluates_with_fd_and_caches_its_reference(tmp_path, monkeypatch):
+    """`dpdm run` of an image recipe with eval.metric fd-digits: the report names the metric, the detector and its
+    accuracy; the test split's statistics land in the cache; the figures are written."""
+    from dpdm.core.config import load_recipe
+    from dpdm.core.run import run
+
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(str(ROOT / "recipes" / "digits.yaml"), [
+        "teacher.train.steps=20", "train.steps=4", "train.fake_updates=1", "eval.num_samples=60",
+        "eval.recovery_num=40", "eval.teacher_nfe=[1,3]", "eval.student_steps=[1,2]", "eval.one_step_sigma_max=[2.5]",
+        "eval.recovery_sigmas=[1.0]", "eval.metric={name: fd-digits, epochs: 1}", "device=cpu",
+        "model.backbone={name: mlp, hidden: 32, depth: 1}"])
+    report = run(recipe, tmp_path / "run")
+    assert report["metric"] == "fd-digits" and report["detector"].startswith("fd-digits-")
+    assert 0.1 < report["detector_test_accuracy"] <= 1.0
+    assert set(report["sweep"]["student"]["dpdm"]) == {"1", "2"} and report["recovery"]["1"]["student"] > 0
+    cached = list((tmp_path / "cache" / "fid-stats").glob("digits-*-test-n359--fd-digits-*.npz"))
+    assert len(cached) == 1
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Metric: **fd-digits**" in md and "classifier test accuracy" in md
+    for name in ("samples_student.png", "nfe_curve.png", "recovery.png"):
+        assert (tmp_path / "run" / "figures" / name).read_bytes()[:4] == b"\x89PNG"

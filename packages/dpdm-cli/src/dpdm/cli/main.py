@@ -261,7 +261,7 @@ def recover(
     reference = ev.prepare_reference(metric_fn, reference)
     with torch.no_grad():
         table, examples = ev.recovery(student, teacher, metric_fn, clean, labels, sigmas, reference, seed=seed,
-                                      device=dev)
+                                      device=dev, keep=8 if test_set.kind == "image" else None)
     fig_path = figure or run_dir / "figures" / "recover.png"
     try:
         from dpdm.core import figures

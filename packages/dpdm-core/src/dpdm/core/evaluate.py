@@ -47,24 +47,25 @@ def _sampler(spec: dict) -> tuple[str, Callable, Callable]:
 
 
 def sweep_student(student, metric, reference, *, sampler: dict, schedule: dict, steps: list[int], num: int, shape,
-                  label_dim, seed, device, on_step=None) -> tuple[dict, dict]:
-    """Metric per NFE for the student; returns ``({nfe: value}, {nfe: samples})``."""
+                  label_dim, seed, device, on_step=None, keep: int | None = None) -> tuple[dict, dict]:
+    """Metric per NFE for the student; returns ``({nfe: value}, {nfe: samples})``, the samples cut to the first
+    ``keep`` (all when None: what figures need, not 10k images per point)."""
     _, sample_fn, nfe_of = _sampler(sampler)
     sched = _schedule(schedule)
     reference = prepare_reference(metric, reference)
     values, samples = {}, {}
     for n in steps:
         x = generate(student, sample_fn, sched(n), num, shape, label_dim=label_dim, seed=seed, device=device)
-        values[nfe_of(n)], samples[nfe_of(n)] = metric(x, reference), x
+        values[nfe_of(n)], samples[nfe_of(n)] = metric(x, reference), x[:keep]
         if on_step:
             on_step()
     return values, samples
 
 
 def sweep_teacher(teacher, metric, reference, *, samplers: list[dict], schedule: dict, nfes: list[int], num: int,
-                  shape, label_dim, seed, device, on_step=None) -> tuple[dict, dict]:
+                  shape, label_dim, seed, device, on_step=None, keep: int | None = None) -> tuple[dict, dict]:
     """Metric per (sampler, NFE) for the teacher; NFEs a sampler cannot hit exactly are skipped
-    (Heun's NFE is always odd)."""
+    (Heun's NFE is always odd). Samples are cut to the first ``keep`` as in ``sweep_student``."""
     sched = _schedule(schedule)
     reference = prepare_reference(metric, reference)
     values: dict = {}
@@ -76,33 +77,34 @@ def sweep_teacher(teacher, metric, reference, *, samplers: list[dict], schedule:
             n = steps_for_nfe(nfe_of, nfe)
             if n is not None:
                 x = generate(teacher, sample_fn, sched(n), num, shape, label_dim=label_dim, seed=seed, device=device)
-                values[name][nfe], samples[name][nfe] = metric(x, reference), x
+                values[name][nfe], samples[name][nfe] = metric(x, reference), x[:keep]
             if on_step:
                 on_step()
     return values, samples
 
 
 def best_one_step(student, metric, validation, reference, *, sampler: dict, schedule: dict,
-                  sigma_maxes: list[float], num: int, shape, label_dim, seed, device) -> dict:
+                  sigma_maxes: list[float], num: int, shape, label_dim, seed, device, keep: int | None = None) -> dict:
     """One-step sampling from each candidate σ_max; the best is chosen on ``validation`` data and
-    reported on ``reference`` data (so the choice does not flatter the reported number)."""
+    reported on ``reference`` data (so the choice does not flatter the reported number). ``samples``: the first
+    ``keep`` of the reported set."""
     _, sample_fn, _ = _sampler(sampler)
     sched = _schedule(schedule)
     validation, reference = prepare_reference(metric, validation), prepare_reference(metric, reference)
-    scores, samples = {}, {}
+    scores = {}
     for smax in sigma_maxes:
-        samples[smax] = generate(student, sample_fn, sched(1, sigma_max=smax), num, shape, label_dim=label_dim,
-                                 seed=seed + 1, device=device)
-        scores[smax] = metric(samples[smax], validation)
+        x = generate(student, sample_fn, sched(1, sigma_max=smax), num, shape, label_dim=label_dim, seed=seed + 1,
+                     device=device)
+        scores[smax] = metric(x, validation)
     best = min(scores, key=lambda s: scores[s] if math.isfinite(scores[s]) else math.inf)
     x = generate(student, sample_fn, sched(1, sigma_max=best), num, shape, label_dim=label_dim, seed=seed,
                  device=device)
-    return {"validation": scores, "best_sigma_max": best, "value": metric(x, reference), "samples": x}
+    return {"validation": scores, "best_sigma_max": best, "value": metric(x, reference), "samples": x[:keep]}
 
 
 @torch.no_grad()
 def recovery(student, teacher, metric, clean: torch.Tensor, labels, sigmas: list[float], reference: torch.Tensor, *,
-             seed: int = 0, device="cpu", batch_size: int = 4096) -> tuple[dict, dict]:
+             seed: int = 0, device="cpu", batch_size: int = 4096, keep: int | None = None) -> tuple[dict, dict]:
     """Section 5.1: for each σ add N(0, σ²) noise to held-out ``clean`` data (model space), denoise
     once with each model (same noise for both), and measure each recovered set's distance to
     the data distribution.
@@ -131,5 +133,5 @@ def recovery(student, teacher, metric, clean: torch.Tensor, labels, sigmas: list
             outs["student"].append(student(noisy, s, class_labels=y).float().cpu())
         outs = {k: torch.cat(v) for k, v in outs.items()}
         table[sigma] = {k: metric(v, reference) for k, v in outs.items()}
-        examples[sigma] = outs
+        examples[sigma] = {k: v[:keep] for k, v in outs.items()}  # the first ``keep`` items, for figures
     return table, examples

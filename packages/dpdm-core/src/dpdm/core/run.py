@@ -370,6 +370,7 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         validation = metric_fn.prepare(validation)
     shape, label_dim, kind = tuple(test_set.shape), test_set.label_dim, test_set.kind
     common = dict(num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed, device=device)
+    keep = cfg.figure_samples if kind == "image" else None  # the figures' share: not num_samples images per point
     student_sampler = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
     student_schedule = {"name": cfg.student_schedule.name, **cfg.student_schedule.options}
     teacher_samplers = [{"name": c.name, **c.options} for c in cfg.teacher_samplers]
@@ -381,18 +382,19 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     with progress.task("evaluate: NFE sweep", total) as bar:
         s_vals, s_samples = ev.sweep_student(student, metric_fn, reference, sampler=student_sampler,
                                              schedule=student_schedule, steps=cfg.student_steps,
-                                             on_step=lambda: bar.advance(1), **common)
+                                             on_step=lambda: bar.advance(1), keep=keep, **common)
         t_vals, t_samples = ev.sweep_teacher(teacher, metric_fn, reference, samplers=teacher_samplers,
                                              schedule=teacher_schedule, nfes=cfg.teacher_nfe,
-                                             on_step=lambda: bar.advance(1), **common)
+                                             on_step=lambda: bar.advance(1), keep=keep, **common)
     one = ev.best_one_step(student, metric_fn, validation, reference, sampler=student_sampler,
-                           schedule=student_schedule, sigma_maxes=cfg.one_step_sigma_max, **common)
+                           schedule=student_schedule, sigma_maxes=cfg.one_step_sigma_max, keep=keep, **common)
     timings["sweep_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     clean, labels = recovery_data(recipe, test_set, cfg.recovery_num)
     rec, rec_examples = ev.recovery(student, teacher, metric_fn, clean, labels, cfg.recovery_sigmas, validation,
-                                    seed=recipe.seed, device=device)
+                                    seed=recipe.seed, device=device,
+                                    keep=min(8, cfg.figure_samples) if kind == "image" else None)
     floor = metric_fn(clean, validation)
     timings["recovery_s"] = time.perf_counter() - t0
 
