@@ -443,3 +443,20 @@ def test_a_run_evaluates_with_fd_and_caches_its_reference(tmp_path, monkeypatch)
     assert "Metric: **fd-digits**" in md and "classifier test accuracy" in md
     for name in ("samples_student.png", "nfe_curve.png", "recovery.png"):
         assert (tmp_path / "run" / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_runs_eval_ref_is_the_default_reference(small_detector, tmp_path):
+    from dpdm.cli.evaluation import _reference
+    from dpdm.core.config import load_recipe
+    from dpdm.core.distributed import Dist
+    from dpdm.core.progress import Progress
+
+    ref = tmp_path / "published.npz"
+    fid.save_stats(str(ref), fid.FeatureStats(np.arange(16.0), np.eye(16), 50000))
+    metric = get("metric", "fid")(detector=str(small_detector))
+    recipe = load_recipe(str(ROOT / "recipes" / "digits.yaml"), [f"eval.ref={ref}"])
+    stats, name = _reference(None, metric, recipe, Dist(), Progress())
+    assert name == str(ref) and stats.num_images == 50000 and np.array_equal(stats.mu, np.arange(16.0))
+    plain = load_recipe(str(ROOT / "recipes" / "digits.yaml"))
+    stats, name = _reference(None, metric, plain, Dist(), Progress())
+    assert name == "digits test split (359 items)" and stats.num_images == 359

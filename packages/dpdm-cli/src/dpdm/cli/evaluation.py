@@ -84,11 +84,14 @@ def _metric_on_ranks(dist, metric, detector, recipe, progress):
 
 
 def _reference(ref: Optional[str], metric, recipe, dist, progress):
-    """The reference: ``--ref`` statistics, or (for a run) the recipe's test split (feature statistics cached)."""
+    """The reference: ``--ref`` statistics, else (for a run) the recipe's ``eval.ref``, else its test split (feature
+    statistics cached)."""
     from dpdm.core.errors import DpdmError
     from dpdm.core.fid import load_stats
     from dpdm.core.scoring import cached_dataset_stats, is_feature_metric
 
+    if ref is None and recipe is not None and recipe.eval.ref and is_feature_metric(metric):
+        ref = recipe.eval.ref  # the run's own reference statistics (e.g. EDM's published ones)
     if ref is not None:
         if not is_feature_metric(metric):
             raise DpdmError("--ref holds feature statistics, for fid or fd-<dataset>; this metric compares data")
@@ -221,7 +224,7 @@ def fid_cmd(
                                                                     "(default: the run's eval.student_steps, or 4..8)"),
     num: int = typer.Option(50000, "--num", min=2, help="Generated images per step count"),
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (default with --run: the "
-                                                          "recipe's test split, cached)"),
+                                                          "recipe's eval.ref, else its test split, cached)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
     metric: Optional[str] = typer.Option(None, "--metric", help="fd-<dataset> (substitute) instead of fid"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Default: dpdm (student, checkpoint), heun (teacher)"),
