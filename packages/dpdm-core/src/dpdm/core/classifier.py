@@ -32,6 +32,7 @@ from torch import nn
 
 from .cache import cache_dir
 from .datasets import to_model
+from .detectors import FeatureDetector
 from .errors import DpdmError
 from .fid import _slug, feature_metric
 from .progress import Progress
@@ -157,27 +158,18 @@ def train_classifier(train_set, test_set, *, seed: int = 0, epochs: int | None =
     return net, accuracy(net, test_images, test_labels)
 
 
-class ClassifierDetector:
+class ClassifierDetector(FeatureDetector):
     """uint8 (N, C, H, W) images → float32 (N, feature_dim) penultimate features of a trained ``FDClassifier``.
 
-    The same interface as ``detectors.Detector``: ``name`` (``fd-<dataset>``), ``digest`` (sha256 of the weights
-    file, 12 hex digits), ``key``, ``feature_dim``, ``device``; plus ``accuracy`` (on the test split) and ``info``.
+    ``detectors.FeatureDetector``'s interface (``name`` is ``fd-<dataset>``, ``digest`` that of the weights file),
+    plus ``accuracy`` (on the test split), ``info`` and the dataset's item ``shape``.
     """
 
     def __init__(self, net: FDClassifier, *, name: str, digest: str, info: dict, device="cpu"):
-        self.device = torch.device(device)
-        self.net = net.eval().to(self.device)
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-        self.name, self.digest, self.info = name, digest, info
-        self.feature_dim = net.feature_dim
+        super().__init__(net, name=name, digest=digest, feature_dim=net.feature_dim, device=device)
+        self.info = info
         self.shape = tuple(info["shape"])
         self.accuracy = float(info["test_accuracy"])
-
-    @property
-    def key(self) -> str:
-        """What cached statistics are keyed by: the metric's name and the weights' digest."""
-        return f"{self.name}-{self.digest}" if self.digest else self.name
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

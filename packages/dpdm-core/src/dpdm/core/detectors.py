@@ -47,21 +47,31 @@ WHERE = (f"the official detector files are {EDM_DETECTOR_URL} (EDM), {STYLEGAN2_
          f"TorchScript) and {PYTORCH_FID_URL} (pytorch-fid weights); give one of these URLs or a downloaded copy")
 
 
-class Detector:
-    """uint8 (N, C, H, W) images → float32 (N, 2048) features. ``kind``: ``torchscript`` or ``pytorch-fid``."""
+class FeatureDetector:
+    """What every detector shares (the FID Inception here, ``classifier.ClassifierDetector`` for ``fd-<dataset>``):
+    a frozen network in eval mode on ``device``, its ``name``, the ``digest`` of its weights (sha256, 12 hex digits),
+    ``feature_dim``, and ``key``, what cached statistics are keyed by. Subclasses define ``__call__``: uint8
+    (N, C, H, W) images → float32 (N, feature_dim)."""
 
-    def __init__(self, net: torch.nn.Module, *, kind: str, name: str, digest: str = "", device="cpu"):
+    def __init__(self, net: torch.nn.Module, *, name: str, digest: str, feature_dim: int, device="cpu"):
         self.device = torch.device(device)
         self.net = net.eval().to(self.device)
         for p in self.net.parameters():  # (ScriptModules have no requires_grad_)
             p.requires_grad_(False)
-        self.kind, self.name, self.digest = kind, name, digest  # digest: sha256 of the file, 12 hex digits
-        self.feature_dim = FEATURE_DIM
+        self.name, self.digest, self.feature_dim = name, digest, int(feature_dim)
 
     @property
     def key(self) -> str:
-        """What cached statistics are keyed by: the file's name and content digest."""
+        """The name and the weights' digest: statistics made with other weights are never mixed up."""
         return f"{self.name}-{self.digest}" if self.digest else self.name
+
+
+class Detector(FeatureDetector):
+    """uint8 (N, C, H, W) images → float32 (N, 2048) features. ``kind``: ``torchscript`` or ``pytorch-fid``."""
+
+    def __init__(self, net: torch.nn.Module, *, kind: str, name: str, digest: str = "", device="cpu"):
+        super().__init__(net, name=name, digest=digest, feature_dim=FEATURE_DIM, device=device)
+        self.kind = kind
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
