@@ -124,12 +124,11 @@ def _model(run: Optional[Path], checkpoint: Optional[str], model: str, device):
         raise DpdmError("give --run DIR or --checkpoint PATH, not both")
     if model not in ("student", "teacher"):
         raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
-    if checkpoint is not None:
-        from dpdm.core.checkpoint import load_checkpoint
+    from dpdm.core.checkpoint import load_checkpoint
 
+    if checkpoint is not None:
         net, spec = load_checkpoint(checkpoint, device=device)
         return net, spec, None, checkpoint
-    from dpdm.core.checkpoint import load_checkpoint
     from dpdm.core.config import load_recipe
     from dpdm.core.rundir import resolve_run
 

@@ -20,12 +20,11 @@ from typing import Callable
 
 import torch
 
-from . import generation
+from . import evaluate, generation
 from .distributed import Dist
 from .errors import DpdmError
 from .fid import FeatureStats, StatsAccumulator, load_stats, save_stats, stats_cache_path
 from .progress import Progress
-from .registry import entry, get
 from .samplers import steps_for_nfe
 
 
@@ -84,15 +83,8 @@ def cached_dataset_stats(dataset_key: str, dataset, detector, *, num: int | None
 
 def sampler_and_schedule(sampler: dict, schedule: dict) -> tuple[Callable, Callable, Callable]:
     """``(sample_fn, nfe_of, sigmas_of)`` from ``{"name": ..., **options}`` specs of a sampler and a schedule."""
-    opts = {k: v for k, v in sampler.items() if k != "name"}
-    fn = entry("sampler", sampler["name"]).obj
-    sched_fn = get("schedule", schedule["name"])
-    sched_opts = {k: v for k, v in schedule.items() if k != "name"}
-
-    def sample_fn(denoiser, x, sigmas, **kw):
-        return fn(denoiser, x, sigmas, **kw, **opts)
-
-    return sample_fn, fn.nfe, lambda n: sched_fn(n, **sched_opts)
+    _, sample_fn, nfe_of = evaluate._sampler(sampler)
+    return sample_fn, nfe_of, evaluate._schedule(schedule)
 
 
 @torch.no_grad()
