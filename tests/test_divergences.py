@@ -89,8 +89,30 @@ def test_gradient_wrt_output_is_weighted_score_difference():
     torch.testing.assert_close(x0_hat.grad, d_f - d_t)
 
 
+@pytest.mark.parametrize("sigma_data", [0.5, 1.3])
+def test_edm_weighting_is_edm_training_weight_in_score_form(sigma_data):
+    """w(σ) = λ_EDM(σ)·σ⁴ with λ_EDM = (σ² + σ_d²)/(σσ_d)², so g = (1 + σ²/σ_d²)(D_fake − D_teacher)."""
+    sigma = torch.tensor([0.01, 0.3, 2.0, 80.0], dtype=torch.float64)
+    div = SmoothedKL(SigmaDist("fixed", max=1.0), weighting="edm", sigma_data=sigma_data)
+    lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    torch.testing.assert_close(div.weight(sigma), lam * sigma**4)
+    x0_hat = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    d_t, d_f = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    div(x0_hat, sigma, d_t, d_f).sum().backward()
+    torch.testing.assert_close(x0_hat.grad, (1 + sigma[:, None] ** 2 / sigma_data**2) * (d_f - d_t))
+    with pytest.raises(ValueError, match="sigma_data must be positive"):
+        SmoothedKL(SigmaDist("fixed", max=1.0), weighting="edm", sigma_data=0.0)
+
+
+def test_paper_defaults_edm_weighting_no_normaliser():
+    """The library's defaults are the paper's reading (EDM weighting, no DMD normaliser); IKL keeps Diff-Instruct's."""
+    dist = SigmaDist("log-uniform")
+    assert (SmoothedKL(dist).weighting, SmoothedKL(dist).normalize) == ("edm", False)
+    assert (IKL(dist).weighting, IKL(dist).normalize) == ("diffusion", False)
+
+
 def test_normaliser_divides_by_mean_abs_teacher_residual():
-    div = SmoothedKL(SigmaDist("fixed", max=1.0), normalize=True)
+    div = SmoothedKL(SigmaDist("fixed", max=1.0), weighting="diffusion", normalize=True)
     x0_hat = torch.randn(5, 2, 2, requires_grad=True)
     sigma = torch.ones(5)
     d_t, d_f = torch.randn(5, 2, 2), torch.randn(5, 2, 2)
@@ -163,3 +185,51 @@ def test_teacher_is_frozen_and_fake_moves():
         assert torch.equal(v, before[k])
     assert any(not torch.equal(a, b) for a, b in zip(algo.fake.parameters(), teacher.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(algo.student.parameters(), teacher.parameters()))
+
+
+class TinyImageNet(nn.Module):
+    """A dropout-free conv net ``(x, c_noise) -> F`` standing in for an EDM UNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x, noise_labels, class_labels=None):
+        c = noise_labels.reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:]).to(x.dtype)
+        return self.conv2(torch.nn.functional.silu(self.conv1(torch.cat([x, c], dim=1))))
+
+
+def test_ikl_gradient_equals_diff_instructs_update():
+    """With Diff-Instruct's settings (lognormal σ law unclamped, w = σ² i.e. ``weighting: diffusion``, no
+    normaliser, generator fed init_sigma·z at init_sigma) the generator gradient of ``student_loss`` equals that of
+    Diff-Instruct's generator loss, transcribed here from its description: σ = exp(N·P_std + P_mean),
+    n = N·σ, loss_i = Σ (D_fake(y + n, σ) − D_teacher(y + n, σ))·y over the pixels of generated image y,
+    mean over the batch. The draws are made in the same order (z, σ, n) from one generator."""
+    from dpdm.core.distill import student_loss
+
+    torch.manual_seed(0)
+    teacher = EDMPrecond(TinyImageNet(), sigma_data=0.5).double()
+    fake = EDMPrecond(TinyImageNet(), sigma_data=0.5).double()  # a fake score that has moved off the teacher
+    generator_net = EDMPrecond(TinyImageNet(), sigma_data=0.5).double()
+    init_sigma, p_mean, p_std = 2.5, -1.2, 1.2
+    div = IKL(SigmaDist("lognormal", P_mean=p_mean, P_std=p_std, min=1e-12, max=1e12), weighting="diffusion",
+              normalize=False, generator_sigma=init_sigma)
+    shape = (16, 1, 8, 8)
+    x0 = torch.zeros(shape, dtype=torch.float64)  # IKL is data-free: only the shape is used
+
+    student_loss(generator_net, teacher, fake, div, x0, generator=torch.Generator().manual_seed(7)).mean().backward()
+    ours = [p.grad.clone() for p in generator_net.parameters()]
+    generator_net.zero_grad(set_to_none=True)
+
+    g = torch.Generator().manual_seed(7)
+    z = init_sigma * torch.randn(shape, generator=g, dtype=torch.float64)
+    y = generator_net(z, torch.full((shape[0],), init_sigma, dtype=torch.float64))
+    sigma = (torch.randn(shape[0], generator=g, dtype=torch.float64) * p_std + p_mean).exp()
+    n = torch.randn(shape, generator=g, dtype=torch.float64) * sigma[:, None, None, None]
+    with torch.no_grad():
+        d_teacher, d_fake = teacher(y + n, sigma), fake(y + n, sigma)
+    ((d_fake - d_teacher) * y).sum(dim=(1, 2, 3)).mean().backward()
+    theirs = [p.grad for p in generator_net.parameters()]
+    assert any(float(t.abs().max()) > 1e-6 for t in theirs)  # a real, non-zero gradient is compared
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -258,6 +258,23 @@ def test_precision_rejects_unknown_modes():
     assert isinstance(Precision("fp16", "cpu").grad_scaler(), torch.amp.GradScaler)
 
 
+def test_networks_with_fp16_parts_get_a_loss_scaler_whatever_the_mode():
+    """EDM's ADM body runs in float16 on CUDA by itself (``use_fp16``): its gradients need loss scaling even when
+    the engine's precision is fp32 (the ImageNet-64 recipe). bfloat16 bodies and CPU runs need none."""
+    from dpdm.core.precision import runs_fp16
+    from dpdm.nets.edm.dhariwal import DhariwalUNet
+
+    def adm(**kw):
+        return DhariwalUNet(img_resolution=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=[1],
+                            num_blocks=1, attn_resolutions=[], **kw)
+
+    assert runs_fp16(adm(use_fp16=True), "cuda")
+    assert not runs_fp16(adm(use_fp16=True, fp16_dtype="bfloat16"), "cuda")
+    assert not runs_fp16(adm(use_fp16=False), "cuda")
+    assert not runs_fp16(adm(use_fp16=True), "cpu")  # the body runs in the input's dtype on a CPU
+    assert Precision("fp32", "cpu").grad_scaler(adm(use_fp16=True)) is None
+
+
 # --- the single-process facades keep their behaviour ----------------------------------------------------------------
 
 def test_teacher_trainer_facade_matches_the_job():
@@ -337,12 +354,68 @@ def test_sample_grid_hook_keeps_training_exact(tmp_path):
     assert hooked.job.denoiser.training
 
 
-def test_first_fake_update_reuses_the_student_steps_outputs():
-    """Algorithm 1 as run: the student step, then the fake step on its detached outputs at the σ that made them
-    (no second student forward, no second batch); further fake updates draw fresh batches."""
-    def no_dropout_job():
+def test_fake_first_order_is_algorithm_1():
+    """Algorithm 1's order (the default): the fake score's update on the student's outputs for one batch, then the
+    student's update on another batch against the *updated* fake score."""
+    from dpdm.core.distill import fake_score_loss, student_loss
+
+    def job_():
         div = SmoothedKL(SigmaDist("log-uniform", min=0.01, max=10.0))
         return DistillJob(denoiser(1, dropout=0.0), div, EDMLoss(), lr=1e-3, fake_updates=1)
+
+    job = job_()
+    assert job.order == "fake-first"
+    batches = [torch.randn(8, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    drawn = []
+
+    def next_batch():
+        drawn.append(len(drawn))
+        return batches[len(drawn) - 1], None
+
+    student_before = {k: v.clone() for k, v in job.student.module.state_dict().items()}
+    stats = job.iteration(next_batch, torch.Generator().manual_seed(0))
+    assert drawn == [0, 1]  # the fake's batch, then the student's
+
+    replay = job_()
+    replay.student.module.load_state_dict(student_before)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        fake_loss = fake_score_loss(replay.fake.module.train(), replay.student.module.eval(), replay.divergence,
+                                    EDMLoss(), batches[0], None, g).mean()
+        # the student's loss is taken against the fake score as it is after its update
+        s_loss = student_loss(replay.student.module, replay.teacher, job.fake.module.eval(), replay.divergence,
+                              batches[1], None, g).mean()
+    assert stats["fake_loss"] == pytest.approx(float(fake_loss), rel=1e-6)
+    assert stats["student_loss"] == pytest.approx(float(s_loss), rel=1e-6)
+    assert stats["student_loss"] > 0  # the fake moved first, so the student already sees a gradient
+
+
+def test_student_dropout_is_a_stated_choice():
+    div = SmoothedKL(SigmaDist("log-uniform", min=0.01, max=10.0))
+    off = DistillJob(denoiser(1), div, EDMLoss(), lr=1e-3)
+    on = DistillJob(denoiser(1), div, EDMLoss(), lr=1e-3, student_dropout=True)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 2, generator=g), None)
+    modes = {"student": [], "fake": []}
+    for job in (off, on):
+        job.student.module.register_forward_pre_hook(lambda m, a: modes["student"].append(m.training))
+        job.fake.module.register_forward_pre_hook(lambda m, a: modes["fake"].append(m.training))
+    off.iteration(lambda: batch, g)
+    assert set(modes["student"]) == {False}  # eval mode in the fake's data and in the student's own step
+    assert set(modes["fake"]) == {True, False}  # trains with dropout; queried in eval mode by the student step
+    modes["student"].clear()
+    on.iteration(lambda: batch, g)
+    assert set(modes["student"]) == {True}
+    with pytest.raises(ValueError, match="order must be one of fake-first, student-first"):
+        DistillJob(denoiser(1), div, EDMLoss(), order="fake-last")
+
+
+def test_first_fake_update_reuses_the_student_steps_outputs():
+    """``order="student-first"`` (DMD2's): the student step, then the fake step on its detached outputs at the σ that
+    made them (no second student forward, no second batch); further fake updates draw fresh batches."""
+    def no_dropout_job():
+        div = SmoothedKL(SigmaDist("log-uniform", min=0.01, max=10.0))
+        return DistillJob(denoiser(1, dropout=0.0), div, EDMLoss(), lr=1e-3, fake_updates=1, order="student-first")
 
     job = no_dropout_job()
     batches = [torch.randn(8, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -374,7 +447,7 @@ def test_first_fake_update_reuses_the_student_steps_outputs():
                          sigma=replay.divergence.renoise_sigma(sigma_in, g)).mean()
     assert stats["fake_loss"] == pytest.approx(float(want), rel=1e-6)
 
-    job2 = distill_job(fake_updates=3, accum=2)
+    job2 = distill_job(fake_updates=3, accum=2, order="student-first")
     count = []
     job2.iteration(lambda: (count.append(1), (batches[0], None))[1], torch.Generator().manual_seed(0))
     assert len(count) == 2 * (1 + 2)  # accum x (student step + the two fake updates that draw fresh batches)

@@ -91,17 +91,34 @@ TABLE7 = {4: 0.3, 5: 0.2, 6: 0.1, 7: 0.015, 8: 0.0035, 9: 0.00055, 10: 1e-4, 11:
 def test_dpdm_table7(n, sigma_min):
     assert dpdm_sigma_min(n) == sigma_min
     t = dpdm(n)
-    assert torch.equal(t, edm_time_steps(n, sigma_min=sigma_min, sigma_max=80.0, rho=7.0))
+    want = edm_time_steps(n, sigma_min=sigma_min, sigma_max=80.0, rho=40.0)  # Appendix B.1
+    assert t.tolist() == pytest.approx(want.tolist(), rel=1e-13)
     assert t[0].item() == 80.0
-    assert t[n - 1].item() == pytest.approx(sigma_min, rel=1e-12)
+    assert t[n - 1].item() == sigma_min  # the ends exactly
     assert t[n].item() == 0.0
 
 
+def test_dpdm_rho40_formula():
+    """Appendix B.1 written out by hand: σ_k = (80^{1/40} + k/7 (0.0035^{1/40} − 80^{1/40}))^40 at 8 steps."""
+    t = dpdm(8)
+    a, b = 80.0 ** (1 / 40), 0.0035 ** (1 / 40)
+    expected = [(a + k / 7 * (b - a)) ** 40 for k in range(8)] + [0.0]
+    assert t.tolist() == pytest.approx(expected, rel=1e-12)
+    # the levels the paper's sampler visits at 8 steps (3 significant digits)
+    assert [float(f"{v:.3g}") for v in t[:-1].tolist()] == [80.0, 22.1, 5.82, 1.47, 0.353, 0.0803, 0.0173, 0.0035]
+
+
+def close(a, b):
+    return a.tolist() == pytest.approx(b.tolist(), rel=1e-13)
+
+
 def test_dpdm_overrides():
-    assert torch.equal(dpdm(6, sigma_min=0.05), edm_time_steps(6, sigma_min=0.05))
-    assert torch.equal(dpdm(6, sigma_max=20.0), edm_time_steps(6, sigma_min=0.1, sigma_max=20.0))
-    assert torch.equal(dpdm(6, rho=5.0), edm_time_steps(6, sigma_min=0.1, rho=5.0))
+    assert close(dpdm(6, sigma_min=0.05), edm_time_steps(6, sigma_min=0.05, rho=40.0))
+    assert close(dpdm(6, sigma_max=20.0), edm_time_steps(6, sigma_min=0.1, sigma_max=20.0, rho=40.0))
+    assert close(dpdm(6, rho=5.0), edm_time_steps(6, sigma_min=0.1, rho=5.0))
+    assert close(dpdm(8, rho=7.0), edm_time_steps(8, sigma_min=0.0035, rho=7.0))  # EDM's spacing
+    assert not close(dpdm(8), edm_time_steps(8, sigma_min=0.0035, rho=7.0))
     t = dpdm(8, sigma_min=0.01, sigma_max=10.0, rho=3.0)
-    assert torch.equal(t, edm_time_steps(8, sigma_min=0.01, sigma_max=10.0, rho=3.0))
-    # (10^(1/3))^3 is 10.000000000000002 in float64, exactly as in EDM
-    assert t[0].item() == pytest.approx(10.0, rel=1e-14) and t[-2].item() == pytest.approx(0.01, rel=1e-12)
+    assert close(t, edm_time_steps(8, sigma_min=0.01, sigma_max=10.0, rho=3.0))
+    # (10^(1/3))^3 is 10.000000000000002 in float64 (as in EDM's karras); dpdm pins its ends
+    assert t[0].item() == 10.0 and t[-2].item() == 0.01

@@ -1,18 +1,23 @@
 """The DPDM training algorithm (Algorithm 1 of the DPDM paper), usable from any loop.
 
-One iteration:
-1. Student update: draw real x0, x_t = x0 + σε, x̂0 = d_θ(x_t, σ); re-noise x̂_t = x̂0 + σ'ε' (σ' = σ for
-   the smoothed KL); evaluate the frozen teacher and the fake score at x̂_t and descend the divergence's
-   surrogate, whose gradient is E[w(σ)(s_fake − s_teacher)·∂x̂_t/∂θ].
-2. ``fake_updates`` fake-score updates, each one EDM-loss step on student outputs x̂0 at the σ that made
-   them: the first reuses the (detached) x̂0 of step 1, as DMD2 reuses its generator's samples, which
-   saves a student forward per iteration (the iteration's cost floor is then 8/3 of a teacher step:
-   student forward+backward, teacher and fake forwards, fake forward+backward); further ones draw
-   fresh real x0 and let the student denoise them without gradients.
+One iteration, in the paper's order (``order="fake-first"``, the default):
+1. ``fake_updates`` fake-score updates (Algorithm 1, line 1): each an EDM-loss step on student outputs x̂0 =
+   d_θ(x0 + σε, σ) of fresh real x0 (made without gradients), at the σ that made them.
+2. One student update (line 2): draw real x0, x_t = x0 + σε, x̂0 = d_θ(x_t, σ); re-noise x̂_t = x̂0 + σ'ε' (σ' = σ
+   for the smoothed KL); evaluate the frozen teacher and the just-updated fake score at x̂_t and descend the
+   divergence's surrogate, whose gradient is E[w(σ)(s_fake − s_teacher)·∂x̂_t/∂θ].
 
-Student and fake score start as copies of the teacher; the teacher is frozen once and never
-updated; teacher and fake score are both evaluated in eval mode, so at initialisation their
-outputs are identical and the student's gradient is exactly zero.
+``order="student-first"`` (DMD2's order, an option) takes the student step first and lets the first fake update
+reuse its detached x̂0, as DMD2 reuses its generator's samples: one student forward less per iteration (the
+iteration's cost floor is then 8/3 of a teacher step), but the student's gradient then comes from a fake score
+one update older.
+
+Student and fake score start as copies of the teacher; the teacher is frozen once and never updated; teacher
+and fake score are both evaluated in eval mode, so at initialisation their outputs are identical and the
+student's gradient is exactly zero. The student runs in eval mode too (``student_dropout=False``, the default):
+dropout off, so the distribution the divergence matches is the one Algorithm 2 samples from;
+``student_dropout=True`` keeps dropout on in the student's own forward (as Diff-Instruct trains its generator).
+The fake score trains with dropout on, as EDM trains a diffusion model.
 
 ``fake_score_loss`` and ``student_loss`` are the two losses as functions of the models;
 ``DistillJob`` runs Algorithm 1 in the engine (``engine.Trainer``: DDP, accumulation, mixed precision,
@@ -34,6 +39,8 @@ from .engine import Trainable, job_state, load_job_state
 from .losses import EDMLoss
 from .precision import Precision, frozen_call
 from .teacher import device_of
+
+ORDERS = ("fake-first", "student-first")
 
 
 def _bcast(sigma, like):
@@ -81,7 +88,8 @@ def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, diverg
 
 
 class DistillJob:
-    """Algorithm 1 as an engine job: each iteration takes one student step, then ``fake_updates`` fake-score steps.
+    """Algorithm 1 as an engine job: each iteration takes ``fake_updates`` fake-score steps and one student step,
+    in the order ``order`` (see the module docstring).
 
     Each step is one optimizer step over ``accum`` micro-batches. Under DDP student and fake score each get
     their own ``DistributedDataParallel`` wrapper, and a step only ever runs its own model's wrapper: the
@@ -95,9 +103,11 @@ class DistillJob:
         divergence: a ``Divergence`` (``smoothed-kl`` for DPDM, ``ikl`` for Diff-Instruct).
         fake_loss: the EDM loss used to fit the fake score to the student's outputs.
         student, fake: optional initial models (default: copies of the teacher).
-        lr, betas: Adam for the student (the paper: 1e-5 on images; 1e-4 on toy problems).
-        fake_lr, fake_betas: Adam for the fake score (defaults: the student's).
-        fake_updates: fake-score updates per student update.
+        lr, betas: Adam for the student (the paper, Table 8: 1e-5, (0, 0.99)).
+        fake_lr, fake_betas: Adam for the fake score (defaults: the student's; Table 8 uses the same).
+        fake_updates: fake-score updates per student update (Algorithm 1 alternates one and one).
+        order: ``fake-first`` (Algorithm 1) or ``student-first`` (DMD2's, saves a student forward).
+        student_dropout: keep dropout on in the student's own forward (default off: eval mode).
         lr_warmup_nimg: linear lr warm-up of both models, in images each has trained on (0: none).
         grad_clip: clip the student's and fake's gradient norms, or None.
         ema_halflife_nimg, ema_rampup: EMA of the student (None: no EMA).
@@ -107,8 +117,9 @@ class DistillJob:
     phase = "student"
 
     def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *,
-                 student: nn.Module | None = None, fake: nn.Module | None = None, lr: float = 1e-4,
+                 student: nn.Module | None = None, fake: nn.Module | None = None, lr: float = 1e-5,
                  betas=(0.0, 0.99), fake_lr: float | None = None, fake_betas=None, fake_updates: int = 1,
+                 order: str = "fake-first", student_dropout: bool = False,
                  lr_warmup_nimg: float = 0.0, grad_clip: float | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05, accum: int = 1,
                  precision: Precision | None = None, dist: Dist | None = None, find_unused_parameters: bool = False):
@@ -116,6 +127,8 @@ class DistillJob:
             raise ValueError(f"fake_updates must be >= 1, got {fake_updates}")
         if accum < 1:
             raise ValueError(f"accum must be >= 1, got {accum}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         dist = dist or Dist()
         self.teacher = teacher.to(dist.device).eval().requires_grad_(False)
         student = student if student is not None else copy.deepcopy(self.teacher)
@@ -128,6 +141,9 @@ class DistillJob:
         self.parts = {"student": self.student, "fake": self.fake}
         self.divergence, self.fake_loss = divergence, fake_loss
         self.fake_updates = int(fake_updates)
+        self.order = order
+        self.student_dropout = bool(student_dropout)
+        self.student.module.train(self.student_dropout)
         self.accum = int(accum)  # micro-batches per optimizer step
         self.ema = EMA(self.student.module, ema_halflife_nimg, ema_rampup) if ema_halflife_nimg else None
 
@@ -143,11 +159,13 @@ class DistillJob:
 
     def fake_step(self, next_batch: Callable[[], tuple], generator=None, outputs: list | None = None) -> dict:
         """One optimizer step of the fake score on the student's outputs (Algorithm 1, line 1): on ``outputs``
-        (the detached ``(x̂0, σ_in, labels)`` micro-batches of the student step, consumed in order) if given,
+        (the detached ``(x̂0, σ_in, labels)`` micro-batches of a student step, consumed in order) if given,
         else on fresh outputs of the student for batches from ``next_batch``."""
         student = self.student.module  # raw: no gradients, so the student's DDP wrapper is not involved
         self.fake.module.train()
         if outputs is None:
+            student.train(self.student_dropout)
+
             def micro_loss(fake, x0, labels):
                 return fake_score_loss(fake, student, self.divergence, self.fake_loss, x0, labels, generator)
 
@@ -169,6 +187,7 @@ class DistillJob:
         """One optimizer step of the student on the divergence (Algorithm 1, line 2), then the EMA; the detached
         outputs of each micro-batch are appended to ``outputs`` if given."""
         fake = self.fake.module.eval()  # raw, in eval mode: the fake's DDP wrapper is not involved
+        self.student.module.train(self.student_dropout)
         nimg = self.student.nimg
 
         def micro_loss(student, x0, labels):
@@ -180,11 +199,17 @@ class DistillJob:
         return stats
 
     def iteration(self, next_batch: Callable[[], tuple], generator=None) -> dict:
-        """One student step, then ``fake_updates`` fake-score steps, the first on the student step's outputs.
-        Fake stats are averaged over the fake steps; ``images`` counts the real images the student saw."""
-        outputs: list = []
-        student = self.student_step(next_batch, generator, outputs)
-        fake = [self.fake_step(next_batch, generator, outputs if i == 0 else None) for i in range(self.fake_updates)]
+        """One iteration of Algorithm 1: ``fake_updates`` fake-score steps, then one student step (``fake-first``);
+        or the student step first, the first fake step reusing its outputs (``student-first``). Fake stats are
+        averaged over the fake steps; ``images`` counts the real images the student step saw."""
+        if self.order == "fake-first":
+            fake = [self.fake_step(next_batch, generator) for _ in range(self.fake_updates)]
+            student = self.student_step(next_batch, generator)
+        else:
+            outputs: list = []
+            student = self.student_step(next_batch, generator, outputs)
+            fake = [self.fake_step(next_batch, generator, outputs if i == 0 else None)
+                    for i in range(self.fake_updates)]
         stats = {f"fake_{k}": sum(s[k] for s in fake) / len(fake) for k in ("loss", "grad_norm", "lr")}
         stats.update({f"student_{k}": student[k] for k in ("loss", "grad_norm", "lr")})
         stats["images"] = student["images"]
@@ -205,19 +230,22 @@ class DistillJob:
 class DPDM:
     """Algorithm 1 for a caller's own single-process loop (``DistillJob`` on the teacher's device).
 
-    ``step(next_batch, generator)`` alternates one student step with ``fake_updates`` fake-score steps;
+    ``step(next_batch, generator)`` runs one iteration (``fake_updates`` fake-score steps and one student step, in
+    ``order``);
     ``fake_step``, ``student_loss`` and ``student_step`` are public for custom loops. ``student``, ``fake`` and
     ``teacher`` are the raw models; ``model`` is the student to evaluate. Arguments as ``DistillJob``'s.
     A step with a NaN/Inf loss or gradient is skipped.
     """
 
-    def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *, lr: float = 1e-4,
+    def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *, lr: float = 1e-5,
                  betas=(0.0, 0.99), fake_lr: float | None = None, fake_betas=None, fake_updates: int = 1,
+                 order: str = "fake-first", student_dropout: bool = False,
                  student: nn.Module | None = None, fake: nn.Module | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05,
                  grad_clip: float | None = None):
         self.job = DistillJob(teacher, divergence, fake_loss, student=student, fake=fake, lr=lr, betas=betas,
-                              fake_lr=fake_lr, fake_betas=fake_betas, fake_updates=fake_updates, grad_clip=grad_clip,
+                              fake_lr=fake_lr, fake_betas=fake_betas, fake_updates=fake_updates, order=order,
+                              student_dropout=student_dropout, grad_clip=grad_clip,
                               ema_halflife_nimg=ema_halflife_nimg, ema_rampup=ema_rampup,
                               dist=Dist(device=device_of(teacher)))
         self.teacher, self.student, self.fake = self.job.teacher, self.job.student.module, self.job.fake.module
@@ -245,6 +273,7 @@ class DPDM:
 
     def student_loss(self, x0: torch.Tensor, class_labels=None, generator=None) -> torch.Tensor:
         """The divergence's per-sample surrogate for one batch of real data (Eq. 3.4)."""
+        self.student.train(self.job.student_dropout)
         return student_loss(self.student, self.teacher, self.fake.eval(), self.divergence, x0, class_labels, generator)
 
     def student_step(self, x0: torch.Tensor, class_labels=None, generator=None) -> dict:
@@ -252,8 +281,7 @@ class DPDM:
         return {"student_loss": stats["loss"], "student_grad_norm": stats["grad_norm"]}
 
     def step(self, next_batch: Callable[[], tuple], generator=None) -> dict:
-        """One iteration (``DistillJob.iteration``): one student step, then ``fake_updates`` fake-score steps, the
-        first on the student step's outputs.
+        """One iteration (``DistillJob.iteration``): ``fake_updates`` fake-score steps and one student step.
 
         ``next_batch()`` returns ``(x0, class_labels)`` in model space (labels may be None).
         """

@@ -22,7 +22,7 @@ import torch
 from .losses import sum_per_sample
 from .sigmas import SigmaDist
 
-WEIGHTINGS = ("diffusion", "score")
+WEIGHTINGS = ("edm", "diffusion", "score")
 
 
 def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -30,24 +30,38 @@ def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class Divergence:
-    """Common part: weighting w(σ) and the optional per-sample normaliser.
+    """Common part: the weighting w(σ) of Eq. 3.4 and the optional per-sample normaliser.
 
-    - ``weighting="diffusion"``: w(σ) = σ², the weighting of denoising score matching
-      (Song et al. 2021, λ(σ) = σ²); g is then the difference of the two denoisers' outputs.
+    The paper says only that w is "the same weighting function as diffusion training" (Eq. 2.3, score form).
+    Two readings are offered:
+
+    - ``weighting="edm"``: EDM's own training weight written in score form, w(σ) = λ_EDM(σ)·σ⁴ =
+      σ²(σ² + σ_d²)/σ_d², with λ_EDM(σ) = (σ² + σ_d²)/(σσ_d)² (Karras et al. 2022, Table 1), the weighting the
+      paper's EDM teachers were trained with; g is then (1 + σ²/σ_d²)·(D_fake − D_teacher).
+    - ``weighting="diffusion"``: w(σ) = σ², the weighting of denoising score matching (Song et al. 2021,
+      λ(σ) = σ²) and of Diff-Instruct; g is then the difference of the two denoisers' outputs.
     - ``weighting="score"``: w(σ) = 1, the raw score difference (large at small σ).
-    - ``normalize=True``: divide each sample's g by mean|x̂0 − D_teacher(x̂_t)| over its
-      dimensions (DMD, Yin et al. 2024, Eq. 8), which equalises the step size across σ.
+
+    ``normalize=True`` divides each sample's g by mean|x̂0 − D_teacher(x̂_t)| over its dimensions (DMD, Yin et
+    al. 2024, Eq. 8), which equalises the step size across σ. It is DMD's, not the paper's: off by default.
     """
 
-    def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = True, eps: float = 1e-8):
+    def __init__(self, sigma: SigmaDist, weighting: str = "edm", normalize: bool = False, eps: float = 1e-8,
+                 sigma_data: float = 0.5):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         self.sigma = sigma  # distribution of the noise levels the divergence integrates over
         self.weighting = weighting
         self.normalize = bool(normalize)
         self.eps = float(eps)  # guards the normaliser against division by zero
+        self.sigma_data = float(sigma_data)  # σ_d of weighting="edm" (the run passes the teacher's)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """w(σ) of Eq. 3.4 (score form), ``(B,)``."""
+        if self.weighting == "edm":
+            return sigma**2 * (sigma**2 + self.sigma_data**2) / self.sigma_data**2
         return sigma**2 if self.weighting == "diffusion" else torch.ones_like(sigma)
 
     def gradient(self, x0_hat, sigma, d_teacher, d_fake) -> torch.Tensor:
@@ -79,9 +93,9 @@ class SmoothedKL(Divergence):
     (the smoothed KL at any σ > 0 vanishes only when the distributions are equal) with a
     stronger signal."""
 
-    def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = True,
-                 renoise: str = "same", renoise_max: float | None = None, eps: float = 1e-8):
-        super().__init__(sigma, weighting, normalize, eps)
+    def __init__(self, sigma: SigmaDist, weighting: str = "edm", normalize: bool = False,
+                 renoise: str = "same", renoise_max: float | None = None, eps: float = 1e-8, sigma_data: float = 0.5):
+        super().__init__(sigma, weighting, normalize, eps, sigma_data)
         if renoise not in ("same", "independent"):
             raise ValueError(f"renoise must be 'same' or 'independent', got {renoise!r}")
         if renoise_max is not None and renoise_max <= 0:
@@ -104,13 +118,16 @@ class SmoothedKL(Divergence):
 
 
 class IKL(Divergence):
-    """Diff-Instruct's integral KL (Luo et al. 2023): a one-step generator fed pure noise
-    (the student at ``generator_sigma``, data-free), its output re-noised at σ ~ ``sigma``,
-    integrated over σ."""
+    """Diff-Instruct's integral KL (Luo et al. 2023; DPDM Appendix A.3): a one-step generator fed pure noise
+    (the student at ``generator_sigma``, data-free), its output re-noised at σ ~ ``sigma``, integrated over σ.
 
-    def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = True,
-                 generator_sigma: float = 80.0, eps: float = 1e-8):
-        super().__init__(sigma, weighting, normalize, eps)
+    Its defaults are Diff-Instruct's: ``weighting="diffusion"`` (w = σ²), no normaliser; with Diff-Instruct's
+    σ law (EDM's lognormal, unclamped) and ``generator_sigma`` its init sigma, the gradient is Diff-Instruct's
+    (``recipes/diff-instruct.yaml``; tested against a direct transcription of its update)."""
+
+    def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = False,
+                 generator_sigma: float = 80.0, eps: float = 1e-8, sigma_data: float = 0.5):
+        super().__init__(sigma, weighting, normalize, eps, sigma_data)
         self.generator_sigma = float(generator_sigma)  # the σ the one-step generator starts from
 
     def student_input(self, x0: torch.Tensor, generator=None):

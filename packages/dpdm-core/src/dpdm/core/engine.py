@@ -97,7 +97,7 @@ class Trainable:
         self.warmup_nimg = float(warmup_nimg)
         self.grad_clip = grad_clip
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr, betas=tuple(betas), eps=eps)
-        self.scaler = self.precision.grad_scaler()
+        self.scaler = self.precision.grad_scaler(self.module)  # fp16, or a network with fp16 parts
         self.nimg = 0  # images of the applied steps, all ranks
         self.steps = 0  # applied optimizer steps
         self.skipped = 0  # steps skipped for a non-finite loss or gradient

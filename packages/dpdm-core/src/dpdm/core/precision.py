@@ -48,12 +48,26 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """A new loss scaler for one optimizer (``fp16`` only; None otherwise)."""
-        return torch.amp.GradScaler(self.device.type) if self.mode == "fp16" else None
+    def grad_scaler(self, module: nn.Module | None = None) -> torch.amp.GradScaler | None:
+        """A new loss scaler for one optimizer: with ``fp16``, or whenever ``module`` runs any part in float16
+        itself (``runs_fp16``, e.g. EDM's ADM body with ``use_fp16``), whatever the mode: fp16 gradients need
+        loss scaling (EDM scales the loss for its fp16 networks); None otherwise."""
+        if self.mode == "fp16" or (module is not None and runs_fp16(module, self.device)):
+            return torch.amp.GradScaler(self.device.type)
+        return None
 
     def __repr__(self) -> str:
         return f"Precision({self.mode!r}, {str(self.device)!r})"
+
+
+def runs_fp16(module: nn.Module, device: str | torch.device) -> bool:
+    """Whether ``module`` runs any part of its forward in float16 on ``device`` by its own choice: a submodule with
+    ``use_fp16`` set and ``fp16_dtype`` float16 (the convention of dpdm-nets' ``edm-dhariwal``, whose body runs
+    in fp16 on CUDA only; bfloat16 needs no loss scaling)."""
+    if torch.device(device).type != "cuda":
+        return False
+    return any(getattr(m, "use_fp16", False) and str(getattr(m, "fp16_dtype", "float16")) in ("float16", "torch.float16")
+               for m in module.modules())
 
 
 def frozen_call():

@@ -134,9 +134,7 @@ def preflight(recipe: Recipe, source: str | None = None):
             check("recipe.model", lambda: build_denoiser(spec))
         if recipe.train.student is not None:
             check("recipe.train.student", lambda: build_denoiser(student_spec(recipe, spec)))
-    check("recipe.train.divergence",
-          lambda: get("divergence", recipe.train.divergence.name)(sigma=recipe.train.sigma,
-                                                                  **recipe.train.divergence.options))
+    check("recipe.train.divergence", lambda: build_divergence(recipe, sigma_data=0.5))
     check("recipe.eval.metric", lambda: _check_metric(recipe))
     if recipe.eval.ref is not None and not needs_download(recipe.eval.ref):
         check("recipe.eval.ref", lambda: load_stats(recipe.eval.ref))
@@ -180,6 +178,27 @@ def prefetch(recipe: Recipe) -> None:
         load_stats(recipe.eval.ref)
     if detector:
         _check_metric(recipe)
+
+
+def build_divergence(recipe: Recipe, sigma_data: float):
+    """The recipe's divergence over ``train.sigma``; a divergence that takes ``sigma_data`` (the built-ins'
+    ``weighting: edm``) gets the teacher's σ_d, which the recipe cannot set apart from the teacher."""
+    cfg = recipe.train.divergence
+    factory = get("divergence", cfg.name)
+    runtime = {"sigma": recipe.train.sigma}
+    if _accepts_keyword(factory, "sigma_data"):
+        runtime["sigma_data"] = float(sigma_data)
+    return factory(**runtime, **cfg.options)
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def student_spec(recipe: Recipe, teacher_spec: dict) -> dict:
@@ -306,12 +325,13 @@ def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: Phase, s_spec
     cfg = recipe.train
     dist = phase.dist
     s_spec = s_spec or spec
-    divergence = get("divergence", cfg.divergence.name)(sigma=cfg.sigma, **cfg.divergence.options)
     sigma_data = getattr(teacher, "sigma_data", 0.5)
+    divergence = build_divergence(recipe, sigma_data)
     torch.manual_seed(derive_seed(recipe.seed, STUDENT_STREAM))  # a student of its own: the same initial weights
     fresh = build_denoiser(s_spec).to(dist.device) if recipe.train.student is not None else None
     job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
                      lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
+                     order=cfg.order, student_dropout=cfg.student_dropout,
                      lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
                      ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
                      precision=phase.precision, dist=dist)
