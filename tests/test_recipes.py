@@ -70,7 +70,7 @@ def test_override_problems_are_config_errors():
     assert info.value.problems == [
         "recipe.train.lr: expected float, got 'abc'",
         "recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, batch_size, "
-        "lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
+        "lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
     ]
     assert str(info.value).splitlines()[0] == f"invalid recipe {path} (2 problems):"
     with pytest.raises(ConfigError) as info:
@@ -113,7 +113,7 @@ def test_recipe_file_problems_reported_at_once(tmp_path):
         "recipe.model.backbone.depth: expected int, got 'deep'",
         "recipe.train.lr: expected float, got 'fast'",
         "recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, batch_size, "
-        "lr, betas, fake_lr, fake_updates, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
+        "lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
         "recipe.train.divergence.name: " + _unknown("divergence", "smoothed-kll", "'smoothed-kl'", "ikl, smoothed-kl"),
         "recipe.eval.teacher_samplers[1].name: " + _unknown("sampler", "heum", "'heun'",
                                                             "dpdm, dpmpp-2m, euler, euler-stochastic, heun"),
@@ -239,3 +239,37 @@ def test_paper_recipes_follow_appendix_b(name):
     assert r.train.divergence.name == "smoothed-kl" and r.eval.student_sampler.name == "dpdm"
     assert r.eval.student_schedule.name == "dpdm" and r.eval.student_steps == [4, 5, 6, 7, 8, 9, 10]
     assert r.engine.checkpoint.every > 0
+
+
+@pytest.mark.parametrize("name", ["cifar10.yaml", "cifar10-cond.yaml", "imagenet64.yaml"])
+def test_paper_recipes_resolve_to_the_papers_algorithm(name):
+    """What a paper recipe resolves to, component by component, and what those components then do."""
+    from dpdm.core.run import build_divergence
+    from dpdm.core.schedules import dpdm
+
+    r = load_recipe(str(RECIPES_DIR / name))
+    div = build_divergence(r, sigma_data=0.5)
+    assert (div.weighting, div.normalize, div.renoise) == ("edm", False, "same")  # no DMD normaliser
+    assert (r.train.fake_updates, r.train.order, r.train.student_dropout) == (1, "fake-first", False)
+    assert r.eval.student_schedule.options.get("rho", 40.0) == 40.0
+    steps = dpdm(8, **r.eval.student_schedule.options)
+    assert [float(f"{s:.3g}") for s in steps[:4]] == [80.0, 22.1, 5.82, 1.47]  # Appendix B.1, ρ = 40
+    if name == "imagenet64.yaml":
+        # EDM's 50 Mimg half-life is never reached in 4.8 Mimg (ramp-up 0.05): the effective value is stated
+        assert r.train.ema_halflife_nimg == pytest.approx(0.05 * r.train.steps * r.train.batch_size)
+        assert r.model.backbone.options["use_fp16"] is True  # hence the GradScaler (precision.runs_fp16)
+
+
+def test_library_and_schema_defaults_agree():
+    """One algorithm for a Python user and a YAML user: TrainConfig's defaults are DistillJob's."""
+    import inspect
+
+    from dpdm.core.config import TrainConfig
+    from dpdm.core.distill import DPDM, DistillJob
+
+    cfg = TrainConfig()
+    for cls in (DistillJob, DPDM):
+        params = inspect.signature(cls.__init__).parameters
+        for key in ("lr", "fake_updates", "order", "student_dropout", "fake_lr", "grad_clip"):
+            assert params[key].default == getattr(cfg, key), (cls.__name__, key)
+        assert tuple(params["betas"].default) == cfg.betas
