@@ -273,3 +273,22 @@ def test_library_and_schema_defaults_agree():
         for key in ("lr", "fake_updates", "order", "student_dropout", "fake_lr", "grad_clip"):
             assert params[key].default == getattr(cfg, key), (cls.__name__, key)
         assert tuple(params["betas"].default) == cfg.betas
+
+
+def test_diff_instruct_recipe_is_diff_instructs_settings():
+    """The baseline the paper compares with (Tables 2-3): IKL with Diff-Instruct's σ law, weighting and init sigma;
+    the gradient identity itself is tests/test_divergences.py::test_ikl_gradient_equals_diff_instructs_update."""
+    import torch
+
+    from dpdm.core.divergences import IKL
+    from dpdm.core.run import build_divergence
+
+    r = load_recipe(str(RECIPES_DIR / "diff-instruct.yaml"))
+    div = build_divergence(r, sigma_data=0.5)
+    assert isinstance(div, IKL) and (div.weighting, div.normalize, div.generator_sigma) == ("diffusion", False, 1.0)
+    assert (r.train.sigma.kind, r.train.sigma.P_mean, r.train.sigma.P_std) == ("lognormal", -1.2, 1.2)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    # unclamped in practice: exactly exp(N·1.2 − 1.2)
+    assert torch.equal(r.train.sigma.draw(10000, g1), (torch.randn(10000, generator=g2) * 1.2 - 1.2).exp())
+    assert (r.train.order, r.train.student_dropout, r.train.betas) == ("fake-first", True, (0.0, 0.999))
+    assert r.eval.student_steps == [1] and r.eval.student_schedule.options["sigma_max"] == 1.0

@@ -14,10 +14,11 @@ one update older.
 
 Student and fake score start as copies of the teacher; the teacher is frozen once and never updated; teacher
 and fake score are both evaluated in eval mode, so at initialisation their outputs are identical and the
-student's gradient is exactly zero. The student runs in eval mode too (``student_dropout=False``, the default):
-dropout off, so the distribution the divergence matches is the one Algorithm 2 samples from;
-``student_dropout=True`` keeps dropout on in the student's own forward (as Diff-Instruct trains its generator).
-The fake score trains with dropout on, as EDM trains a diffusion model.
+student's gradient is exactly zero. The student makes the fake score's data in eval mode (dropout off: the
+outputs Algorithm 2 samples), and by default its own step runs in eval mode too (``student_dropout=False``), so
+the distribution the divergence matches is the one Algorithm 2 samples from; ``student_dropout=True`` keeps
+dropout on in the student's own step, as Diff-Instruct trains its generator. The fake score trains with dropout
+on, as EDM trains a diffusion model.
 
 ``fake_score_loss`` and ``student_loss`` are the two losses as functions of the models;
 ``DistillJob`` runs Algorithm 1 in the engine (``engine.Trainer``: DDP, accumulation, mixed precision,
@@ -164,7 +165,7 @@ class DistillJob:
         student = self.student.module  # raw: no gradients, so the student's DDP wrapper is not involved
         self.fake.module.train()
         if outputs is None:
-            student.train(self.student_dropout)
+            student.eval()  # the outputs Algorithm 2 would give: dropout off (as Diff-Instruct makes its fake's data)
 
             def micro_loss(fake, x0, labels):
                 return fake_score_loss(fake, student, self.divergence, self.fake_loss, x0, labels, generator)
