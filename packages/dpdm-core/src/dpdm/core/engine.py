@@ -1,7 +1,7 @@
 """The training engine: one loop for teacher training and DPDM distillation, single process or DDP.
 
 A *job* says what one training iteration is (``teacher.TeacherJob``: one EDM-loss step;
-``distill.DistillJob``: Algorithm 1's student step, then ``fake_updates`` fake-score steps); the
+``distill.DistillJob``: Algorithm 1's ``fake_updates`` fake-score steps and one student step); the
 ``Trainer`` runs iterations, counts steps, guards against non-finite steps, logs, saves and resumes.
 Both jobs are built from ``Trainable``s, one per trained model, which own everything one optimizer
 step needs: the raw module, its ``DistributedDataParallel`` wrapper, Adam, the fp16 loss scaler, the
