@@ -15,9 +15,10 @@ from .samplers import steps_for_nfe
 
 
 def generate(denoiser, sampler, sigmas: torch.Tensor, num: int, shape, *, label_dim: int = 0, seed: int = 0,
-             batch_size: int = 1024, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """``num`` samples in model space: item i starts from σ_0·ε_i with its own generator (``generation``), so
-    the samples do not depend on ``batch_size``."""
+             batch_size: int = 1024, device="cpu", dtype=generation.STATE_DTYPE) -> torch.Tensor:
+    """``num`` samples in model space (float32): item i starts from σ_0·ε_i with its own generator
+    (``generation``), so the samples do not depend on ``batch_size``. The sampler state is ``dtype``, float64
+    by default as in EDM's ``generate.py`` (``generation.generate_items``)."""
     return generation.generate(denoiser, sampler, sigmas, num, shape, label_dim=label_dim, seed=seed,
                                batch_size=batch_size, device=device, dtype=dtype)
 
