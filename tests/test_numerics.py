@@ -129,3 +129,112 @@ def test_float64_state_within_round_off_of_float32(name):
     other = generation.generate(net, SAMPLERS[name], sigmas, 4, shape, **{**kw, "seed": 4})
     assert float((x64 - x32).abs().max()) < 1e-4 * (1 + float(x64.abs().max()))
     assert float((x64 - other).abs().max()) > 1e-2  # the comparison can fail: another seed is far away
+
+
+# --- R2: the schedule clamped to the network's σ range ---------------------------------------------------------
+
+def karras_formula(n, lo, hi, rho):
+    """Karras et al. 2022, Eq. 5, written out here, with σ_n = 0."""
+    i = torch.arange(n, dtype=torch.float64)
+    t = (hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def ve_net(**kw):
+    torch.manual_seed(0)
+    shape, options = TINY_BACKBONES["unet-small"]
+    return VEPrecond(perturbed(get("backbone", "unet-small")(shape, **options)), **kw), shape
+
+
+def test_ve_karras_schedule_is_clamped_at_both_ends():
+    net, _ = ve_net()  # EDM's VE range: 0.02 … 100
+    assert (net.sigma_min, net.sigma_max) == (0.02, 100.0)
+    sched = evaluate.schedule_for(net, {"name": "karras", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0})
+    got = sched(10)
+    torch.testing.assert_close(got, karras_formula(10, 0.02, 80.0, 7.0), rtol=1e-14, atol=0)
+    assert float(got[-2]) == pytest.approx(0.02, rel=1e-12) and float(got[0]) == pytest.approx(80.0, rel=1e-12)
+    unclamped = get("schedule", "karras")(10, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    assert float(unclamped[-2]) < 0.01  # the clamp changed something
+    top = sched(6, sigma_max=500.0)
+    torch.testing.assert_close(top, karras_formula(6, 0.02, 100.0, 7.0), rtol=1e-14, atol=0)
+    assert torch.equal(evaluate.sigmas_for(net, {"name": "karras"}, 6, sigma_max=500.0), sched(6, sigma_max=500.0))
+    # one step: [σ_max, 0] with σ_max in range
+    assert evaluate.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=500.0).tolist() == [100.0, 0.0]
+    assert evaluate.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=0.001).tolist() == [0.02, 0.0]
+
+
+def test_dpdm_schedule_clamped_only_where_its_sigma_min_is_below_the_range():
+    from dpdm.core.schedules import dpdm_sigma_min
+
+    net, _ = ve_net()
+    sched = evaluate.schedule_for(net, {"name": "dpdm"})
+    plain = get("schedule", "dpdm")
+    lows = [n for n in range(2, 12) if dpdm_sigma_min(n) < 0.02]
+    highs = [n for n in range(2, 12) if dpdm_sigma_min(n) >= 0.02]
+    assert lows and highs
+    for n in highs:
+        assert torch.equal(sched(n), plain(n))
+    for n in lows:
+        got = sched(n)
+        assert float(got[-2]) == pytest.approx(0.02, rel=1e-12) and got[0] == plain(n)[0]
+        torch.testing.assert_close(got, plain(n, sigma_min=0.02), rtol=1e-14, atol=0)
+
+
+def test_edm_precond_and_rangeless_denoisers_are_not_clamped():
+    net, _ = tiny_net("unet-small", "edm")  # 0 … inf
+    for name in ("karras", "dpdm"):
+        for n in (1, 4, 9):
+            assert torch.equal(evaluate.sigmas_for(net, {"name": name}, n), get("schedule", name)(n))
+
+    def plugin_denoiser(x, sigma, class_labels=None):  # declares no σ range
+        return x * 0
+
+    assert torch.equal(evaluate.sigmas_for(plugin_denoiser, {"name": "karras"}, 5), get("schedule", "karras")(5))
+
+
+def test_schedule_without_range_options_is_clamped_value_by_value():
+    from dpdm.core.schedules import clamp_to_network
+
+    net, _ = ve_net()
+    fixed = lambda n: torch.tensor([150.0, 3.0, 0.01, 0.0], dtype=torch.float64)  # noqa: E731
+    assert clamp_to_network(fixed, net)(3).tolist() == [100.0, 3.0, 0.02, 0.0]
+
+
+def test_every_evaluation_route_samples_the_clamped_schedule(monkeypatch):
+    net, shape = ve_net()
+    seen = []
+
+    def fake_generate(model, sampler, sigmas, num, shape, **kw):
+        seen.append(sigmas.clone())
+        return torch.zeros(num, *shape)
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    metric = lambda x, ref: 0.0  # noqa: E731
+    common = dict(num=2, shape=shape, label_dim=0, seed=0, device="cpu")
+    spec = {"name": "karras", "sigma_min": 0.002, "sigma_max": 80.0}
+    evaluate.sweep_student(net, metric, None, sampler={"name": "dpdm"}, schedule=spec, steps=[2, 5], **common)
+    evaluate.sweep_teacher(net, metric, None, samplers=[{"name": "euler"}, {"name": "heun"}], schedule=spec,
+                           nfes=[3, 5], **common)
+    evaluate.best_one_step(net, metric, None, None, sampler={"name": "dpdm"}, schedule=spec,
+                           sigma_maxes=[0.015, 2.5, 400.0], **common)
+    assert len(seen) == 2 + 4 + 4
+    for sigmas in seen:
+        positive = sigmas[sigmas > 0]
+        assert float(positive.min()) >= 0.02 * (1 - 1e-12) and float(positive.max()) <= 100.0
+    assert float(seen[0][-2]) == pytest.approx(0.02, rel=1e-12)  # sweep_student, 2 steps
+    assert [float(s[0]) for s in seen[6:9]] == [0.02, 2.5, 100.0]  # one step from each candidate σ_max
+
+
+def test_fid_at_steps_records_the_clamped_sigmas():
+    net, shape = ve_net()
+    results, _ = scoring.fid_at_steps(net, sampler={"name": "euler"}, schedule={"name": "karras"}, steps=[4],
+                                      metric=lambda x, ref: float(x.abs().mean()), reference=None, num=3,
+                                      shape=shape)
+    sigmas = results[4]["sigmas"]
+    assert sigmas[-2] == pytest.approx(0.02, rel=1e-12) and sigmas[-1] == 0.0
+    assert sigmas == evaluate.sigmas_for(net, {"name": "karras"}, 4).tolist()
+    values, _ = scoring.nfe_sweep(None, net, metric=lambda x, ref: float(x.abs().mean()), reference=None,
+                                  student_sampler={"name": "dpdm"}, student_schedule={"name": "dpdm"}, student_nfe=[],
+                                  teacher_samplers=[{"name": "euler"}], teacher_schedule={"name": "karras"},
+                                  teacher_nfe=[4], num=3, shape=shape)
+    assert values["teacher"]["euler"][4] == pytest.approx(results[4]["value"], rel=1e-12)

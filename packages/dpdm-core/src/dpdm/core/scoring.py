@@ -81,10 +81,11 @@ def cached_dataset_stats(dataset_key: str, dataset, detector, *, num: int | None
     return stats
 
 
-def sampler_and_schedule(sampler: dict, schedule: dict) -> tuple[Callable, Callable, Callable]:
-    """``(sample_fn, nfe_of, sigmas_of)`` from ``{"name": ..., **options}`` specs of a sampler and a schedule."""
+def sampler_and_schedule(sampler: dict, schedule: dict, model=None) -> tuple[Callable, Callable, Callable]:
+    """``(sample_fn, nfe_of, sigmas_of)`` from ``{"name": ..., **options}`` specs of a sampler and a schedule;
+    with ``model``, ``sigmas_of`` is clamped to its σ range (``evaluate.schedule_for``, as EDM does)."""
     _, sample_fn, nfe_of = evaluate._sampler(sampler)
-    return sample_fn, nfe_of, evaluate._schedule(schedule)
+    return sample_fn, nfe_of, evaluate._schedule(schedule, model)
 
 
 @torch.no_grad()
@@ -133,8 +134,9 @@ def score(model, sample_fn: Callable, sigmas: torch.Tensor, metric, reference, *
 def fid_at_steps(model, *, sampler: dict, schedule: dict, steps: list[int], metric, reference, num: int, shape,
                  label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
                  progress: Progress | None = None, keep: int = 64) -> tuple[dict, dict]:
-    """``({steps: {"nfe", "value", "seconds", "sigmas"}}, {steps: first items})`` for one model and sampler."""
-    sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule)
+    """``({steps: {"nfe", "value", "seconds", "sigmas"}}, {steps: first items})`` for one model and sampler;
+    ``sigmas`` is the σ list sampled, clamped to the model's σ range (``evaluate.schedule_for``)."""
+    sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule, model)
     results, grids = {}, {}
     for n in steps:
         sigmas = sigmas_of(n)
@@ -163,7 +165,7 @@ def nfe_sweep(student, teacher, *, metric, reference, student_sampler: dict, stu
         plan.append(("student", student, student_sampler, student_schedule, student_nfe))
     plan += [("teacher", teacher, spec, teacher_schedule, teacher_nfe) for spec in teacher_samplers]
     for role, model, sampler, schedule, nfes in plan:
-        sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule)
+        sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule, model)
         name = sampler["name"]
         values[role][name], grids[role][name] = {}, {}
         for nfe in nfes:
