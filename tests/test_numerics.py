@@ -238,3 +238,37 @@ def test_fid_at_steps_records_the_clamped_sigmas():
                                   teacher_samplers=[{"name": "euler"}], teacher_schedule={"name": "karras"},
                                   teacher_nfe=[4], num=3, shape=shape)
     assert values["teacher"]["euler"][4] == pytest.approx(results[4]["value"], rel=1e-12)
+
+
+# --- R3: uint8 images as EDM saves them ------------------------------------------------------------------------
+
+def edm_uint8(x: torch.Tensor) -> torch.Tensor:
+    """EDM's generate.py: (images * 127.5 + 128).clip(0, 255).to(torch.uint8), on float64 images."""
+    return (x.double() * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def test_from_model_truncates_after_plus_128_as_edm():
+    from dpdm.core.datasets import from_model, to_model
+
+    k = torch.arange(-3, 260, dtype=torch.float64)
+    exact = (k - 128) / 127.5  # x·127.5 + 128 lands on an integer k (here rounding and truncation differ)
+    halves = (k - 127.5) / 127.5  # … on k + 0.5
+    eps = 1e-9
+    x = torch.cat([exact, exact - eps, exact + eps, halves, halves - eps, halves + eps,
+                   torch.tensor([-1.0, 1.0, 0.0, -1.2, 1.3, -50.0, 50.0, 1 - 1e-12, -1 + 1e-12], dtype=torch.float64)])
+    got = from_model(x, "image")
+    assert got.dtype == torch.uint8
+    assert torch.equal(got, edm_uint8(x))
+    # spelled out: -1 → 0.5 → 0; 1 → 255.5 → 255; 0 → 128; out of range clipped
+    assert from_model(torch.tensor([-1.0, 1.0, 0.0, -3.0, 3.0]), "image").tolist() == [0, 0 + 255, 128, 0, 255]
+    # just below an integer truncates down (rounding would give the integer)
+    assert from_model(torch.tensor([(200 - 128) / 127.5 - 1e-9], dtype=torch.float64), "image").item() == 199
+    # float32 input: EDM's rule on its exact value
+    x32 = torch.linspace(-1.1, 1.1, 100_003)
+    assert torch.equal(from_model(x32, "image"), edm_uint8(x32))
+    # uint8 → model space → uint8 is the identity
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(from_model(to_model(u), "image"), u)
+    # and the old rule, round((x + 1)·127.5), is a different function (it differs at odd integers k)
+    old = ((exact + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    assert not torch.equal(old, from_model(exact, "image"))
