@@ -272,3 +272,35 @@ def test_from_model_truncates_after_plus_128_as_edm():
     # and the old rule, round((x + 1)·127.5), is a different function (it differs at odd integers k)
     old = ((exact + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     assert not torch.equal(old, from_model(exact, "image"))
+
+
+def test_feature_statistics_convert_the_float64_state_to_uint8():
+    """FID's images are EDM's uint8 of the float64 state, not of a float32 copy (which can cross a boundary)."""
+    from dpdm.core.datasets import from_model
+
+    k = torch.arange(1, 255, dtype=torch.float64)
+    target = ((k - 128) / 127.5 - 1e-12).reshape(1, 1, 1, -1)  # just below integer k: truncates to k - 1
+    differs = edm_uint8(target) != edm_uint8(target.float())
+    assert differs.any()  # for some pixels the float32 copy lands on the other side
+
+    def fixed(denoiser, x, sigmas, **kw):
+        return target.expand(len(x), -1, -1, -1).to(x.dtype)
+
+    class Recorder:
+        feature_dim = 2
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, images):
+            self.seen.append(images)
+            return torch.stack([images.double().mean(dim=(1, 2, 3)), images.double().std(dim=(1, 2, 3))], 1)
+
+    det = Recorder()
+    kept = []
+    generation.sample_feature_stats(None, fixed, torch.tensor([1.0, 0.0], dtype=torch.float64), 3, tuple(target.shape[1:]),
+                                    det, on_batch=lambda idx, x: kept.append(x))
+    images = torch.cat(det.seen)
+    assert images.dtype == torch.uint8 and torch.equal(images, edm_uint8(target).expand(3, -1, -1, -1))
+    assert torch.equal(from_model(target, "image"), edm_uint8(target))
+    assert kept[0].dtype == torch.float32  # grids still get float32 model-space items

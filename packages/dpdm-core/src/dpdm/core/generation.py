@@ -77,8 +77,9 @@ def state_dtype(dtype, device) -> torch.dtype:
 @torch.no_grad()
 def generate_items(denoiser, sampler: Callable, sigmas: torch.Tensor, indices: Sequence[int], shape, *,
                    label_dim: int = 0, seed: int = 0, batch_size: int = 256, device="cpu",
-                   dtype=STATE_DTYPE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, x)`` batches: x (B, *shape) float32 on the CPU, in model space.
+                   dtype=STATE_DTYPE, out_dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, x)`` batches: x (B, *shape) in ``out_dtype`` (float32; None: the state's dtype) on the
+    CPU, in model space.
 
     Item ``i``: ε ~ N(0, I) and (if ``label_dim``) a uniform class from its own generator, x = σ_0·ε, then
     ``sampler(denoiser, x, sigmas, generator=<the batch's ItemGenerators>, class_labels=labels)``.
@@ -102,7 +103,7 @@ def generate_items(denoiser, sampler: Callable, sigmas: torch.Tensor, indices: S
         x = gens.randn(tuple(shape), dtype=dtype) * sigmas[0].to(dtype)
         labels = gens.randint(label_dim) if label_dim else None
         out = sampler(denoiser, x, sigmas, generator=gens, class_labels=labels)
-        yield torch.as_tensor(idx, dtype=torch.int64), out.float().cpu()
+        yield torch.as_tensor(idx, dtype=torch.int64), (out if out_dtype is None else out.to(out_dtype)).cpu()
 
 
 def generate(denoiser, sampler: Callable, sigmas: torch.Tensor, num: int, shape, **kwargs) -> torch.Tensor:
@@ -135,7 +136,8 @@ def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num:
     """Detector statistics of ``num`` generated images (items 0 … num − 1), split over the ranks of ``dist``.
 
     Each rank generates its ``shard`` in batches of ``batch_size`` and converts them to uint8 as EDM saves
-    images; ``on_batch(indices, x)`` sees every model-space batch (e.g. to keep a grid). Every rank returns the
+    images, from the sampler state itself (float64 by default, as EDM's images are; ``datasets.from_model``);
+    ``on_batch(indices, x)`` sees every model-space batch in float32 (e.g. to keep a grid). Every rank returns the
     statistics of all ``num`` items. ``dtype``: the sampler state (``generate_items``; float64 by default).
     """
     from .datasets import from_model
@@ -146,9 +148,9 @@ def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num:
     acc = StatsAccumulator()
     with progress.task(description, len(mine)) as bar:
         for idx, x in generate_items(denoiser, sampler, sigmas, mine, shape, label_dim=label_dim, seed=seed,
-                                     batch_size=batch_size, device=dist.device, dtype=dtype):
+                                     batch_size=batch_size, device=dist.device, dtype=dtype, out_dtype=None):
             if on_batch is not None:
-                on_batch(idx, x)
+                on_batch(idx, x.float())
             acc.update(detector(from_model(x, "image")))
             bar.advance(len(idx))
     return all_reduce_stats(acc, dist, detector.feature_dim)
