@@ -157,7 +157,8 @@ def test_ve_karras_schedule_is_clamped_at_both_ends():
     assert float(unclamped[-2]) < 0.01  # the clamp changed something
     top = sched(6, sigma_max=500.0)
     torch.testing.assert_close(top, karras_formula(6, 0.02, 100.0, 7.0), rtol=1e-14, atol=0)
-    assert torch.equal(evaluate.sigmas_for(net, {"name": "karras"}, 6, sigma_max=500.0), sched(6, sigma_max=500.0))
+    spec = {"name": "karras", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}
+    assert torch.equal(evaluate.sigmas_for(net, spec, 6, sigma_max=500.0), sched(6, sigma_max=500.0))
     # one step: [σ_max, 0] with σ_max in range
     assert evaluate.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=500.0).tolist() == [100.0, 0.0]
     assert evaluate.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=0.001).tolist() == [0.02, 0.0]

@@ -124,7 +124,7 @@ def verdict(summary: dict, train_steps: int | None) -> str:
         parts.append("holds: " + "; ".join(held))
     if missing:
         parts.append("not measured: " + "; ".join(missing))
-    return " | ".join(parts)
+    return " — ".join(parts)
 
 
 def checks(report: dict) -> dict:
