@@ -224,7 +224,8 @@ def test_report_json(tiny_run):
     assert report["metric"] == "energy"
     assert report["recipe"] == "toy2d"
     sweep = report["sweep"]
-    assert list(sweep) == ["student", "teacher"]
+    assert list(sweep) == ["student", "undistilled", "teacher"]  # undistilled: the teacher with the student's sampler
+    assert list(sweep["undistilled"]) == ["dpdm"] and list(sweep["undistilled"]["dpdm"]) == ["1", "2"]
     assert list(sweep["student"]) == ["dpdm"]
     assert list(sweep["student"]["dpdm"]) == ["1", "2"]
     assert list(sweep["teacher"]) == ["euler", "heun", "dpmpp-2m"]

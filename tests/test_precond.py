@@ -87,7 +87,10 @@ def test_forward_matches_formula(name, make, ref, form):
     sig64 = torch.tensor(SIGMAS, dtype=torch.float64)
     sigma = sig64 if form == "tensor-B" else sig64.reshape(-1, 1, 1, 1)
     out = pre(x, sigma)
-    assert out.dtype == torch.float32 and out.shape == x.shape  # runs (and returns) in the backbone's dtype
+    # the backbone runs in its dtype (float32); float64 input comes back in float64 (the sampler state's dtype)
+    assert out.dtype == torch.float64 and out.shape == x.shape
+    assert pre(x.float(), sigma).dtype == torch.float32
+    bb.calls.pop()
 
     # The backbone saw c_in·x and c_noise flattened to (B,), in float32.
     (a, c_noise, labels), = bb.calls

@@ -137,7 +137,8 @@ def edm_heun_reference(D, x, t, s_churn=0.0, s_min=0.0, s_max=float("inf"), s_no
         t_cur, t_next = t[i], t[i + 1]
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_min <= float(t_cur) <= s_max else 0.0
         t_hat = t_cur + gamma * t_cur
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype) if generator is not None else 0.0
+        # noise drawn in float32 and cast to the state (samplers.noise_like; EDM draws randn_like of the state)
+        eps = torch.randn(x.shape, generator=generator).to(x.dtype) if generator is not None else 0.0
         x_hat = x + (t_hat**2 - t_cur**2).sqrt() * s_noise * eps
         d_cur = (x_hat - D(x_hat, t_hat)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
@@ -243,7 +244,7 @@ def test_euler_stochastic_churn_step_closed_form():
     seen = []
     out = sample_euler_stochastic(exact_denoiser(), x, t, generator=gen(7), callback=seen.append,
                                   s_churn=s_churn, s_noise=s_noise)
-    eps = torch.randn(x.shape, generator=gen(7), dtype=torch.float64)
+    eps = torch.randn(x.shape, generator=gen(7)).double()  # float32 draw, cast (samplers.noise_like)
     sigma_hat = 2.0 * (1 + min(s_churn, math.sqrt(2) - 1))
     x_hat = x + math.sqrt(sigma_hat**2 - 4.0) * s_noise * eps
     assert float(seen[0]["sigma"]) == pytest.approx(sigma_hat, rel=1e-15)
@@ -314,7 +315,7 @@ def test_dpdm_sampler_steps_add_fresh_noise():
     D = exact_denoiser()
     y = D(x, sigmas[0])
     for sigma in sigmas[1:3]:
-        y = D(y + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64), sigma)
+        y = D(y + sigma * torch.randn(x.shape, generator=g).double(), sigma)  # float32 draw, cast to the state
     torch.testing.assert_close(out, y, rtol=1e-14, atol=1e-14)
     assert [float(i["sigma"]) for i in seen] == [10.0, 1.0, 0.1]
     assert torch.equal(seen[0]["x"], x)

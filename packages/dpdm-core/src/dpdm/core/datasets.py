@@ -13,7 +13,7 @@ Datasets that know their true distribution (the toy ones) also have
 ``sample(n, generator=None) -> (n, D)`` float tensors of fresh samples.
 
 Model space: images are mapped to [-1, 1] by ``to_model`` (x/127.5 − 1, as EDM does) and
-back by ``from_model``; vector data is used as is.
+back by ``from_model`` (as EDM saves images: x·127.5 + 128, clipped, truncated); vector data is used as is.
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ def to_model(x: torch.Tensor) -> torch.Tensor:
 
 
 def from_model(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Inverse of ``to_model``: images → uint8 (rounded, clipped to [0, 255]); vectors unchanged."""
+    """Inverse of ``to_model``: images → uint8 as EDM's ``generate.py`` saves them,
+    ``(x * 127.5 + 128).clip(0, 255).to(torch.uint8)``: the +128 (not +127.5) and the truncation of the cast
+    together map [k − 0.5, k + 0.5) of the continuous pixel value x·127.5 + 127.5 to k, i.e. round half up
+    (``to_model``'s values come back exactly); out-of-range values are clipped. Computed in float64 (EDM's
+    images are its float64 sampler state), so a float32 ``x`` is converted from its exact value.
+    Vectors are returned unchanged."""
     if kind == "image":
-        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return (x.to(torch.float64) * 127.5 + 128).clip(0, 255).to(torch.uint8)
     return x
 
 

@@ -9,15 +9,16 @@ from typing import Callable
 
 import torch
 
-from . import generation
+from . import generation, schedules
 from .registry import get
 from .samplers import steps_for_nfe
 
 
 def generate(denoiser, sampler, sigmas: torch.Tensor, num: int, shape, *, label_dim: int = 0, seed: int = 0,
-             batch_size: int = 1024, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """``num`` samples in model space: item i starts from σ_0·ε_i with its own generator (``generation``), so
-    the samples do not depend on ``batch_size``."""
+             batch_size: int = 1024, device="cpu", dtype=generation.STATE_DTYPE) -> torch.Tensor:
+    """``num`` samples in model space (float32): item i starts from σ_0·ε_i with its own generator
+    (``generation``), so the samples do not depend on ``batch_size``. The sampler state is ``dtype``, float64
+    by default as in EDM's ``generate.py`` (``generation.generate_items``)."""
     return generation.generate(denoiser, sampler, sigmas, num, shape, label_dim=label_dim, seed=seed,
                                batch_size=batch_size, device=device, dtype=dtype)
 
@@ -29,10 +30,27 @@ def prepare_reference(metric, reference):
     return prepare(reference) if prepare is not None else reference
 
 
-def _schedule(spec: dict) -> Callable:
+def _schedule(spec: dict, denoiser=None) -> Callable:
+    """``(n, **overrides) -> sigmas`` from a ``{"name": ..., **options}`` spec; with ``denoiser``, clamped to its
+    σ range (``schedule_for``)."""
     opts = dict(spec)
     fn = get("schedule", opts.pop("name"))
-    return lambda n, **kw: fn(n, **{**opts, **kw})
+    build = lambda n, **kw: fn(n, **{**opts, **kw})  # noqa: E731
+    if denoiser is None:
+        return build
+    return schedules.clamp_to_network(build, denoiser, takes_range=schedules._takes_range(fn))
+
+
+def schedule_for(denoiser, spec: dict) -> Callable:
+    """The schedule every evaluation route samples ``denoiser`` with: ``spec`` (``{"name": ..., **options}``)
+    with its ends clamped to the network's σ range as EDM's ``generate.py`` does (``schedules.clamp_to_network``;
+    no clamp for a denoiser that declares no ``sigma_min``/``sigma_max``). Returns ``(n, **overrides) -> sigmas``."""
+    return _schedule(spec, denoiser)
+
+
+def sigmas_for(denoiser, spec: dict, n: int, **overrides) -> torch.Tensor:
+    """The ``n``-step σ list (float64, ending in 0) of ``schedule_for(denoiser, spec)``: e.g. for ``dpdm sample``."""
+    return schedule_for(denoiser, spec)(n, **overrides)
 
 
 def _sampler(spec: dict) -> tuple[str, Callable, Callable]:
@@ -51,7 +69,7 @@ def sweep_student(student, metric, reference, *, sampler: dict, schedule: dict, 
     """Metric per NFE for the student; returns ``({nfe: value}, {nfe: samples})``, the samples cut to the first
     ``keep`` (all when None: what figures need, not 10k images per point)."""
     _, sample_fn, nfe_of = _sampler(sampler)
-    sched = _schedule(schedule)
+    sched = schedule_for(student, schedule)
     reference = prepare_reference(metric, reference)
     values, samples = {}, {}
     for n in steps:
@@ -66,7 +84,7 @@ def sweep_teacher(teacher, metric, reference, *, samplers: list[dict], schedule:
                   shape, label_dim, seed, device, on_step=None, keep: int | None = None) -> tuple[dict, dict]:
     """Metric per (sampler, NFE) for the teacher; NFEs a sampler cannot hit exactly are skipped
     (Heun's NFE is always odd). Samples are cut to the first ``keep`` as in ``sweep_student``."""
-    sched = _schedule(schedule)
+    sched = schedule_for(teacher, schedule)
     reference = prepare_reference(metric, reference)
     values: dict = {}
     samples: dict = {}
@@ -89,7 +107,7 @@ def best_one_step(student, metric, validation, reference, *, sampler: dict, sche
     reported on ``reference`` data (so the choice does not flatter the reported number). ``samples``: the first
     ``keep`` of the reported set."""
     _, sample_fn, _ = _sampler(sampler)
-    sched = _schedule(schedule)
+    sched = schedule_for(student, schedule)
     validation, reference = prepare_reference(metric, validation), prepare_reference(metric, reference)
     scores = {}
     for smax in sigma_maxes:

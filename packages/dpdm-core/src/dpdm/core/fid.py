@@ -165,7 +165,7 @@ def stats_cache_path(dataset_key: str, detector_key: str) -> Path:
 def feature_metric(detector, *, batch_size: int = 100):
     """``fn(samples, reference) -> float``: the Fréchet distance between ``detector``'s features of two image sets
     given in model space ([-1, 1], ``(N, C, H, W)``), each converted to uint8 as EDM saves its images
-    (``datasets.from_model``: (x + 1)·127.5, rounded, clipped) and fed in batches of ``batch_size``.
+    (``datasets.from_model``: x·127.5 + 128, clipped to [0, 255], truncated) and fed in batches of ``batch_size``.
 
     ``detector``: uint8 (N, C, H, W) → float (N, D), e.g. ``detectors.Detector`` or the ``fd-<dataset>``
     classifier. ``reference`` may also be ``FeatureStats`` (``fn.prepare(images)``, or a loaded ``.npz``), so a

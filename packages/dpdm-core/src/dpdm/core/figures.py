@@ -84,15 +84,20 @@ def samples_figure(panels: dict[str, torch.Tensor], kind: str, path, title: str 
 
 
 def curve_figure(sweep: dict, metric: str, path) -> None:
-    """Metric vs NFE, log scale, one line per model/sampler (``report.json``'s ``sweep``)."""
+    """Metric vs NFE, log scale, one line per model/sampler (``report.json``'s ``sweep``; the ``undistilled`` role,
+    the teacher with the student's sampler and schedule, gets its own label and style)."""
+    from .report import role_label, sweep_roles
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model, by_sampler in sweep.items():
-        for sampler, values in by_sampler.items():
+    styles = {"student": "o-", "undistilled": "^:", "teacher": "s--"}
+    for model in sweep_roles(sweep):
+        for sampler, values in sweep[model].items():
             nfe = sorted(int(k) for k in values)
+            if not nfe:
+                continue
             y = [max(values[str(k)], 1e-12) for k in nfe]
-            style = "o-" if model == "student" else "s--"
-            ax.plot(nfe, y, style, label=f"{model} ({sampler})")
+            ax.plot(nfe, y, styles.get(model, "d-."), label=role_label(model, sampler))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE")

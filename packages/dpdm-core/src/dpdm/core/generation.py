@@ -36,11 +36,16 @@ class ItemGenerators:
         return len(self.generators)
 
     def randn(self, shape: Sequence[int], *, dtype=torch.float32, device=None) -> torch.Tensor:
-        """``(len(self), *shape)``: item ``i`` drawn from generator ``i``."""
+        """``(len(self), *shape)``: item ``i`` drawn from generator ``i``.
+
+        The draw is always float32 and then cast to ``dtype`` (EDM's ``generate.py`` draws its latents in
+        float32 and casts them to the float64 sampler state): torch's float64 normal draws are different
+        numbers, so drawing in ``dtype`` would make an item depend on the precision of the sampler state.
+        """
         device = self.device if device is None else torch.device(device)
-        out = torch.stack([torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
+        out = torch.stack([torch.randn(tuple(shape), generator=g, device=self.device, dtype=torch.float32)
                            for g in self.generators])
-        return out.to(device)
+        return out.to(device=device, dtype=dtype)
 
     def randint(self, high: int) -> torch.Tensor:
         """``(len(self),)`` int64 in [0, high)."""
@@ -57,17 +62,39 @@ def shard(num: int, rank: int = 0, world_size: int = 1) -> range:
     return range(rank, num, world_size)
 
 
+STATE_DTYPE = torch.float64  # the sampler state of evaluation, as in EDM's generate.py
+
+
+def state_dtype(dtype, device) -> torch.dtype:
+    """The sampler-state dtype used on ``device``: ``dtype``, except float64 on MPS (which has no float64),
+    where float32 is used."""
+    dtype = STATE_DTYPE if dtype is None else dtype
+    if dtype == torch.float64 and torch.device(device).type == "mps":
+        return torch.float32
+    return dtype
+
+
 @torch.no_grad()
 def generate_items(denoiser, sampler: Callable, sigmas: torch.Tensor, indices: Sequence[int], shape, *,
                    label_dim: int = 0, seed: int = 0, batch_size: int = 256, device="cpu",
-                   dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, x)`` batches: x (B, *shape) float32 on the CPU, in model space.
+                   dtype=STATE_DTYPE, out_dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, x)`` batches: x (B, *shape) in ``out_dtype`` (float32; None: the state's dtype) on the
+    CPU, in model space.
 
     Item ``i``: ε ~ N(0, I) and (if ``label_dim``) a uniform class from its own generator, x = σ_0·ε, then
     ``sampler(denoiser, x, sigmas, generator=<the batch's ItemGenerators>, class_labels=labels)``.
+
+    The sampler state ``x`` is held in ``dtype``, float64 by default, as EDM's ``generate.py`` does
+    (``x_next = latents.to(torch.float64) * t_steps[0]``, the network output cast with ``.to(torch.float64)``):
+    the network runs in its own precision (``precond.Precond``), the samplers keep the state's dtype. This
+    holds for every sampler, the teacher's ODE/SDE baselines and the student's ``dpdm`` sampler alike, so
+    that both sides of a comparison are computed the same way (the student's few steps make the cost
+    negligible). ε is drawn in float32 and cast (``ItemGenerators.randn``), so an item is the same in float32
+    and float64 up to round-off. ``dtype=None`` means float64; on MPS float64 falls back to float32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    dtype = state_dtype(dtype, device)
     indices = list(indices)
     sigmas = sigmas.to(device)
     for start in range(0, len(indices), batch_size):
@@ -76,7 +103,7 @@ def generate_items(denoiser, sampler: Callable, sigmas: torch.Tensor, indices: S
         x = gens.randn(tuple(shape), dtype=dtype) * sigmas[0].to(dtype)
         labels = gens.randint(label_dim) if label_dim else None
         out = sampler(denoiser, x, sigmas, generator=gens, class_labels=labels)
-        yield torch.as_tensor(idx, dtype=torch.int64), out.float().cpu()
+        yield torch.as_tensor(idx, dtype=torch.int64), (out if out_dtype is None else out.to(out_dtype)).cpu()
 
 
 def generate(denoiser, sampler: Callable, sigmas: torch.Tensor, num: int, shape, **kwargs) -> torch.Tensor:
@@ -105,12 +132,13 @@ def all_reduce_stats(acc: StatsAccumulator, dist: Dist, feature_dim: int) -> Fea
 def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num: int, shape, detector, *,
                          label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
                          progress: Progress | None = None, description: str = "generate",
-                         on_batch: Callable | None = None) -> FeatureStats:
+                         on_batch: Callable | None = None, dtype=STATE_DTYPE) -> FeatureStats:
     """Detector statistics of ``num`` generated images (items 0 … num − 1), split over the ranks of ``dist``.
 
     Each rank generates its ``shard`` in batches of ``batch_size`` and converts them to uint8 as EDM saves
-    images; ``on_batch(indices, x)`` sees every model-space batch (e.g. to keep a grid). Every rank returns the
-    statistics of all ``num`` items.
+    images, from the sampler state itself (float64 by default, as EDM's images are; ``datasets.from_model``);
+    ``on_batch(indices, x)`` sees every model-space batch in float32 (e.g. to keep a grid). Every rank returns the
+    statistics of all ``num`` items. ``dtype``: the sampler state (``generate_items``; float64 by default).
     """
     from .datasets import from_model
 
@@ -120,9 +148,9 @@ def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num:
     acc = StatsAccumulator()
     with progress.task(description, len(mine)) as bar:
         for idx, x in generate_items(denoiser, sampler, sigmas, mine, shape, label_dim=label_dim, seed=seed,
-                                     batch_size=batch_size, device=dist.device):
+                                     batch_size=batch_size, device=dist.device, dtype=dtype, out_dtype=None):
             if on_batch is not None:
-                on_batch(idx, x)
+                on_batch(idx, x.float())
             acc.update(detector(from_model(x, "image")))
             bar.advance(len(idx))
     return all_reduce_stats(acc, dist, detector.feature_dim)

@@ -41,8 +41,12 @@ def one_hot_labels(class_labels, batch: int, label_dim: int, device, dtype) -> t
 class Precond(nn.Module):
     """Base class: subclasses define ``coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)``.
 
-    The backbone runs in the dtype of its parameters; the result is returned in that dtype
-    (samplers cast it to the dtype of their state).
+    The backbone runs in the dtype of its parameters: its inputs ``c_in·x`` and ``c_noise`` are computed in
+    that dtype, as EDM's preconditioning computes them in float32 (``training/networks.py``). The result is
+    returned in that dtype, except for float64 input (the sampler state of evaluation, as in EDM's
+    ``generate.py``): then ``c_skip·x + c_out·F`` is formed in float64 from float64 coefficients and returned
+    in float64, so the skip path keeps the state's precision (EDM forms it in float32; the two differ by
+    float32 round-off only).
     """
 
     sigma_min: float = 0.0
@@ -65,12 +69,16 @@ class Precond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         dtype = self._dtype(x)
-        x = x.to(dtype)
-        sigma = as_sigma(sigma, x, dtype)  # (B, 1, ..., 1)
+        wide = x.dtype == torch.float64 and dtype != torch.float64  # float64 state, narrower network
+        x_in = x.to(dtype)
+        sigma_in = as_sigma(sigma, x_in, dtype)  # (B, 1, ..., 1)
         labels = one_hot_labels(class_labels, x.shape[0], self.label_dim, x.device, dtype)
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f = self.model(c_in * x, c_noise.reshape(-1), class_labels=labels)  # like x
-        return c_skip * x + c_out * f.to(dtype)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma_in)
+        f = self.model(c_in * x_in, c_noise.reshape(-1), class_labels=labels)  # like x
+        if wide:
+            c_skip, c_out, _, _ = self.coefficients(as_sigma(sigma, x, torch.float64))
+            return c_skip * x + c_out * f.to(torch.float64)
+        return c_skip * x_in + c_out * f.to(dtype)
 
 
 class EDMPrecond(Precond):

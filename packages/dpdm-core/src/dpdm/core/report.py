@@ -1,10 +1,23 @@
 """``report.json`` and ``report.md`` of a run, with the paper's claims checked on the numbers.
 
+The sweep (``report["sweep"]``) has one entry per role, ``{role: {sampler: {nfe: value}}}``: ``student`` (the
+distilled model with its sampler and schedule), ``teacher`` (the teacher with each ODE/SDE sampler and the
+teacher schedule) and ``undistilled`` (the teacher sampled with exactly the student's sampler and schedule at
+the student's step counts: what the sampler alone does, without distillation; Section 5.2, Figure 6).
+
 Checks (recorded, never assumed):
 - ``student_vs_teacher``: for each student NFE k and each teacher sampler, the student's distance
   against the teacher's at the smallest NFE ≥ k that sampler reached (Heun only reaches odd
   NFEs, so at k = 2 it gets 3: the comparison never gives the teacher fewer evaluations).
-- ``recovery_ratio``: student / teacher recovery distance per σ (the paper's Table 1 effect).
+- ``student_vs_best_teacher``: for each student NFE k, the student against the best teacher value over all
+  teacher samplers at NFE ≤ 3k (Table 2: DPDM at 5 NFE, 3.85, beats EDM's ODE sampler at 15 NFE, 5.62), with
+  the sampler and NFE that were best.
+- ``student_vs_undistilled``: for each student NFE k, the student against the undistilled teacher with the
+  same sampler and schedule (Section 5.2: the DPDM sampler on the undistilled model is worse).
+- ``recovery_ratio``: student / teacher recovery distance per σ (the paper's Table 1 effect), and
+  ``recovery_student_better_everywhere``: the student's distance is below the teacher's at every σ.
+- ``summary``: the three claims as booleans (None where nothing could be compared) and a one-line ``verdict``;
+  a run with ``train.steps: 0`` (``report["train_steps"]``) ran no distillation, which the verdict says.
 """
 
 from __future__ import annotations
@@ -29,11 +42,27 @@ def metric_note(metric: str) -> str:
     return "see the metric plugin"
 
 
+ROLE_ORDER = ("student", "undistilled", "teacher")
+NFE_FACTOR = 3  # student_vs_best_teacher: the teacher may use up to 3× the student's NFE (Table 2: 5 vs 15)
+
+
+def role_label(role: str, sampler: str) -> str:
+    """How a sweep column / curve is labelled: ``undistilled`` reads as the teacher with the student's sampler."""
+    if role == "undistilled":
+        return f"undistilled teacher {sampler} (student's schedule)"
+    return f"{role} {sampler}"
+
+
+def sweep_roles(sweep: dict) -> list[str]:
+    """The roles of a sweep in table order: student, undistilled, teacher, then any others."""
+    return [r for r in ROLE_ORDER if r in sweep] + [r for r in sweep if r not in ROLE_ORDER]
+
+
 def sweep_table(sweep: dict) -> list[str]:
     """Markdown rows: one line per NFE, one column per (model, sampler); — where a sampler cannot reach that NFE."""
-    columns = [(m, s) for m in ("student", "teacher") for s in sweep.get(m, {})]
+    columns = [(m, s) for m in sweep_roles(sweep) for s in sweep[m]]
     nfes = sorted({int(n) for by in sweep.values() for v in by.values() for n in v})
-    lines = ["| NFE | " + " | ".join(f"{m} {s}" for m, s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| NFE | " + " | ".join(role_label(m, s) for m, s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for n in nfes:
         lines.append(f"| {n} | " + " | ".join(_fmt(sweep[m][s].get(str(n))) for m, s in columns) + " |")
     return lines
@@ -50,30 +79,121 @@ def sweep_markdown(result: dict) -> str:
     return "\n".join(lines + [""] + sweep_table(result["sweep"])) + "\n"
 
 
+def _better(a, b) -> bool | None:
+    """``a < b`` (lower is better), None when either is missing or not a number."""
+    if a is None or b is None or a != a or b != b:
+        return None
+    return bool(a < b)
+
+
+def _all(flags) -> bool | None:
+    """True when every comparison holds, False when one fails, None when there was nothing to compare."""
+    flags = [f for f in flags if f is not None]
+    return all(flags) if flags else None
+
+
+def best_teacher(teacher: dict, max_nfe: int) -> dict | None:
+    """The lowest value over all teacher samplers at NFE ≤ ``max_nfe``: ``{"sampler", "nfe", "value"}`` (ties go
+    to the smaller NFE, then the sampler listed first), None when no sampler reached such an NFE."""
+    best = None
+    for sampler, values in teacher.items():
+        for n, v in values.items():
+            if int(n) <= max_nfe and v == v:
+                key = (v, int(n))
+                if best is None or key < (best["value"], best["nfe"]):
+                    best = {"sampler": sampler, "nfe": int(n), "value": v}
+    return best
+
+
+def verdict(summary: dict, train_steps: int | None) -> str:
+    """One line saying which of the paper's claims the numbers reproduce."""
+    if train_steps == 0:
+        return "no distillation ran (train.steps = 0): the student is not a DPDM result"
+    names = {"student_beats_best_teacher": f"student beats the best teacher at ≤{NFE_FACTOR}× NFE",
+             "recovery_student_better_everywhere": "student recovers better at every σ",
+             "student_beats_undistilled": "student beats the undistilled teacher with the same sampler"}
+    held = [names[k] for k in names if summary.get(k) is True]
+    failed = [names[k] for k in names if summary.get(k) is False]
+    missing = [names[k] for k in names if summary.get(k) is None]
+    if not failed and not missing:
+        return "all claims hold: " + "; ".join(held)
+    parts = []
+    if failed:
+        parts.append("not reproduced: " + "; ".join(failed))
+    if held:
+        parts.append("holds: " + "; ".join(held))
+    if missing:
+        parts.append("not measured: " + "; ".join(missing))
+    return " — ".join(parts)
+
+
 def checks(report: dict) -> dict:
-    student = next(iter(report["sweep"]["student"].values()))
+    """The paper's claims on a report's numbers (module docstring); ``report`` needs ``sweep`` and ``recovery``,
+    ``sweep["undistilled"]`` and ``train_steps`` are optional."""
+    sweep = report["sweep"]
+    student = next(iter(sweep["student"].values()))
+    teacher = sweep.get("teacher", {})
     vs = {}
     for k, value in student.items():
         row = {}
-        for sampler, values in report["sweep"]["teacher"].items():
+        for sampler, values in teacher.items():
             candidates = sorted(int(n) for n in values if int(n) >= int(k))
             if candidates:
                 n = candidates[0]
                 row[sampler] = {"teacher_nfe": n, "teacher": values[str(n)], "student": value,
                                 "student_better": value < values[str(n)]}
         vs[k] = row
-    ratio = {s: (v["student"] / v["teacher"] if v["teacher"] > 0 else None) for s, v in report["recovery"].items()}
-    return {"student_vs_teacher": vs, "recovery_ratio": ratio}
+    vs_best = {}
+    for k, value in student.items():
+        best = best_teacher(teacher, NFE_FACTOR * int(k))
+        vs_best[k] = {"max_teacher_nfe": NFE_FACTOR * int(k), "student": value,
+                      "teacher_sampler": best and best["sampler"], "teacher_nfe": best and best["nfe"],
+                      "teacher": best and best["value"], "student_better": _better(value, best and best["value"])}
+    undistilled = next(iter(sweep.get("undistilled", {}).values()), {})
+    vs_undistilled = {k: {"student": value, "undistilled": undistilled.get(k),
+                          "student_better": _better(value, undistilled.get(k))}
+                      for k, value in student.items()}
+    recovery = report.get("recovery", {})
+    ratio = {s: (v["student"] / v["teacher"] if v["teacher"] > 0 else None) for s, v in recovery.items()}
+    per_sigma = {s: _better(v["student"], v["teacher"]) for s, v in recovery.items()}
+    flags = list(per_sigma.values())  # every σ must be compared for "everywhere" to hold
+    everywhere = False if False in flags else (True if flags and None not in flags else None)
+    summary = {"student_beats_best_teacher": _all(c["student_better"] for c in vs_best.values()),
+               "recovery_student_better_everywhere": everywhere,
+               "student_beats_undistilled": _all(c["student_better"] for c in vs_undistilled.values()),
+               "distilled": report.get("train_steps") != 0}
+    summary["verdict"] = verdict(summary, report.get("train_steps"))
+    return {"summary": summary, "student_vs_teacher": vs, "student_vs_best_teacher": vs_best,
+            "student_vs_undistilled": vs_undistilled, "recovery_ratio": ratio,
+            "recovery_student_better": per_sigma, "recovery_student_better_everywhere": everywhere}
 
 
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.4g}"
 
 
+def _yes(flag) -> str:
+    return "—" if flag is None else ("yes" if flag else "no")
+
+
 def markdown(report: dict) -> str:
     metric = report["metric"]
-    lines = [f"# Report: {report.get('recipe', '')}", "",
-             f"Metric: **{metric}** — {metric_note(metric)}.", ""]
+    lines = [f"# Report: {report.get('recipe', '')}", ""]
+    if report.get("train_steps") == 0:
+        lines += ["**No distillation ran (`train.steps: 0`): the \"student\" is the network distillation would "
+                  "have started from (the teacher itself unless `train.student` names another network), so its "
+                  "numbers are not a DPDM result.**", ""]
+    lines += [f"Metric: **{metric}** — {metric_note(metric)}.", ""]
+    summary = report["checks"].get("summary")
+    if summary:
+        lines += [f"Verdict: {summary['verdict']}.", "",
+                  "| claim | holds |", "|---|---|",
+                  f"| student beats the best teacher sampler at ≤{NFE_FACTOR}× its NFE (Table 2) | "
+                  f"{_yes(summary['student_beats_best_teacher'])} |",
+                  f"| student recovers better than the teacher at every σ (Table 1) | "
+                  f"{_yes(summary['recovery_student_better_everywhere'])} |",
+                  f"| student beats the undistilled teacher with the same sampler and schedule (Section 5.2) | "
+                  f"{_yes(summary['student_beats_undistilled'])} |", ""]
     if report.get("detector"):
         acc = report.get("detector_test_accuracy")
         lines += [f"Detector: `{report['detector']}`" + (f" (classifier test accuracy {acc:.4f})" if acc else "") + ".",
@@ -101,6 +221,22 @@ def markdown(report: dict) -> str:
         for sampler, c in row.items():
             lines.append(f"| {k} | {sampler} ({c['teacher_nfe']}) | {_fmt(c['student'])} | {_fmt(c['teacher'])} | "
                          f"{'yes' if c['student_better'] else 'no'} |")
+    best = report["checks"].get("student_vs_best_teacher")
+    if best:
+        lines += ["", f"## Student vs the best teacher at up to {NFE_FACTOR}× the NFE (Table 2)", "",
+                  "| student NFE | best teacher sampler (NFE) | student | teacher | student better |",
+                  "|---|---|---|---|---|"]
+        for k, c in best.items():
+            where = f"{c['teacher_sampler']} ({c['teacher_nfe']})" if c["teacher_sampler"] else \
+                f"— (no teacher NFE ≤ {c['max_teacher_nfe']})"
+            lines.append(f"| {k} | {where} | {_fmt(c['student'])} | {_fmt(c['teacher'])} | "
+                         f"{_yes(c['student_better'])} |")
+    und = report["checks"].get("student_vs_undistilled")
+    if und:
+        lines += ["", "## Student vs the undistilled teacher with the student's sampler and schedule (Section 5.2)",
+                  "", "| NFE | student | undistilled teacher | student better |", "|---|---|---|---|"]
+        for k, c in und.items():
+            lines.append(f"| {k} | {_fmt(c['student'])} | {_fmt(c['undistilled'])} | {_yes(c['student_better'])} |")
     if "timings" in report:
         lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"

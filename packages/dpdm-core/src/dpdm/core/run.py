@@ -13,9 +13,11 @@ evaluates.
     metrics.jsonl        per-step losses, gradient norms, lr, images/s, peak memory (every engine.log_every)
     tensorboard/         the same for TensorBoard, when it is installed
     figures/progress/    sample grids at a fixed seed every engine.sample_every steps
-    report.json          {"metric", "sweep", "recovery", "one_step", "checks", "timings", ...}
+    report.json          {"metric", "train_steps", "sweep" (student, undistilled, teacher), "recovery", "one_step",
+                         "checks" (with "summary"), "timings", ...}
     report.md            the same as tables
-    figures/*.png        samples per NFE (student, each teacher sampler), NFE curve, recovery panels
+    figures/*.png        samples per NFE (student, undistilled teacher, each teacher sampler), NFE curve,
+                         recovery panels
 """
 
 from __future__ import annotations
@@ -373,7 +375,11 @@ def recovery_data(recipe: Recipe, test_set, num: int):
 
 
 def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path) -> dict:
-    """NFE sweeps, one-step σ_max search and recovery; writes figures, returns the report dict."""
+    """NFE sweeps, one-step σ_max search and recovery; writes figures, returns the report dict.
+
+    The sweeps: the student with its sampler and schedule, the teacher with each teacher sampler, and the
+    undistilled teacher with exactly the student's sampler and schedule at the student's step counts (the
+    baseline of Section 5.2: it separates what distillation does from what the sampler does)."""
     cfg = recipe.eval
     options = dict(cfg.metric.options)
     if (cfg.metric.name == "fid" or cfg.metric.name.startswith(FD_PREFIX)) and "device" not in options:
@@ -398,9 +404,13 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     timings = {}
 
     t0 = time.perf_counter()
-    total = len(cfg.student_steps) + len(teacher_samplers) * len(cfg.teacher_nfe)
+    total = 2 * len(cfg.student_steps) + len(teacher_samplers) * len(cfg.teacher_nfe)
     with progress.task("evaluate: NFE sweep", total) as bar:
         s_vals, s_samples = ev.sweep_student(student, metric_fn, reference, sampler=student_sampler,
+                                             schedule=student_schedule, steps=cfg.student_steps,
+                                             on_step=lambda: bar.advance(1), keep=keep, **common)
+        # the baseline of Section 5.2: the undistilled teacher with exactly the student's sampler and schedule
+        u_vals, u_samples = ev.sweep_student(teacher, metric_fn, reference, sampler=student_sampler,
                                              schedule=student_schedule, steps=cfg.student_steps,
                                              on_step=lambda: bar.advance(1), keep=keep, **common)
         t_vals, t_samples = ev.sweep_teacher(teacher, metric_fn, reference, samplers=teacher_samplers,
@@ -420,12 +430,15 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
 
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
-    _figures(figs, kind, cfg, s_samples, t_samples, one, reference_data, clean, rec_examples, s_vals, t_vals,
+    sweep = {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
+             "undistilled": {cfg.student_sampler.name: {str(k): v for k, v in u_vals.items()}},
+             "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}}
+    _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference_data, clean, rec_examples, sweep,
              cfg.metric.name, progress)
     report = {
         "metric": cfg.metric.name,
-        "sweep": {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
-                  "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}},
+        "train_steps": recipe.train.steps,  # 0: no distillation ran (report.checks and report.md say so)
+        "sweep": sweep,  # {"student"|"undistilled"|"teacher": {sampler: {nfe: value}}} (report.py)
         "one_step": {"validation": {str(k): v for k, v in one["validation"].items()},
                      "best_sigma_max": one["best_sigma_max"], "value": one["value"]},
         "recovery": {f"{s:g}": vals for s, vals in rec.items()},
@@ -440,7 +453,7 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     return report
 
 
-def _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_examples, s_vals, t_vals, metric,
+def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, clean, rec_examples, sweep, metric,
              progress):
     try:
         from . import figures
@@ -455,8 +468,9 @@ def _figures(figs, kind, cfg, s_samples, t_samples, one, reference, clean, rec_e
     for name, by_nfe in t_samples.items():
         panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in by_nfe.items() if k <= 16}}
         figures.samples_figure(panels, kind, figs / f"samples_teacher_{name}.png", title=f"teacher, {name}")
-    sweep = {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
-             "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}}
+    panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in u_samples.items()}}
+    figures.samples_figure(panels, kind, figs / "samples_undistilled.png",
+                           title=f"undistilled teacher, {cfg.student_sampler.name} with the student's schedule")
     figures.curve_figure(sweep, metric, figs / "nfe_curve.png")
     m = min(8, cfg.figure_samples) if kind == "image" else len(clean)  # Figure 4: a strip of 8 items per cell
     shown = {s: {k: v[:m] for k, v in ex.items()} for s, ex in rec_examples.items()}

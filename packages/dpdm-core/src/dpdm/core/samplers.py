@@ -25,10 +25,14 @@ def _nfe(fn):
 def noise_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     """Standard normal noise shaped like ``x`` from ``generator``: a ``torch.Generator`` (or None), or
     ``generation.ItemGenerators``, one generator per item, which evaluation passes so that each item's
-    noise is independent of the batch it is in. Plugin samplers should draw their noise through this."""
+    noise is independent of the batch it is in. Plugin samplers should draw their noise through this.
+
+    The noise is drawn in float32 and cast to ``x.dtype``, so a float64 sampler state (evaluation's default,
+    ``generation.generate_items``) sees the same noise as a float32 one, up to the cast. (EDM's stochastic
+    sampler draws ``randn_like`` of its float64 state instead; torch's float64 draws are other numbers.)"""
     if hasattr(generator, "randn"):
         return generator.randn(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
 
 _noise = noise_like

@@ -64,3 +64,66 @@ def dpdm(n: int, sigma_min: float | None = None, sigma_max: float = DPDM_SIGMA_M
     if n > 1:
         t[n - 1] = sigma_min
     return t
+
+
+def network_sigma_range(denoiser) -> tuple[float, float] | None:
+    """``(sigma_min, sigma_max)`` the denoiser declares (``precond.Precond`` does: EDM 0–inf, VE 0.02–100 for
+    EDM's checkpoints, VP σ(ε_t)–σ(1)), looked up on a DDP wrapper's ``module`` too; None when it declares none
+    (e.g. a plugin preconditioning), which means no clamp."""
+    for obj in (denoiser, getattr(denoiser, "module", None)):
+        lo, hi = getattr(obj, "sigma_min", None), getattr(obj, "sigma_max", None)
+        if lo is not None and hi is not None:
+            return float(lo), float(hi)
+    return None
+
+
+def _takes_range(fn) -> bool:
+    """Whether a schedule function accepts ``sigma_min`` and ``sigma_max`` keywords."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return "sigma_min" in params and "sigma_max" in params
+
+
+def clamp_to_network(schedule, denoiser, *, takes_range: bool | None = None):
+    """``schedule`` (``(n, **options) -> sigmas``) with its ends clamped to the denoiser's σ range, as EDM's
+    ``generate.py`` does before it builds the steps: σ_min ← max(σ_min, net.sigma_min), σ_max ← min(σ_max,
+    net.sigma_max). EDM's VE checkpoints support σ ≥ 0.02, so a Karras schedule down to 0.002 ends at 0.02
+    for them (and starts at 80, below their 100); EDM-preconditioned nets (0–inf) are unchanged.
+
+    The ends are those of the schedule as built (its smallest and largest positive σ, e.g. the DPDM schedule's
+    per-step-count σ_min); when one lies outside the range, the schedule is rebuilt with ``sigma_min`` and
+    ``sigma_max`` set to the clamped ends, so its spacing is that of the clamped interval, as in EDM. A σ_max
+    below the network's σ_min is raised to it, and σ_min never exceeds σ_max. A schedule that takes no
+    ``sigma_min``/``sigma_max`` options has its positive σ clamped one by one (``takes_range``: whether it
+    does; default: read from its signature). Within the range (and with no range declared) the schedule is
+    returned as built, bit for bit.
+    """
+    rng = network_sigma_range(denoiser)
+    if rng is None:
+        return schedule
+    lo, hi = rng
+    if takes_range is None:
+        takes_range = _takes_range(schedule)
+
+    def clamped(n, **options) -> torch.Tensor:
+        sigmas = schedule(n, **options)
+        positive = sigmas[sigmas > 0]
+        if len(positive) == 0:
+            return sigmas
+        s_max, s_min = float(positive.max()), float(positive.min())
+        tol = 1e-12
+        if s_min >= lo * (1 - tol) and s_max <= hi * (1 + tol):
+            return sigmas
+        new_max = min(max(s_max, lo), hi)
+        new_min = min(max(s_min, lo), new_max)
+        if takes_range:
+            return schedule(n, **{**options, "sigma_min": new_min, "sigma_max": new_max})
+        return torch.where(sigmas > 0, sigmas.clamp(new_min, new_max), sigmas)
+
+    return clamped
