@@ -126,6 +126,7 @@ def test_summary_and_verdict():
         flags = [s["student_beats_best_teacher"], s["recovery_student_better_everywhere"], s["student_beats_undistilled"]]
         assert flags == [i != flip for i in range(3)]
         assert s["verdict"].startswith("not reproduced")
+        assert ["(not at NFE 5)", "(not at σ = 0.5)", "(not at NFE 5)"][flip] in s["verdict"]  # names where
     none = rep.checks(make_report({"5": 3.85}, TEACHER, RECOVERY, undistilled={"5": 3.85}, train_steps=0))["summary"]
     assert none["distilled"] is False and "no distillation ran" in none["verdict"]
 

@@ -105,13 +105,25 @@ def best_teacher(teacher: dict, max_nfe: int) -> dict | None:
     return best
 
 
-def verdict(summary: dict, train_steps: int | None) -> str:
-    """One line saying which of the paper's claims the numbers reproduce."""
+def _failing(per_key: dict) -> str:
+    """`` (not at NFE 1, 2)`` for the keys whose comparison failed, '' when none did."""
+    bad = [k for k, c in per_key.items() if (c.get("student_better") if isinstance(c, dict) else c) is False]
+    return f" (not at {', '.join(bad)})" if bad else ""
+
+
+def verdict(summary: dict, train_steps: int | None, where: dict | None = None) -> str:
+    """One line saying which of the paper's claims the numbers reproduce; ``where``: per claim, the per-NFE / per-σ
+    comparisons, so that a failed claim names where it failed."""
     if train_steps == 0:
         return "no distillation ran (train.steps = 0): the student is not a DPDM result"
+    where = where or {}
     names = {"student_beats_best_teacher": f"student beats the best teacher at ≤{NFE_FACTOR}× NFE",
              "recovery_student_better_everywhere": "student recovers better at every σ",
              "student_beats_undistilled": "student beats the undistilled teacher with the same sampler"}
+    unit = {"student_beats_best_teacher": "NFE ", "student_beats_undistilled": "NFE ",
+            "recovery_student_better_everywhere": "σ = "}
+    names = {k: v + (_failing({unit[k] + str(n): c for n, c in where.get(k, {}).items()})
+                     if summary.get(k) is False else "") for k, v in names.items()}
     held = [names[k] for k in names if summary.get(k) is True]
     failed = [names[k] for k in names if summary.get(k) is False]
     missing = [names[k] for k in names if summary.get(k) is None]
@@ -162,7 +174,9 @@ def checks(report: dict) -> dict:
                "recovery_student_better_everywhere": everywhere,
                "student_beats_undistilled": _all(c["student_better"] for c in vs_undistilled.values()),
                "distilled": report.get("train_steps") != 0}
-    summary["verdict"] = verdict(summary, report.get("train_steps"))
+    summary["verdict"] = verdict(summary, report.get("train_steps"),
+                                 {"student_beats_best_teacher": vs_best, "student_beats_undistilled": vs_undistilled,
+                                  "recovery_student_better_everywhere": per_sigma})
     return {"summary": summary, "student_vs_teacher": vs, "student_vs_best_teacher": vs_best,
             "student_vs_undistilled": vs_undistilled, "recovery_ratio": ratio,
             "recovery_student_better": per_sigma, "recovery_student_better_everywhere": everywhere}
