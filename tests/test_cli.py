@@ -387,7 +387,7 @@ def test_recover_reproduces_the_report(tiny_run):
 def test_recover_table(tiny_run, tmp_path):
     fig = tmp_path / "rec.png"
     r = ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--run", tiny_run["run"], "--figure", fig))
-    assert "Recovery (energy, 300 held-out items)" in squash(r.stdout)  # the title wraps to the table's width
+    assert "Recovery, paper protocol (energy, 300 training items)" in squash(r.stdout)  # wraps to the table's width
     rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
     assert "σ 2 0.5" in rows  # Table 1's layout: one column per σ, in the order given
     data = json.loads((tiny_run["run"] / "eval" / "recover.json").read_text())
@@ -397,6 +397,121 @@ def test_recover_table(tiny_run, tmp_path):
     assert any(row.startswith("ratio ") for row in rows)
     assert f"figure {fig}" in squash(r.stdout)
     assert fig.read_bytes()[:8] == PNG
+
+
+def _direct_recovery(recipe, teacher, student, x0, ids, labels, sigma, seed, reference):
+    """Section 5.1 computed here: item i's noise from its own generator seeded by (seed, σ's float64 bits, i)."""
+    import struct
+
+    from dpdm.core.distributed import derive_seed
+    from dpdm.core.registry import get
+
+    bits = struct.unpack("<Q", struct.pack("<d", float(sigma)))[0]
+    stream = derive_seed(seed, bits)
+    noise = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(
+        derive_seed(stream, int(i)))) for i in ids])
+    noisy = x0 + sigma * noise
+    s = torch.full((len(x0),), float(sigma))
+    energy = get("metric", "energy")()
+    with torch.no_grad():
+        return {"noisy": energy(noisy, reference),
+                "teacher": energy(teacher(noisy, s, class_labels=labels).float(), reference),
+                "student": energy(student(noisy, s, class_labels=labels).float(), reference)}
+
+
+def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
+    """--protocol paper: a seeded subset of the *training* split, compared with the training distribution (fresh
+    samples for toy data, as the recipe's eval draws them)."""
+    from dpdm.core.datasets import to_model
+    from dpdm.core.distributed import derive_seed
+    from dpdm.core.recovery import SUBSET_STREAM
+    from dpdm.core.run import load_run, make_dataset
+
+    r = ok(invoke("recover", "--protocol", "paper", "--sigma", "1", "2", "--num", "50", "--seed", "3", "--json",
+                  "--run", tiny_run["run"]))
+    data = json.loads(r.stdout)
+    assert data["recovery_protocol"] == "paper" and data["num"] == 50 and data["seed"] == 3
+    assert "training split" in data["protocol"] and data["ref"] == "gaussian-ring fresh samples (300)"
+    recipe, teacher, student = load_run(tiny_run["run"])
+    train = make_dataset(recipe, "train")
+    ids = sorted(torch.randperm(len(train), generator=torch.Generator().manual_seed(
+        derive_seed(3, SUBSET_STREAM)))[:50].tolist())
+    x0 = to_model(train.tensors()[0][ids])
+    reference = to_model(train.sample(recipe.eval.num_samples, torch.Generator().manual_seed(recipe.seed + 2000)))
+    for sigma in (1.0, 2.0):
+        want = _direct_recovery(recipe, teacher, student, x0, ids, None, sigma, 3, reference)
+        for k, v in want.items():
+            assert data["recovery"][f"{sigma:g}"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (sigma, k)
+    energy = __import__("dpdm.core.registry", fromlist=["get"]).get("metric", "energy")()
+    assert data["floor"] == pytest.approx(energy(x0, reference), rel=1e-6, abs=1e-9)
+
+
+def test_recover_heldout_protocol_is_unchanged(tiny_run):
+    """--protocol heldout: the first test items, against the validation data of the run's evaluation."""
+    from dpdm.core.datasets import to_model
+    from dpdm.core.run import load_run, make_dataset, references
+
+    r = ok(invoke("recover", "--protocol", "heldout", "--sigma", "2", "--num", "40", "--json", "--run",
+                  tiny_run["run"]))
+    data = json.loads(r.stdout)
+    assert data["recovery_protocol"] == "heldout" and data["num"] == 40 and "test" in data["protocol"]
+    recipe, teacher, student = load_run(tiny_run["run"])
+    test = make_dataset(recipe, "test")
+    _, validation = references(recipe, make_dataset(recipe, "train"), test, recipe.eval.num_samples)
+    want = _direct_recovery(recipe, teacher, student, to_model(test.tensors()[0][:40]), range(40), None, 2.0, 0,
+                            validation)
+    for k, v in want.items():
+        assert data["recovery"]["2"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    paper = json.loads(ok(invoke("recover", "--sigma", "2", "--num", "40", "--json", "--run", tiny_run["run"])).stdout)
+    assert paper["recovery_protocol"] == "paper" and paper["recovery"]["2"] != data["recovery"]["2"]
+
+
+def test_recover_sigma_gets_the_same_noise_alone_and_in_a_list(tiny_run):
+    alone = json.loads(ok(invoke("recover", "--sigma", "2", "--num", "60", "--json", "--run", tiny_run["run"])).stdout)
+    listed = json.loads(ok(invoke("recover", "--sigma", "0.5", "1", "2", "5", "--num", "60", "--json", "--run",
+                                  tiny_run["run"])).stdout)
+    assert alone["recovery"]["2"] == listed["recovery"]["2"]
+
+
+def test_recover_num_beyond_the_split_uses_all_of_it(tiny_run):
+    from dpdm.core.run import load_run, make_dataset
+
+    recipe, _, _ = load_run(tiny_run["run"])
+    size = len(make_dataset(recipe, "test"))
+    r = ok(invoke("recover", "--protocol", "heldout", "--sigma", "5", "--num", size + 5, "--json", "--run",
+                  tiny_run["run"]))
+    data = json.loads(r.stdout)
+    note = f"--num {size + 5} is more than the {size} items of the test split; using all {size} of them"
+    assert data["num"] == size and data["note"] == note
+    assert squash(r.stderr) == f"note: {note}"
+
+
+def test_recover_bad_protocol(tiny_run):
+    err = user_error(invoke("recover", "--protocol", "train", "--sigma", "1", "--run", tiny_run["run"]))
+    assert squash(err) == ("error: --protocol: unknown recovery protocol 'train'; use 'paper' (Section 5.1: noised "
+                           "training items against the training set) or 'heldout' (noised test items against "
+                           "independent data)")
+
+
+def test_recipe_recovery_protocol(tiny_run, tmp_path, monkeypatch):
+    report = json.loads((tiny_run["run"] / "report.json").read_text())
+    assert report["recovery_protocol"] == "paper" and report["recovery_num"] == 300
+    md = (tiny_run["run"] / "report.md").read_text()
+    assert "## Recovery (Section 5.1), protocol paper" in md and "random subset of the training split" in md
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("run", TOY2D, "--dry-run", "--set", "eval.recovery_protocol=test"))
+    assert "recipe.eval.recovery_protocol" in err and "'test'" in err
+    teacher = tiny_run["run"] / "checkpoints" / "teacher.safetensors"
+    ok(invoke("run", TOY2D, *sets(TINY + ["train.steps=2", f"teacher.checkpoint={teacher}",
+                                          "eval.recovery_protocol=heldout", "eval.recovery_sigmas=[2.0]"]),
+              "--out", "held"))
+    report = json.loads((tmp_path / "held" / "report.json").read_text())
+    assert report["recovery_protocol"] == "heldout"
+    assert "protocol heldout" in (tmp_path / "held" / "report.md").read_text()
+    again = json.loads(ok(invoke("recover", "--protocol", "heldout", "--sigma", "2", "--num", "300", "--json",
+                                 "--run", tmp_path / "held")).stdout)
+    for k in ("noisy", "teacher", "student"):
+        assert again["recovery"]["2"][k] == pytest.approx(report["recovery"]["2"][k], rel=1e-6, abs=1e-9)
 
 
 def test_recover_comma_form(tiny_run):

@@ -421,6 +421,75 @@ def test_sweeps_and_recovery_keep_only_what_figures_need():
     torch.testing.assert_close(examples[2.0]["noisy"], whole[2.0]["noisy"][:4])  # per-item noise: batch-independent
 
 
+def test_recovery_noise_is_seeded_by_sigma_not_by_its_position():
+    from dpdm.core import evaluate as ev
+
+    net, _ = tiny_denoiser()
+    energy = get("metric", "energy")()
+    ref = to_model(get("dataset", "digits")(split="test").tensors()[0][:40])
+    clean = ref[:12]
+    alone, ex_alone = ev.recovery(net, net, energy, clean, None, [2.0], ref)
+    listed, ex_listed = ev.recovery(net, net, energy, clean, None, [0.5, 1.0, 2.0, 5.0], ref)
+    assert alone[2.0] == listed[2.0]
+    torch.testing.assert_close(ex_alone[2.0]["noisy"], ex_listed[2.0]["noisy"], rtol=0, atol=0)
+    assert listed[0.5] != listed[2.0]  # other σ, other noise
+
+
+def test_recovery_of_dataset_items_streams_feature_statistics(small_detector):
+    """``Items`` read a dataset batch by batch; with a feature metric only statistics are kept, and the values are
+    those of the whole sets."""
+    from dpdm.core import evaluate as ev
+    from dpdm.core import recovery as rec
+
+    net, _ = tiny_denoiser()
+    train = get("dataset", "digits")(split="train")
+    ids = [3, 17, 40, 41, 99, 120, 300, 301, 500, 777, 1000, 1200]
+    metric = get("metric", "fid")(detector=str(small_detector))
+    reference = metric.prepare(to_model(get("dataset", "digits")(split="test").tensors()[0]))
+    table, examples = ev.recovery(net, net, metric, rec.Items(train, ids), None, [1.0], reference, batch_size=5,
+                                  keep=3)
+    x0, y = to_model(train.tensors()[0][ids]), train.tensors()[1][ids]
+    _, whole = ev.recovery(net, net, get("metric", "energy")(), x0, y, [1.0], x0)  # rows 0..11 get other noise ...
+    gens = generation.ItemGenerators(rec.noise_seeds(0, 1.0, ids))
+    noisy = x0 + gens.randn((1, 8, 8))  # ... the dataset's items get the noise of their dataset index
+    with torch.no_grad():
+        den = net(noisy, torch.full((12,), 1.0), class_labels=y)
+    assert table[1.0]["noisy"] == pytest.approx(metric(noisy, reference), rel=1e-6)
+    assert table[1.0]["teacher"] == pytest.approx(metric(den, reference), rel=1e-6)
+    torch.testing.assert_close(examples[1.0]["student"], den[:3])
+    assert not torch.equal(whole[1.0]["noisy"], noisy)
+    assert rec.distance(metric, rec.Items(train, ids), reference) == pytest.approx(metric(x0, reference), rel=1e-6)
+
+
+def test_paper_protocol_reference_is_the_training_set(small_detector, tmp_path):
+    """Section 5.1 compares with the full training set: eval.ref when set, else the train split's statistics
+    (cached); for data metrics the train split's items."""
+    from dpdm.core import recovery as rec
+    from dpdm.core.config import load_recipe
+
+    recipe = load_recipe(str(ROOT / "recipes" / "digits.yaml"))
+    train = get("dataset", "digits")(split="train")
+    metric = get("metric", "fid")(detector=str(small_detector))
+    stats, name = rec.training_reference(recipe, train, metric, num_samples=10)
+    want = scoring.dataset_stats(train, detectors.load_detector(str(small_detector)))
+    np.testing.assert_allclose(stats.sigma, want.sigma, rtol=1e-12)
+    assert name == f"digits training split ({len(train)} items, feature statistics)"
+    assert list((tmp_path / "cache" / "fid-stats").glob(f"digits-*-train-n{len(train)}--*.npz"))
+    published = tmp_path / "published.npz"
+    fid.save_stats(str(published), fid.FeatureStats(np.arange(16.0), np.eye(16), 50000))
+    stats, name = rec.training_reference(load_recipe(str(ROOT / "recipes" / "digits.yaml"), [f"eval.ref={published}"]),
+                                         train, metric, num_samples=10)
+    assert name == str(published) and stats.num_images == 50000
+    data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=10)
+    torch.testing.assert_close(data, to_model(train.tensors()[0]), rtol=0, atol=0)
+    items, note = rec.select("paper", train, None, 20, seed=1)
+    assert len(items) == 20 and list(items.indices) == sorted(items.indices) and note is None
+    assert list(rec.select("paper", train, None, 20, seed=1)[0].indices) == list(items.indices)
+    assert list(rec.select("paper", train, None, 20, seed=2)[0].indices) != list(items.indices)
+    everything, note = rec.select("paper", train, None, len(train) + 1, seed=1)
+    assert list(everything.indices) == list(range(len(train))) and "using all" in note
+
+
 def test_a_run_evaluates_with_fd_and_caches_its_reference(tmp_path, monkeypatch):
     """`dpdm run` of an image recipe with eval.metric fd-digits: the report names the metric, the detector and its
     accuracy; the test split's statistics land in the cache; the figures are written."""

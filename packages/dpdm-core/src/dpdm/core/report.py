@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .recovery import PROTOCOL_TEXT
+
 METRIC_NOTES = {
     "energy": "squared energy distance (Székely & Rizzo), U-statistic estimate, in model space; lower is better",
     "sliced-wasserstein": "sliced 2-Wasserstein distance over random projections, in model space; lower is better",
@@ -86,10 +88,13 @@ def markdown(report: dict) -> str:
                       f"{metric} = {_fmt(one['value'])}.", "",
                   "| σ_max | validation " + metric + " |", "|---|---|"]
         lines += [f"| {s} | {_fmt(v)} |" for s, v in one["validation"].items()]
-    lines += ["", "## Recovery (Section 5.1): distance of denoised held-out data to real data", "",
-              "Held-out items are noised at σ and denoised once; each set is compared with real data independent "
-              "of those items. The clean held-out items themselves score "
-              f"{_fmt(report.get('recovery_floor'))} (the estimator's floor).", "",
+    protocol = report.get("recovery_protocol", "heldout")
+    lines += ["", f"## Recovery (Section 5.1), protocol {protocol}: distance of denoised data to real data", "",
+              f"Protocol `{protocol}`: {PROTOCOL_TEXT[protocol]}"
+              + (f" ({report['recovery_num']} items; reference: {report['recovery_reference']})"
+                 if report.get("recovery_reference") else "")
+              + f". The clean items themselves score {_fmt(report.get('recovery_floor'))} (the estimator's floor).",
+              "",
               "| σ | noisy | teacher | student | student / teacher |", "|---|---|---|---|---|"]
     ratio = report["checks"]["recovery_ratio"]
     for s, v in report["recovery"].items():
