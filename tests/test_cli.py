@@ -636,3 +636,57 @@ def test_eval_sweep_on_a_run(tiny_run, tmp_path):
 def test_eval_sweep_unknown_sampler(tiny_run):
     err = user_error(invoke("eval", "sweep", "--run", tiny_run["run"], "--teacher-sampler", "hen"))
     assert "unknown sampler 'hen'. Did you mean 'heun'?" in squash(err)
+
+
+# --- eval cross (Section 5.2, Figure 6) -----------------------------------------------------------------------------
+
+
+def test_eval_cross_is_direct_generation_and_metric(tiny_run, tmp_path):
+    """Each of the 4 cells is the metric of samples generated directly with that model, sampler and schedule; Heun
+    cannot take 4 evaluations, so it runs 2 steps (NFE 3) and says so."""
+    from dpdm.core import evaluate as ev
+    from dpdm.core.registry import get
+    from dpdm.core.run import load_run, make_dataset, references
+
+    out = tmp_path / "cross"
+    r = ok(invoke("eval", "cross", "--run", tiny_run["run"], "--nfe", "4", "--num", "150", "--seed", "2",
+                  "--out", out, "--device", "cpu"))
+    data = json.loads((out / "cross.json").read_text())
+    assert data["metric"] == "energy" and data["nfe"] == 4 and data["num"] == 150 and data["seed"] == 2
+    assert data["samplers"] == {"dpdm": {"sampler": {"name": "dpdm"}, "schedule": {"name": "dpdm"}},
+                                "heun": {"sampler": {"name": "heun"}, "schedule": {"name": "karras"}}}
+    assert {m: list(row) for m, row in data["cells"].items()} == {"student": ["dpdm", "heun"],
+                                                                 "teacher": ["dpdm", "heun"]}
+    recipe, teacher, student = load_run(tiny_run["run"])
+    reference, _ = references(recipe, make_dataset(recipe, "train"), make_dataset(recipe, "test"),
+                              recipe.eval.num_samples)
+    energy = get("metric", "energy")()
+    plan = {"dpdm": (get("sampler", "dpdm"), get("schedule", "dpdm")(4), 4),
+            "heun": (get("sampler", "heun"), get("schedule", "karras")(2), 3)}
+    for model_name, model in (("student", student), ("teacher", teacher)):
+        for column, (sampler, sigmas, nfe) in plan.items():
+            cell = data["cells"][model_name][column]
+            assert cell["nfe"] == nfe and cell["sigmas"] == sigmas.tolist()
+            x = ev.generate(model, sampler, sigmas, 150, (2,), seed=2)
+            assert cell["value"] == pytest.approx(energy(x, reference), rel=1e-9), (model_name, column)
+    rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
+    cells = data["cells"]["student"]
+    assert f"student {cells['dpdm']['value']:.4g} (NFE 4) {cells['heun']['value']:.4g} (NFE 3)" in rows, rows
+    assert "lower is better" in squash(r.stdout) and "heun: heun sampler, karras schedule" in squash(r.stdout)
+    assert (out / "cross.png").read_bytes()[:8] == PNG
+
+
+def test_eval_cross_defaults_to_the_papers_7_nfe_in_the_run(tiny_run):
+    ok(invoke("eval", "cross", "--run", tiny_run["run"], "--num", "20", "--device", "cpu"))
+    data = json.loads((tiny_run["run"] / "eval" / "cross.json").read_text())
+    assert data["nfe"] == 7
+    assert {(m, c): (cell["steps"], cell["nfe"]) for m, row in data["cells"].items() for c, cell in row.items()} == {
+        ("student", "dpdm"): (7, 7), ("student", "heun"): (4, 7), ("teacher", "dpdm"): (7, 7),
+        ("teacher", "heun"): (4, 7)}
+    assert (tiny_run["run"] / "eval" / "cross.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_eval_cross_bad_nfe(tiny_run, value):
+    err = user_error(invoke("eval", "cross", "--run", tiny_run["run"], "--nfe", value))
+    assert squash(err) == f"error: --nfe: the number of evaluations must be at least 1, got {value}"

@@ -418,3 +418,106 @@ def sweep_cmd(
         finished = True
     finally:
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
+
+
+def cross_samplings(recipe) -> dict:
+    """Figure 6's two samplings: ``{"dpdm": (the dpdm sampler, the recipe's student schedule), "heun": (Heun, the
+    Karras schedule: the recipe's teacher schedule when it is karras)}``."""
+    cfg = recipe.eval
+    dpdm_sampler = ({"name": "dpdm", **cfg.student_sampler.options} if cfg.student_sampler.name == "dpdm"
+                    else {"name": "dpdm"})
+    karras = ({"name": "karras", **cfg.teacher_schedule.options} if cfg.teacher_schedule.name == "karras"
+              else {"name": "karras"})
+    return {"dpdm": (dpdm_sampler, {"name": cfg.student_schedule.name, **cfg.student_schedule.options}),
+            "heun": ({"name": "heun"}, karras)}
+
+
+@eval_app.command("cross")
+@user_errors
+def cross_cmd(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    nfe: int = typer.Option(7, "--nfe", help="Evaluations per sample (the paper's 7); a sampler that cannot reach it "
+                                             "exactly takes the largest NFE below it (Heun: odd NFEs only)"),
+    num: Optional[int] = typer.Option(None, "--num", min=2, help="Samples per cell (default: eval.num_samples)"),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (fid / fd-<dataset>)"),
+    detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Default: the run's eval.metric"),
+    seed: int = typer.Option(0, "--seed", help="Sample i uses the seed derived from (seed, i), in every cell"),
+    batch: int = typer.Option(256, "--batch", min=1, help="Items per generation batch on each rank"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval)"),
+    device: str = typer.Option("auto", "--device"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
+):
+    """Section 5.2 / Figure 6 of the paper: student and teacher, each with the DPDM sampler (the recipe's dpdm
+    schedule) and with Heun's ODE sampler (Karras schedule) at one NFE; writes cross.json and cross.png."""
+    if nproc is not None:
+        _launch(nproc)
+    from dpdm.core.errors import DpdmError
+
+    if nfe < 1:
+        raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
+    from dpdm.core.checkpoint import load_checkpoint
+    from dpdm.core.config import load_recipe
+    from dpdm.core.rundir import resolve_run
+    from dpdm.core.scoring import cross_use
+
+    run_dir = resolve_run(run)
+    recipe = load_recipe(str(run_dir / "config.yaml"))
+    samplings = cross_samplings(recipe)
+    dist, progress = _dist(device)
+    finished = False
+    try:
+        student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
+        teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
+        name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
+        reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+        n = num or recipe.eval.num_samples
+        kind = "image" if len(spec["shape"]) == 3 else "vector"
+        t0 = time.perf_counter()
+        cells, grids = cross_use(student, teacher, metric=metric_fn, reference=reference, samplers=samplings,
+                                 nfe=nfe, num=n, shape=tuple(spec["shape"]), label_dim=int(spec["label_dim"]),
+                                 seed=seed, batch_size=batch, dist=dist, progress=progress,
+                                 keep=recipe.eval.figure_samples if kind == "image" else min(n, 2000))
+        if dist.is_main:
+            folder = out or run_dir / "eval"
+            result = {"metric": name, "run": str(run_dir), "nfe": nfe, "num": n, "seed": seed, "ref": ref_name,
+                      "samplers": {c: {"sampler": s, "schedule": sch} for c, (s, sch) in samplings.items()},
+                      "cells": cells, "world_size": dist.world_size, "seconds": time.perf_counter() - t0}
+            det = getattr(metric_fn, "detector", None)
+            if det is not None:
+                result["detector"] = det.key
+                if getattr(det, "accuracy", None) is not None:
+                    result["detector_test_accuracy"] = det.accuracy
+            _write_json(folder / "cross.json", result)
+            figure = folder / "cross.png"
+            try:
+                from dpdm.core import figures
+
+                panels = {m: {c: (f"{m}, {c} sampler, NFE {cell['nfe']}", grids[m][c]) for c, cell in row.items()}
+                          for m, row in cells.items()}
+                figures.panel_grid(panels, kind, figure, title=f"Models × samplers at NFE {nfe} (DPDM paper, "
+                                                                f"Figure 6): {recipe.name}")
+            except ImportError:
+                figure = None
+            console.print(_cross_table(result))
+            console.print(f"wrote {escape(str(folder / 'cross.json'))}"
+                          + (f", figure {escape(str(figure))}" if figure else ""), highlight=False)
+        finished = True
+    finally:
+        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
+
+
+def _cross_table(result: dict):
+    """Rows: model; columns: sampler; each cell the metric and the NFE it ran at."""
+    from rich.table import Table
+
+    t = Table(title=f"{result['metric']} of models × samplers at NFE {result['nfe']} ({result['num']} samples, "
+                    f"ref: {result['ref']}) — lower is better",
+              caption="; ".join(f"{c}: {v['sampler']['name']} sampler, {v['schedule']['name']} schedule"
+                                for c, v in result["samplers"].items()))
+    t.add_column("model")
+    for c in result["samplers"]:
+        t.add_column(f"{c} sampler", justify="right")
+    for model, row in result["cells"].items():
+        t.add_row(model, *[f"{cell['value']:.4g} (NFE {cell['nfe']})" for cell in row.values()])
+    return t
