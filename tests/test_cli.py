@@ -553,7 +553,7 @@ def test_recover_bad_num_and_metric(tiny_run):
 def test_sample_student(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = ok(invoke("sample", "--run", tiny_run["run"], "--steps", "2", "--out", "x.png"))
-    assert squash(r.stdout) == "wrote x.png (2000 samples, dpdm, 2 steps, NFE 2)"
+    assert squash(r.stdout) == "wrote x.png (2000 samples, dpdm sampler, dpdm schedule, 2 steps, NFE 2)"
     assert (tmp_path / "x.png").read_bytes()[:8] == PNG
 
 
@@ -562,8 +562,53 @@ def test_sample_teacher_heun_relies_on_latest(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "sub" / "t.png"
     r = ok(invoke("sample", "--model", "teacher", "--sampler", "heun", "--steps", "2", "--num", "100",
                   "--out", out))
-    assert squash(r.stdout) == f"wrote {out} (100 samples, heun, 2 steps, NFE 3)"
+    assert squash(r.stdout) == f"wrote {out} (100 samples, heun sampler, karras schedule, 2 steps, NFE 3)"
     assert out.read_bytes()[:8] == PNG
+
+
+def _sigmas_of_sample(monkeypatch, *args):
+    """Run ``dpdm sample ARGS`` and return the sigmas it sampled with (``evaluate.generate`` intercepted)."""
+    from dpdm.core import evaluate as ev
+
+    seen = []
+    real = ev.generate
+
+    def spy(model, sampler, sigmas, *a, **kw):
+        seen.append(sigmas)
+        return real(model, sampler, sigmas, *a, **kw)
+
+    monkeypatch.setattr(ev, "generate", spy)
+    r = ok(invoke("sample", *args))
+    assert len(seen) == 1
+    return seen[0].tolist(), squash(r.stdout)
+
+
+@pytest.mark.parametrize("args, sampler, schedule, n", [
+    ([], "dpdm", "dpdm", 3),  # the student: its sampler with the recipe's student schedule
+    (["--model", "teacher"], "heun", "karras", 3),  # the teacher: Heun with the recipe's teacher schedule
+    (["--sampler", "heun"], "heun", "karras", 3),  # Heun without --schedule: Karras, for the student too
+    (["--model", "teacher", "--sampler", "dpdm"], "dpdm", "dpdm", 3),
+    (["--schedule", "karras"], "dpdm", "karras", 3),  # --schedule reaches the sigmas
+    (["--schedule", "dpdm", "--sigma-max", "2.5", "--model", "teacher"], "heun", "dpdm", 3),
+])
+def test_sample_schedule(tiny_run, tmp_path, monkeypatch, args, sampler, schedule, n):
+    from dpdm.core.registry import get
+
+    sigmas, out = _sigmas_of_sample(monkeypatch, "--run", tiny_run["run"], "--steps", n, "--num", 10,
+                                    "--out", tmp_path / "x.png", *args)
+    options = {"sigma_max": 2.5} if "--sigma-max" in args else {}
+    assert sigmas == get("schedule", schedule)(n, **options).tolist()
+    assert f"{sampler} sampler, {schedule} schedule, {n} steps" in out
+    assert get("schedule", "dpdm")(n).tolist() != get("schedule", "karras")(n).tolist()  # the cases differ
+
+
+def test_sample_bad_schedule(tiny_run, tmp_path):
+    err = user_error(invoke("sample", "--run", tiny_run["run"], "--schedule", "karas", "--out", tmp_path / "x.png"))
+    assert "unknown schedule 'karas'. Did you mean 'karras'?" in squash(err)
+    err = user_error(invoke("sample", "--run", tiny_run["run"], "--schedule", "karras", "--sigma-max", "0.001",
+                            "--steps", "3", "--out", tmp_path / "x.png"))
+    assert squash(err) == ("error: --schedule karras with --steps 3 and --sigma-max 0.001: need 0 < sigma_min <= "
+                           "sigma_max, got sigma_min=0.002, sigma_max=0.001")
 
 
 def test_sample_unknown_sampler(tiny_run, tmp_path):

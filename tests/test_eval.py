@@ -205,9 +205,10 @@ def test_list_options_take_several_values():
 
 @pytest.fixture
 def digits_checkpoint(tmp_path):
+    """A student checkpoint (metadata role student, as a run saves it)."""
     net, spec = tiny_denoiser()
     path = tmp_path / "tiny.safetensors"
-    save_denoiser(str(path), net, spec)
+    save_denoiser(str(path), net, spec, {"role": "student"})
     return path, net
 
 
@@ -229,6 +230,7 @@ def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["metric"] == "fid" and data["num"] == 40 and data["sampler"] == {"name": "dpdm"}
+    assert data["schedule"] == {"name": "dpdm"} and data["role"] == "student"
     assert [row["steps"] for row in data["results"]] == [1, 2] and [row["nfe"] for row in data["results"]] == [1, 2]
     metric = get("metric", "fid")(detector=str(small_detector))
     for row in data["results"]:
@@ -238,6 +240,51 @@ def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
     assert (tmp_path / "fid-steps01.png").read_bytes()[:4] == b"\x89PNG"
     rows = [squash(line.replace("│", " ")) for line in r.stdout.splitlines()]
     assert any(row.startswith(f"1 1 {data['results'][0]['value']:.4g} ") for row in rows), rows
+
+
+@pytest.mark.parametrize("extra", [None, {"role": "teacher"}, {"role": "fake"}])
+def test_eval_fid_of_a_teacher_checkpoint_defaults_to_heun_and_karras(small_detector, tmp_path, extra):
+    """A checkpoint that is not a student (no role, a teacher's, an EDM .pkl) samples as EDM does: Heun, Karras."""
+    from dpdm.core.checkpoint import checkpoint_role
+
+    net, spec = tiny_denoiser(seed=1)
+    ckpt = tmp_path / "teacher.safetensors"
+    save_denoiser(str(ckpt), net, spec, extra)
+    assert checkpoint_role(str(ckpt)) == "teacher"
+    ref = tmp_path / "ref.npz"
+    det = detectors.load_detector(str(small_detector))
+    fid.save_stats(str(ref), scoring.dataset_stats(get("dataset", "digits")(split="test"), det))
+    out = tmp_path / "fid.json"
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "2", "--num", "30", "--ref", ref, "--detector",
+               small_detector, "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["sampler"] == {"name": "heun"} and data["schedule"] == {"name": "karras"}
+    assert data["role"] == "teacher" and data["results"][0]["nfe"] == 3
+    sigmas = get("schedule", "karras")(2)
+    assert data["results"][0]["sigmas"] == sigmas.tolist()
+    x = generation.generate(net, get("sampler", "heun"), sigmas, 30, (1, 8, 8), label_dim=10, seed=0)
+    metric = get("metric", "fid")(detector=str(small_detector))
+    assert data["results"][0]["value"] == pytest.approx(metric(x, fid.load_stats(str(ref))), rel=1e-6)
+    assert "heun sampler, karras schedule" in squash(r.stdout)
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "2", "--num", "30", "--ref", ref, "--detector",
+               small_detector, "--out", out, "--device", "cpu", "--schedule", "dpdm")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["sampler"] == {"name": "heun"} and data["schedule"] == {"name": "dpdm"}
+    assert data["results"][0]["sigmas"] == get("schedule", "dpdm")(2).tolist()
+
+
+def test_checkpoint_role_of_an_edm_pickle(tmp_path):
+    from dpdm.core.checkpoint import checkpoint_role
+
+    pkl = tmp_path / "network-snapshot.pkl"
+    pkl.write_bytes(b"\x80\x04\x95" + b"\x00" * 20)  # a pickle's opening bytes: EDM's format, a teacher
+    assert checkpoint_role(str(pkl)) == "teacher"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((10**6).to_bytes(8, "little") + b"{ not json")
+    with pytest.raises(DpdmError, match="is not a valid safetensors file"):
+        checkpoint_role(str(bad))
 
 
 def test_eval_fid_errors(small_detector, digits_checkpoint, tmp_path):

@@ -226,8 +226,12 @@ def fid_cmd(
                                                           "recipe's eval.ref, else its test split, cached)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
     metric: Optional[str] = typer.Option(None, "--metric", help="fd-<dataset> (substitute) instead of fid"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Default: dpdm (student, checkpoint), heun (teacher)"),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Default: the run's, else dpdm (karras for heun)"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Default: dpdm for a student (a run's, or a "
+                                                                  "checkpoint whose metadata role is student), heun for "
+                                                                  "a teacher (an EDM .pkl, any other checkpoint)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Default: the sampler's (the run's student "
+                                                                    "schedule, else dpdm, for dpdm; the run's teacher "
+                                                                    "schedule, else karras, for the others)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule"),
     seed: int = typer.Option(0, "--seed", help="Image i uses the seed derived from (seed, i)"),
     batch: int = typer.Option(256, "--batch", min=1, help="Images per generation batch on each rank"),
@@ -245,10 +249,13 @@ def fid_cmd(
     dist, progress = _dist(device)
     finished = False
     try:
+        from dpdm.core.checkpoint import checkpoint_role
+
         net, spec, recipe, source = _model(run, checkpoint, model, dist.device)
         if not step_list:
             step_list = list(recipe.eval.student_steps) if recipe is not None and model == "student" else [4, 5, 6, 7, 8]
-        sampler_spec, schedule_spec = _sampling(recipe, model, sampler, schedule, sigma_max)
+        role = model if recipe is not None else checkpoint_role(checkpoint)  # a teacher by default: heun + karras
+        sampler_spec, schedule_spec = _sampling(recipe, role, sampler, schedule, sigma_max)
         name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
         from dpdm.core.scoring import fid_at_steps, is_feature_metric
 
@@ -268,7 +275,7 @@ def fid_cmd(
                                else Path(f"fid-{Path(source.rstrip('/')).stem}.json"))
             det = metric_fn.detector
             result = {"metric": name, "detector": det.key, "source": source,
-                      "model": model if recipe is not None else "checkpoint", "sampler": sampler_spec,
+                      "model": model if recipe is not None else "checkpoint", "role": role, "sampler": sampler_spec,
                       "schedule": schedule_spec, "num": num, "seed": seed, "ref": ref_name,
                       "world_size": dist.world_size, "seconds": time.perf_counter() - t0,
                       "results": [{"steps": n, **r} for n, r in results.items()]}
@@ -284,18 +291,25 @@ def fid_cmd(
 
 
 def _sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str], sigma_max: Optional[float]):
-    """``(sampler spec, schedule spec)``: the run's for its model, else dpdm/dpdm (or karras for other samplers)."""
-    if recipe is not None:
-        cfg = recipe.eval
-        s_cfg = cfg.student_sampler if model == "student" else None
-        sched_cfg = cfg.student_schedule if model == "student" else cfg.teacher_schedule
-        sampler_spec = {"name": sampler or (s_cfg.name if s_cfg else "heun"),
-                        **(dict(s_cfg.options) if s_cfg and not sampler else {})}
-        schedule_spec = {"name": schedule or sched_cfg.name, **(dict(sched_cfg.options) if not schedule else {})}
+    """``(sampler spec, schedule spec)`` for a run's model or a checkpoint's role (``model``: student or teacher).
+
+    Sampler: ``sampler``, else the student's (the run's ``eval.student_sampler``, else dpdm: Algorithm 2) or the
+    teacher's (heun, EDM's ODE sampler). Schedule: ``schedule``, else the one that goes with the sampler: the student
+    sampler's → the run's ``eval.student_schedule`` (else dpdm, Appendix B.1), any other → the run's
+    ``eval.teacher_schedule`` (else karras). A named schedule that is the run's keeps the run's options."""
+    cfg = recipe.eval if recipe is not None else None
+    student_sampler = cfg.student_sampler.name if cfg is not None else "dpdm"
+    if sampler is None:
+        if model == "student" and cfg is not None:
+            sampler_spec = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
+        else:
+            sampler_spec = {"name": student_sampler if model == "student" else "heun"}
     else:
-        name = sampler or "dpdm"
-        sampler_spec = {"name": name}
-        schedule_spec = {"name": schedule or ("dpdm" if name == "dpdm" else "karras")}
+        sampler_spec = {"name": sampler}
+    for_student = sampler_spec["name"] == student_sampler
+    own = (cfg.student_schedule if for_student else cfg.teacher_schedule) if cfg is not None else None
+    name = schedule or (own.name if own is not None else ("dpdm" if for_student else "karras"))
+    schedule_spec = {"name": name, **(dict(own.options) if own is not None and own.name == name else {})}
     if sigma_max is not None:
         schedule_spec["sigma_max"] = sigma_max
     from dpdm.core.registry import entry
@@ -324,8 +338,8 @@ def _grids(folder: Path, stem: str, grids: dict) -> None:
 def _fid_table(result: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"{result['metric']} of {result['source']} ({result['num']} images, {result['sampler']['name']}"
-                    f", ref: {result['ref']}) — lower is better")
+    t = Table(title=f"{result['metric']} of {result['source']} ({result['num']} images, {result['sampler']['name']} "
+                    f"sampler, {result['schedule']['name']} schedule, ref: {result['ref']}) — lower is better")
     for col in ("steps", "NFE", result["metric"], "seconds"):
         t.add_column(col, justify="right")
     for r in result["results"]:

@@ -334,7 +334,11 @@ def recovery_table(result: dict):
 def sample(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
     steps: int = typer.Option(4, "--steps", min=1, help="Number of sampling steps"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: dpdm for the student, heun for the teacher)"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's student sampler, "
+                                                                  "dpdm, for the student; heun for the teacher)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule (default: the sampler's: the recipe's "
+                                                                    "student schedule for dpdm, its teacher schedule, "
+                                                                    "karras, for heun and the other ODE samplers)"),
     model: str = typer.Option("student", "--model", help="student or teacher"),
     num: Optional[int] = typer.Option(None, "--num", help="Samples (default: 64 images or 2000 points)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule (default: the recipe's)"),
@@ -350,24 +354,27 @@ def sample(
     run_dir = resolve_run(run)
     from dpdm.core import evaluate as ev
     from dpdm.core import figures
-    from dpdm.core.registry import entry, get
     from dpdm.core.run import load_run, make_dataset
+    from dpdm.core.scoring import sampler_and_schedule
+
+    from .evaluation import _sampling
 
     recipe, teacher, student = load_run(run_dir)
-    sampler = sampler or ("dpdm" if model == "student" else "heun")
-    sample_fn = entry("sampler", sampler).obj
-    sched_cfg = recipe.eval.student_schedule if model == "student" else recipe.eval.teacher_schedule
-    opts = dict(sched_cfg.options)
-    if sigma_max is not None:
-        opts["sigma_max"] = sigma_max
-    sigmas = get("schedule", sched_cfg.name)(steps, **opts)
+    sampler_spec, schedule_spec = _sampling(recipe, model, sampler, schedule, sigma_max)
+    sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler_spec, schedule_spec)
+    try:
+        sigmas = sigmas_of(steps)
+    except ValueError as exc:
+        given = f" and --sigma-max {sigma_max:g}" if sigma_max is not None else ""
+        raise DpdmError(f"--schedule {schedule_spec['name']} with --steps {steps}{given}: {exc}") from None
     ds = make_dataset(recipe, "test")
     n = num or (64 if ds.kind == "image" else 2000)
     x = ev.generate(student if model == "student" else teacher, sample_fn, sigmas, n, tuple(ds.shape),
                     label_dim=ds.label_dim, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figures.samples_figure({f"{model}, {sampler}, NFE {sample_fn.nfe(steps)}": x}, ds.kind, out, max_images=n)
-    console.print(f"wrote {escape(str(out))} ({n} samples, {sampler}, {steps} steps, NFE {sample_fn.nfe(steps)})")
+    what = f"{sampler_spec['name']} sampler, {schedule_spec['name']} schedule"
+    figures.samples_figure({f"{model}, {what}, NFE {nfe_of(steps)}": x}, ds.kind, out, max_images=n)
+    console.print(f"wrote {escape(str(out))} ({n} samples, {what}, {steps} steps, NFE {nfe_of(steps)})")
 
 
 @app.command()
