@@ -678,6 +678,24 @@ def test_eval_sweep_on_a_run(tiny_run, tmp_path):
     assert "| 2 |" in (out / "sweep.md").read_text() and "NFE" in r.stdout
 
 
+def test_eval_sweep_defaults_to_the_table_4_grid(tiny_run, tmp_path):
+    out = tmp_path / "grid"
+    ok(invoke("eval", "sweep", "--run", tiny_run["run"], "--num", "20", "--out", out, "--device", "cpu"))
+    sweep = json.loads((out / "sweep.json").read_text())["sweep"]
+    assert list(sweep["student"]["dpdm"]) == [str(n) for n in range(1, 11)]
+    table4 = [4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16, 18, 35]
+    assert list(sweep["teacher"]["euler"]) == list(sweep["teacher"]["dpmpp-2m"]) == [str(n) for n in table4]
+    assert list(sweep["teacher"]["heun"]) == ["5", "7", "9", "15", "35"]  # Heun's NFE 2·steps − 1 is odd
+    md = (out / "sweep.md").read_text()
+    assert "Heun's NFE is 2 × steps − 1, so it reaches only odd NFEs" in md
+    assert "| NFE | student dpdm | teacher heun | teacher euler | teacher dpmpp-2m |" in md
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md.splitlines() if line.startswith("| 1")}
+    assert rows["12"][:2] == ["—", "—"] and rows["15"][0] == "—" and rows["15"][1] != "—"  # no student 12, no Heun 12
+    assert rows["1"][0] != "—" and rows["1"][1:] == ["—", "—", "— |"]  # the teacher starts at 4
+    help_text = squash(ok(invoke("eval", "sweep", "--help")).stdout)
+    assert "4 5 6 7 8 9 10 12 14 15 16 18 35" in help_text and "Heun reaches only odd NFEs" in help_text
+
+
 def test_eval_sweep_unknown_sampler(tiny_run):
     err = user_error(invoke("eval", "sweep", "--run", tiny_run["run"], "--teacher-sampler", "hen"))
     assert "unknown sampler 'hen'. Did you mean 'heun'?" in squash(err)

@@ -31,6 +31,10 @@ def metric_note(metric: str) -> str:
     return "see the metric plugin"
 
 
+REACH_NOTE = ("— : the sampler cannot take exactly that many evaluations (Heun's NFE is 2 × steps − 1, so it reaches "
+              "only odd NFEs).")
+
+
 def sweep_table(sweep: dict) -> list[str]:
     """Markdown rows: one line per NFE, one column per (model, sampler); — where a sampler cannot reach that NFE."""
     columns = [(m, s) for m in ("student", "teacher") for s in sweep.get(m, {})]
@@ -49,7 +53,8 @@ def sweep_markdown(result: dict) -> str:
              f"reference: {result.get('ref')}."]
     if result.get("detector_test_accuracy") is not None:
         lines[-1] += f" Classifier test accuracy: {result['detector_test_accuracy']:.4f}."
-    return "\n".join(lines + [""] + sweep_table(result["sweep"])) + "\n"
+    caption = ["", REACH_NOTE] if any("heun" in by for by in result["sweep"].values()) else []
+    return "\n".join(lines + [""] + sweep_table(result["sweep"]) + caption) + "\n"
 
 
 def checks(report: dict) -> dict:
