@@ -259,6 +259,7 @@ def test_run_files(tiny_run):
     assert load_recipe(str(run / "config.yaml")) == load_recipe(TOY2D, TINY)
     md = (run / "report.md").read_text()
     assert md.startswith("# Report: toy2d\n") and "| NFE |" in md
+    assert "| 2 | " in md and "so it reaches only odd NFEs" in md  # why Heun has no NFE 2
     roles = {"teacher": {"role": "teacher"}, "student": {"role": "student", "steps": 20}, "fake": {"role": "fake"}}
     for name, extra in roles.items():
         _, spec, got = read_checkpoint(str(run / "checkpoints" / f"{name}.safetensors"))

@@ -87,6 +87,8 @@ def markdown(report: dict) -> str:
                   ""]
     lines += ["## Sampling quality vs NFE", ""]
     lines += sweep_table(report["sweep"])
+    if any("heun" in by for by in report["sweep"].values()):
+        lines += ["", REACH_NOTE]
     one = report.get("one_step")
     if one:
         lines += ["", f"One step from the best σ_max (chosen on validation data): σ_max = {one['best_sigma_max']:g}, "
