@@ -504,13 +504,15 @@ def test_recipe_recovery_protocol(tiny_run, tmp_path, monkeypatch):
     assert "recipe.eval.recovery_protocol" in err and "'test'" in err
     teacher = tiny_run["run"] / "checkpoints" / "teacher.safetensors"
     ok(invoke("run", TOY2D, *sets(TINY + ["train.steps=2", f"teacher.checkpoint={teacher}",
-                                          "eval.recovery_protocol=heldout", "eval.recovery_sigmas=[2.0]"]),
+                                          "eval.recovery_protocol=heldout", "eval.recovery_sigmas=[2.0]",
+                                          "seed=7"]),
               "--out", "held"))
     report = json.loads((tmp_path / "held" / "report.json").read_text())
     assert report["recovery_protocol"] == "heldout"
     assert "protocol heldout" in (tmp_path / "held" / "report.md").read_text()
     again = json.loads(ok(invoke("recover", "--protocol", "heldout", "--sigma", "2", "--num", "300", "--json",
                                  "--run", tmp_path / "held")).stdout)
+    assert again["seed"] == 7  # the recipe's seed by default: the report's numbers again
     for k in ("noisy", "teacher", "student"):
         assert again["recovery"]["2"][k] == pytest.approx(report["recovery"]["2"][k], rel=1e-6, abs=1e-9)
 

@@ -227,7 +227,8 @@ def recover(
     figure: Optional[Path] = typer.Option(None, "--figure", help="Where to save the panels (default: RUN/figures/recover.png)"),
     figure_sigma: Optional[List[str]] = typer.Option(None, "--figure-sigma", help="σ shown in the figure (default: "
                                                                                   "4 spread over --sigma)"),
-    seed: int = typer.Option(0, "--seed", help="Seeds the subset (paper) and each item's noise at each σ"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the subset (paper) and each item's noise at each "
+                                                            "σ (default: the recipe's seed, as the run's report)"),
     device: str = typer.Option("cpu", "--device"),
 ):
     """Section 5.1 / Table 1 of the paper: noise data at each σ, denoise once with student and teacher, and measure
@@ -259,6 +260,7 @@ def recover(
     recipe, teacher, student = load_run(run_dir, device=dev)
     train_set, test_set = make_dataset(recipe, "train"), make_dataset(recipe, "test")
     n = num or recipe.eval.recovery_num
+    seed = recipe.seed if seed is None else seed
     if n < 2:
         raise DpdmError(f"--num must be at least 2, got {n}")
     from dpdm.core.progress import RichProgress
