@@ -693,7 +693,8 @@ def test_eval_sweep_defaults_to_the_table_4_grid(tiny_run, tmp_path):
     assert "Heun's NFE is 2 × steps − 1, so it reaches only odd NFEs" in md
     assert "| NFE | student dpdm | teacher heun | teacher euler | teacher dpmpp-2m |" in md
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md.splitlines() if line.startswith("| 1")}
-    assert rows["12"][:2] == ["—", "—"] and rows["15"][0] == "—" and rows["15"][1] != "—"  # no student 12, no Heun 12
+    assert rows["12"][:2] == ["—", "—"]  # neither the student (1…10) nor Heun (odd) at 12
+    assert rows["15"][0] == "—" and rows["15"][1] != "—"
     assert rows["1"][0] != "—" and rows["1"][1:] == ["—", "—", "— |"]  # the teacher starts at 4
     help_text = squash(ok(invoke("eval", "sweep", "--help")).stdout)
     assert "4 5 6 7 8 9 10 12 14 15 16 18 35" in help_text and "Heun reaches only odd NFEs" in help_text

@@ -229,8 +229,8 @@ def fid_cmd(
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
     metric: Optional[str] = typer.Option(None, "--metric", help="fd-<dataset> (substitute) instead of fid"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Default: dpdm for a student (a run's, or a "
-                                                                  "checkpoint whose metadata role is student), heun for "
-                                                                  "a teacher (an EDM .pkl, any other checkpoint)"),
+                                                                  "checkpoint whose metadata role is student), heun "
+                                                                  "for a teacher (an EDM .pkl, any other checkpoint)"),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Default: the sampler's (the run's student "
                                                                     "schedule, else dpdm, for dpdm; the run's teacher "
                                                                     "schedule, else karras, for the others)"),
@@ -355,9 +355,9 @@ def sweep_cmd(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
     student_nfe: Optional[List[str]] = typer.Option(None, "--student-nfe", help="Default: 1 2 ... 10 (Table 4)"),
     teacher_nfe: Optional[List[str]] = typer.Option(
-        None, "--teacher-nfe", help="Default: Table 4's 4 5 6 7 8 9 10 12 14 15 16 18 35, each sampler where it reaches "
-                                    "that NFE exactly: Heun reaches only odd NFEs (2 steps − 1), so its even entries "
-                                    "are skipped"),
+        None, "--teacher-nfe", help="Default: Table 4's 4 5 6 7 8 9 10 12 14 15 16 18 35, each sampler where it "
+                                    "reaches that NFE exactly: Heun reaches only odd NFEs (2 steps − 1), so its even "
+                                    "entries are skipped"),
     teacher_sampler: Optional[List[str]] = typer.Option(None, "--teacher-sampler",
                                                         help="Default: heun euler dpmpp-2m"),
     num: Optional[int] = typer.Option(None, "--num", min=2, help="Samples per point (default: eval.num_samples)"),

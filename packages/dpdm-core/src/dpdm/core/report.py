@@ -31,8 +31,8 @@ def metric_note(metric: str) -> str:
     return "see the metric plugin"
 
 
-REACH_NOTE = ("— : the sampler cannot take exactly that many evaluations (Heun's NFE is 2 × steps − 1, so it reaches "
-              "only odd NFEs).")
+REACH_NOTE = ("— : the sampler cannot take exactly that many evaluations (Heun's NFE is 2 × steps − 1, so it "
+              "reaches only odd NFEs).")
 
 
 def sweep_table(sweep: dict) -> list[str]:
