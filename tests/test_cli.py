@@ -400,7 +400,7 @@ def test_recover_table(tiny_run, tmp_path):
     assert fig.read_bytes()[:8] == PNG
 
 
-def _direct_recovery(recipe, teacher, student, x0, ids, labels, sigma, seed, reference):
+def _direct_recovery(teacher, student, x0, ids, labels, sigma, seed, reference):
     """Section 5.1 computed here: item i's noise from its own generator seeded by (seed, σ's float64 bits, i)."""
     import struct
 
@@ -426,6 +426,7 @@ def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
     from dpdm.core.datasets import to_model
     from dpdm.core.distributed import derive_seed
     from dpdm.core.recovery import SUBSET_STREAM
+    from dpdm.core.registry import get
     from dpdm.core.run import load_run, make_dataset
 
     r = ok(invoke("recover", "--protocol", "paper", "--sigma", "1", "2", "--num", "50", "--seed", "3", "--json",
@@ -440,10 +441,10 @@ def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
     x0 = to_model(train.tensors()[0][ids])
     reference = to_model(train.sample(recipe.eval.num_samples, torch.Generator().manual_seed(recipe.seed + 2000)))
     for sigma in (1.0, 2.0):
-        want = _direct_recovery(recipe, teacher, student, x0, ids, None, sigma, 3, reference)
+        want = _direct_recovery(teacher, student, x0, ids, None, sigma, 3, reference)
         for k, v in want.items():
             assert data["recovery"][f"{sigma:g}"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (sigma, k)
-    energy = __import__("dpdm.core.registry", fromlist=["get"]).get("metric", "energy")()
+    energy = get("metric", "energy")()
     assert data["floor"] == pytest.approx(energy(x0, reference), rel=1e-6, abs=1e-9)
 
 
@@ -459,8 +460,7 @@ def test_recover_heldout_protocol_is_unchanged(tiny_run):
     recipe, teacher, student = load_run(tiny_run["run"])
     test = make_dataset(recipe, "test")
     _, validation = references(recipe, make_dataset(recipe, "train"), test, recipe.eval.num_samples)
-    want = _direct_recovery(recipe, teacher, student, to_model(test.tensors()[0][:40]), range(40), None, 2.0, 0,
-                            validation)
+    want = _direct_recovery(teacher, student, to_model(test.tensors()[0][:40]), range(40), None, 2.0, 0, validation)
     for k, v in want.items():
         assert data["recovery"]["2"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     paper = json.loads(ok(invoke("recover", "--sigma", "2", "--num", "40", "--json", "--run", tiny_run["run"])).stdout)
