@@ -1,5 +1,6 @@
 """``dpdm eval``: reference statistics (``ref``), FID of a run or checkpoint at several step counts (``fid``),
-and the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4).
+the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4), and the cross-use of models and
+samplers at one NFE (``cross``, Section 5.2 / Figure 6).
 
 The work happens in ``dpdm.core.scoring``. Every command runs under torchrun (or ``--nproc N``): each rank
 generates or featurises its share of the items, statistics are summed over the ranks, rank 0 writes.
@@ -18,7 +19,7 @@ import typer
 from rich.markup import escape
 
 eval_app = typer.Typer(no_args_is_help=True, help="FID and other distances: reference statistics, FID at several "
-                                                  "step counts, NFE sweeps of student and teacher.")
+                                                  "step counts, NFE sweeps of student and teacher, models x samplers.")
 
 from .main import _launch, console, err, user_errors  # noqa: E402
 
