@@ -260,6 +260,7 @@ def test_run_files(tiny_run):
     assert load_recipe(str(run / "config.yaml")) == load_recipe(TOY2D, TINY)
     md = (run / "report.md").read_text()
     assert md.startswith("# Report: toy2d\n") and "| NFE |" in md
+    assert "| 2 | " in md and "so it reaches only odd NFEs" in md  # why Heun has no NFE 2
     roles = {"teacher": {"role": "teacher"}, "student": {"role": "student", "steps": 20}, "fake": {"role": "fake"}}
     for name, extra in roles.items():
         _, spec, got = read_checkpoint(str(run / "checkpoints" / f"{name}.safetensors"))
@@ -388,7 +389,7 @@ def test_recover_reproduces_the_report(tiny_run):
 def test_recover_table(tiny_run, tmp_path):
     fig = tmp_path / "rec.png"
     r = ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--run", tiny_run["run"], "--figure", fig))
-    assert "Recovery (energy, 300 held-out items)" in squash(r.stdout)  # the title wraps to the table's width
+    assert "Recovery, paper protocol (energy, 300 training items)" in squash(r.stdout)  # wraps to the table's width
     rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
     assert "σ 2 0.5" in rows  # Table 1's layout: one column per σ, in the order given
     data = json.loads((tiny_run["run"] / "eval" / "recover.json").read_text())
@@ -398,6 +399,123 @@ def test_recover_table(tiny_run, tmp_path):
     assert any(row.startswith("ratio ") for row in rows)
     assert f"figure {fig}" in squash(r.stdout)
     assert fig.read_bytes()[:8] == PNG
+
+
+def _direct_recovery(teacher, student, x0, ids, labels, sigma, seed, reference):
+    """Section 5.1 computed here: item i's noise from its own generator seeded by (seed, σ's float64 bits, i)."""
+    import struct
+
+    from dpdm.core.distributed import derive_seed
+    from dpdm.core.registry import get
+
+    bits = struct.unpack("<Q", struct.pack("<d", float(sigma)))[0]
+    stream = derive_seed(seed, bits)
+    noise = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(
+        derive_seed(stream, int(i)))) for i in ids])
+    noisy = x0 + sigma * noise
+    s = torch.full((len(x0),), float(sigma))
+    energy = get("metric", "energy")()
+    with torch.no_grad():
+        return {"noisy": energy(noisy, reference),
+                "teacher": energy(teacher(noisy, s, class_labels=labels).float(), reference),
+                "student": energy(student(noisy, s, class_labels=labels).float(), reference)}
+
+
+def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
+    """--protocol paper: a seeded subset of the *training* split, compared with the training distribution (fresh
+    samples for toy data, as the recipe's eval draws them)."""
+    from dpdm.core.datasets import to_model
+    from dpdm.core.distributed import derive_seed
+    from dpdm.core.recovery import SUBSET_STREAM
+    from dpdm.core.registry import get
+    from dpdm.core.run import load_run, make_dataset
+
+    r = ok(invoke("recover", "--protocol", "paper", "--sigma", "1", "2", "--num", "50", "--seed", "3", "--json",
+                  "--run", tiny_run["run"]))
+    data = json.loads(r.stdout)
+    assert data["recovery_protocol"] == "paper" and data["num"] == 50 and data["seed"] == 3
+    assert "training split" in data["protocol"] and data["ref"] == "gaussian-ring fresh samples (300)"
+    recipe, teacher, student = load_run(tiny_run["run"])
+    train = make_dataset(recipe, "train")
+    ids = sorted(torch.randperm(len(train), generator=torch.Generator().manual_seed(
+        derive_seed(3, SUBSET_STREAM)))[:50].tolist())
+    x0 = to_model(train.tensors()[0][ids])
+    reference = to_model(train.sample(recipe.eval.num_samples, torch.Generator().manual_seed(recipe.seed + 2000)))
+    for sigma in (1.0, 2.0):
+        want = _direct_recovery(teacher, student, x0, ids, None, sigma, 3, reference)
+        for k, v in want.items():
+            assert data["recovery"][f"{sigma:g}"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), (sigma, k)
+    energy = get("metric", "energy")()
+    assert data["floor"] == pytest.approx(energy(x0, reference), rel=1e-6, abs=1e-9)
+
+
+def test_recover_heldout_protocol_is_unchanged(tiny_run):
+    """--protocol heldout: the first test items, against the validation data of the run's evaluation."""
+    from dpdm.core.datasets import to_model
+    from dpdm.core.run import load_run, make_dataset, references
+
+    r = ok(invoke("recover", "--protocol", "heldout", "--sigma", "2", "--num", "40", "--json", "--run",
+                  tiny_run["run"]))
+    data = json.loads(r.stdout)
+    assert data["recovery_protocol"] == "heldout" and data["num"] == 40 and "test" in data["protocol"]
+    recipe, teacher, student = load_run(tiny_run["run"])
+    test = make_dataset(recipe, "test")
+    _, validation = references(recipe, make_dataset(recipe, "train"), test, recipe.eval.num_samples)
+    want = _direct_recovery(teacher, student, to_model(test.tensors()[0][:40]), range(40), None, 2.0, 0, validation)
+    for k, v in want.items():
+        assert data["recovery"]["2"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    paper = json.loads(ok(invoke("recover", "--sigma", "2", "--num", "40", "--json", "--run", tiny_run["run"])).stdout)
+    assert paper["recovery_protocol"] == "paper" and paper["recovery"]["2"] != data["recovery"]["2"]
+
+
+def test_recover_sigma_gets_the_same_noise_alone_and_in_a_list(tiny_run):
+    alone = json.loads(ok(invoke("recover", "--sigma", "2", "--num", "60", "--json", "--run", tiny_run["run"])).stdout)
+    listed = json.loads(ok(invoke("recover", "--sigma", "0.5", "1", "2", "5", "--num", "60", "--json", "--run",
+                                  tiny_run["run"])).stdout)
+    assert alone["recovery"]["2"] == listed["recovery"]["2"]
+
+
+def test_recover_num_beyond_the_split_uses_all_of_it(tiny_run):
+    from dpdm.core.run import load_run, make_dataset
+
+    recipe, _, _ = load_run(tiny_run["run"])
+    size = len(make_dataset(recipe, "test"))
+    r = ok(invoke("recover", "--protocol", "heldout", "--sigma", "5", "--num", size + 5, "--json", "--run",
+                  tiny_run["run"]))
+    data = json.loads(r.stdout)
+    note = f"--num {size + 5} is more than the {size} items of the test split; using all {size} of them"
+    assert data["num"] == size and data["note"] == note
+    assert squash(r.stderr) == f"note: {note}"
+
+
+def test_recover_bad_protocol(tiny_run):
+    err = user_error(invoke("recover", "--protocol", "train", "--sigma", "1", "--run", tiny_run["run"]))
+    assert squash(err) == ("error: --protocol: unknown recovery protocol 'train'; use 'paper' (Section 5.1: noised "
+                           "training items against the training set) or 'heldout' (noised test items against "
+                           "independent data)")
+
+
+def test_recipe_recovery_protocol(tiny_run, tmp_path, monkeypatch):
+    report = json.loads((tiny_run["run"] / "report.json").read_text())
+    assert report["recovery_protocol"] == "paper" and report["recovery_num"] == 300
+    md = (tiny_run["run"] / "report.md").read_text()
+    assert "## Recovery (Section 5.1), protocol paper" in md and "random subset of the training split" in md
+    monkeypatch.chdir(tmp_path)
+    err = user_error(invoke("run", TOY2D, "--dry-run", "--set", "eval.recovery_protocol=test"))
+    assert "recipe.eval.recovery_protocol" in err and "'test'" in err
+    teacher = tiny_run["run"] / "checkpoints" / "teacher.safetensors"
+    ok(invoke("run", TOY2D, *sets(TINY + ["train.steps=2", f"teacher.checkpoint={teacher}",
+                                          "eval.recovery_protocol=heldout", "eval.recovery_sigmas=[2.0]",
+                                          "seed=7"]),
+              "--out", "held"))
+    report = json.loads((tmp_path / "held" / "report.json").read_text())
+    assert report["recovery_protocol"] == "heldout"
+    assert "protocol heldout" in (tmp_path / "held" / "report.md").read_text()
+    again = json.loads(ok(invoke("recover", "--protocol", "heldout", "--sigma", "2", "--num", "300", "--json",
+                                 "--run", tmp_path / "held")).stdout)
+    assert again["seed"] == 7  # the recipe's seed by default: the report's numbers again
+    for k in ("noisy", "teacher", "student"):
+        assert again["recovery"]["2"][k] == pytest.approx(report["recovery"]["2"][k], rel=1e-6, abs=1e-9)
 
 
 def test_recover_comma_form(tiny_run):
@@ -439,7 +557,7 @@ def test_recover_bad_num_and_metric(tiny_run):
 def test_sample_student(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = ok(invoke("sample", "--run", tiny_run["run"], "--steps", "2", "--out", "x.png"))
-    assert squash(r.stdout) == "wrote x.png (2000 samples, dpdm, 2 steps, NFE 2)"
+    assert squash(r.stdout) == "wrote x.png (2000 samples, dpdm sampler, dpdm schedule, 2 steps, NFE 2)"
     assert (tmp_path / "x.png").read_bytes()[:8] == PNG
 
 
@@ -448,8 +566,53 @@ def test_sample_teacher_heun_relies_on_latest(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "sub" / "t.png"
     r = ok(invoke("sample", "--model", "teacher", "--sampler", "heun", "--steps", "2", "--num", "100",
                   "--out", out))
-    assert squash(r.stdout) == f"wrote {out} (100 samples, heun, 2 steps, NFE 3)"
+    assert squash(r.stdout) == f"wrote {out} (100 samples, heun sampler, karras schedule, 2 steps, NFE 3)"
     assert out.read_bytes()[:8] == PNG
+
+
+def _sigmas_of_sample(monkeypatch, *args):
+    """Run ``dpdm sample ARGS`` and return the sigmas it sampled with (``evaluate.generate`` intercepted)."""
+    from dpdm.core import evaluate as ev
+
+    seen = []
+    real = ev.generate
+
+    def spy(model, sampler, sigmas, *a, **kw):
+        seen.append(sigmas)
+        return real(model, sampler, sigmas, *a, **kw)
+
+    monkeypatch.setattr(ev, "generate", spy)
+    r = ok(invoke("sample", *args))
+    assert len(seen) == 1
+    return seen[0].tolist(), squash(r.stdout)
+
+
+@pytest.mark.parametrize("args, sampler, schedule, n", [
+    ([], "dpdm", "dpdm", 3),  # the student: its sampler with the recipe's student schedule
+    (["--model", "teacher"], "heun", "karras", 3),  # the teacher: Heun with the recipe's teacher schedule
+    (["--sampler", "heun"], "heun", "karras", 3),  # Heun without --schedule: Karras, for the student too
+    (["--model", "teacher", "--sampler", "dpdm"], "dpdm", "dpdm", 3),
+    (["--schedule", "karras"], "dpdm", "karras", 3),  # --schedule reaches the sigmas
+    (["--schedule", "dpdm", "--sigma-max", "2.5", "--model", "teacher"], "heun", "dpdm", 3),
+])
+def test_sample_schedule(tiny_run, tmp_path, monkeypatch, args, sampler, schedule, n):
+    from dpdm.core.registry import get
+
+    sigmas, out = _sigmas_of_sample(monkeypatch, "--run", tiny_run["run"], "--steps", n, "--num", 10,
+                                    "--out", tmp_path / "x.png", *args)
+    options = {"sigma_max": 2.5} if "--sigma-max" in args else {}
+    assert sigmas == get("schedule", schedule)(n, **options).tolist()
+    assert f"{sampler} sampler, {schedule} schedule, {n} steps" in out
+    assert get("schedule", "dpdm")(n).tolist() != get("schedule", "karras")(n).tolist()  # the cases differ
+
+
+def test_sample_bad_schedule(tiny_run, tmp_path):
+    err = user_error(invoke("sample", "--run", tiny_run["run"], "--schedule", "karas", "--out", tmp_path / "x.png"))
+    assert "unknown schedule 'karas'. Did you mean 'karras'?" in squash(err)
+    err = user_error(invoke("sample", "--run", tiny_run["run"], "--schedule", "karras", "--sigma-max", "0.001",
+                            "--steps", "3", "--out", tmp_path / "x.png"))
+    assert squash(err) == ("error: --schedule karras with --steps 3 and --sigma-max 0.001: need 0 < sigma_min <= "
+                           "sigma_max, got sigma_min=0.002, sigma_max=0.001")
 
 
 def test_sample_unknown_sampler(tiny_run, tmp_path):
@@ -519,6 +682,79 @@ def test_eval_sweep_on_a_run(tiny_run, tmp_path):
     assert "| 2 |" in (out / "sweep.md").read_text() and "NFE" in r.stdout
 
 
+def test_eval_sweep_defaults_to_the_table_4_grid(tiny_run, tmp_path):
+    out = tmp_path / "grid"
+    ok(invoke("eval", "sweep", "--run", tiny_run["run"], "--num", "20", "--out", out, "--device", "cpu"))
+    sweep = json.loads((out / "sweep.json").read_text())["sweep"]
+    assert list(sweep["student"]["dpdm"]) == [str(n) for n in range(1, 11)]
+    table4 = [4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16, 18, 35]
+    assert list(sweep["teacher"]["euler"]) == list(sweep["teacher"]["dpmpp-2m"]) == [str(n) for n in table4]
+    assert list(sweep["teacher"]["heun"]) == ["5", "7", "9", "15", "35"]  # Heun's NFE 2·steps − 1 is odd
+    md = (out / "sweep.md").read_text()
+    assert "Heun's NFE is 2 × steps − 1, so it reaches only odd NFEs" in md
+    assert "| NFE | student dpdm | teacher heun | teacher euler | teacher dpmpp-2m |" in md
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md.splitlines() if line.startswith("| 1")}
+    assert rows["12"][:2] == ["—", "—"]  # neither the student (1…10) nor Heun (odd) at 12
+    assert rows["15"][0] == "—" and rows["15"][1] != "—"
+    assert rows["1"][0] != "—" and rows["1"][1:] == ["—", "—", "— |"]  # the teacher starts at 4
+    help_text = squash(ok(invoke("eval", "sweep", "--help")).stdout)
+    assert "4 5 6 7 8 9 10 12 14 15 16 18 35" in help_text and "Heun reaches only odd NFEs" in help_text
+
+
 def test_eval_sweep_unknown_sampler(tiny_run):
     err = user_error(invoke("eval", "sweep", "--run", tiny_run["run"], "--teacher-sampler", "hen"))
     assert "unknown sampler 'hen'. Did you mean 'heun'?" in squash(err)
+
+
+# --- eval cross (Section 5.2, Figure 6) -----------------------------------------------------------------------------
+
+
+def test_eval_cross_is_direct_generation_and_metric(tiny_run, tmp_path):
+    """Each of the 4 cells is the metric of samples generated directly with that model, sampler and schedule; Heun
+    cannot take 4 evaluations, so it runs 2 steps (NFE 3) and says so."""
+    from dpdm.core import evaluate as ev
+    from dpdm.core.registry import get
+    from dpdm.core.run import load_run, make_dataset, references
+
+    out = tmp_path / "cross"
+    r = ok(invoke("eval", "cross", "--run", tiny_run["run"], "--nfe", "4", "--num", "150", "--seed", "2",
+                  "--out", out, "--device", "cpu"))
+    data = json.loads((out / "cross.json").read_text())
+    assert data["metric"] == "energy" and data["nfe"] == 4 and data["num"] == 150 and data["seed"] == 2
+    assert data["samplers"] == {"dpdm": {"sampler": {"name": "dpdm"}, "schedule": {"name": "dpdm"}},
+                                "heun": {"sampler": {"name": "heun"}, "schedule": {"name": "karras"}}}
+    assert {m: list(row) for m, row in data["cells"].items()} == {"student": ["dpdm", "heun"],
+                                                                 "teacher": ["dpdm", "heun"]}
+    recipe, teacher, student = load_run(tiny_run["run"])
+    reference, _ = references(recipe, make_dataset(recipe, "train"), make_dataset(recipe, "test"),
+                              recipe.eval.num_samples)
+    energy = get("metric", "energy")()
+    plan = {"dpdm": (get("sampler", "dpdm"), get("schedule", "dpdm")(4), 4),
+            "heun": (get("sampler", "heun"), get("schedule", "karras")(2), 3)}
+    for model_name, model in (("student", student), ("teacher", teacher)):
+        for column, (sampler, sigmas, nfe) in plan.items():
+            cell = data["cells"][model_name][column]
+            assert cell["nfe"] == nfe and cell["sigmas"] == sigmas.tolist()
+            x = ev.generate(model, sampler, sigmas, 150, (2,), seed=2)
+            assert cell["value"] == pytest.approx(energy(x, reference), rel=1e-9), (model_name, column)
+    rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
+    cells = data["cells"]["student"]
+    assert f"student {cells['dpdm']['value']:.4g} (NFE 4) {cells['heun']['value']:.4g} (NFE 3)" in rows, rows
+    assert "lower is better" in squash(r.stdout) and "heun: heun sampler, karras schedule" in squash(r.stdout)
+    assert (out / "cross.png").read_bytes()[:8] == PNG
+
+
+def test_eval_cross_defaults_to_the_papers_7_nfe_in_the_run(tiny_run):
+    ok(invoke("eval", "cross", "--run", tiny_run["run"], "--num", "20", "--device", "cpu"))
+    data = json.loads((tiny_run["run"] / "eval" / "cross.json").read_text())
+    assert data["nfe"] == 7
+    assert {(m, c): (cell["steps"], cell["nfe"]) for m, row in data["cells"].items() for c, cell in row.items()} == {
+        ("student", "dpdm"): (7, 7), ("student", "heun"): (4, 7), ("teacher", "dpdm"): (7, 7),
+        ("teacher", "heun"): (4, 7)}
+    assert (tiny_run["run"] / "eval" / "cross.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_eval_cross_bad_nfe(tiny_run, value):
+    err = user_error(invoke("eval", "cross", "--run", tiny_run["run"], "--nfe", value))
+    assert squash(err) == f"error: --nfe: the number of evaluations must be at least 1, got {value}"

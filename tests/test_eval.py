@@ -205,9 +205,10 @@ def test_list_options_take_several_values():
 
 @pytest.fixture
 def digits_checkpoint(tmp_path):
+    """A student checkpoint (metadata role student, as a run saves it)."""
     net, spec = tiny_denoiser()
     path = tmp_path / "tiny.safetensors"
-    save_denoiser(str(path), net, spec)
+    save_denoiser(str(path), net, spec, {"role": "student"})
     return path, net
 
 
@@ -229,6 +230,7 @@ def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["metric"] == "fid" and data["num"] == 40 and data["sampler"] == {"name": "dpdm"}
+    assert data["schedule"] == {"name": "dpdm"} and data["role"] == "student"
     assert [row["steps"] for row in data["results"]] == [1, 2] and [row["nfe"] for row in data["results"]] == [1, 2]
     metric = get("metric", "fid")(detector=str(small_detector))
     for row in data["results"]:
@@ -238,6 +240,51 @@ def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
     assert (tmp_path / "fid-steps01.png").read_bytes()[:4] == b"\x89PNG"
     rows = [squash(line.replace("│", " ")) for line in r.stdout.splitlines()]
     assert any(row.startswith(f"1 1 {data['results'][0]['value']:.4g} ") for row in rows), rows
+
+
+@pytest.mark.parametrize("extra", [None, {"role": "teacher"}, {"role": "fake"}])
+def test_eval_fid_of_a_teacher_checkpoint_defaults_to_heun_and_karras(small_detector, tmp_path, extra):
+    """A checkpoint that is not a student (no role, a teacher's, an EDM .pkl) samples as EDM does: Heun, Karras."""
+    from dpdm.core.checkpoint import checkpoint_role
+
+    net, spec = tiny_denoiser(seed=1)
+    ckpt = tmp_path / "teacher.safetensors"
+    save_denoiser(str(ckpt), net, spec, extra)
+    assert checkpoint_role(str(ckpt)) == "teacher"
+    ref = tmp_path / "ref.npz"
+    det = detectors.load_detector(str(small_detector))
+    fid.save_stats(str(ref), scoring.dataset_stats(get("dataset", "digits")(split="test"), det))
+    out = tmp_path / "fid.json"
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "2", "--num", "30", "--ref", ref, "--detector",
+               small_detector, "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["sampler"] == {"name": "heun"} and data["schedule"] == {"name": "karras"}
+    assert data["role"] == "teacher" and data["results"][0]["nfe"] == 3
+    sigmas = get("schedule", "karras")(2)
+    assert data["results"][0]["sigmas"] == sigmas.tolist()
+    x = generation.generate(net, get("sampler", "heun"), sigmas, 30, (1, 8, 8), label_dim=10, seed=0)
+    metric = get("metric", "fid")(detector=str(small_detector))
+    assert data["results"][0]["value"] == pytest.approx(metric(x, fid.load_stats(str(ref))), rel=1e-6)
+    assert "heun sampler, karras schedule" in squash(r.stdout)
+    r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "2", "--num", "30", "--ref", ref, "--detector",
+               small_detector, "--out", out, "--device", "cpu", "--schedule", "dpdm")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["sampler"] == {"name": "heun"} and data["schedule"] == {"name": "dpdm"}
+    assert data["results"][0]["sigmas"] == get("schedule", "dpdm")(2).tolist()
+
+
+def test_checkpoint_role_of_an_edm_pickle(tmp_path):
+    from dpdm.core.checkpoint import checkpoint_role
+
+    pkl = tmp_path / "network-snapshot.pkl"
+    pkl.write_bytes(b"\x80\x04\x95" + b"\x00" * 20)  # a pickle's opening bytes: EDM's format, a teacher
+    assert checkpoint_role(str(pkl)) == "teacher"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((10**6).to_bytes(8, "little") + b"{ not json")
+    with pytest.raises(DpdmError, match="is not a valid safetensors file"):
+        checkpoint_role(str(bad))
 
 
 def test_eval_fid_errors(small_detector, digits_checkpoint, tmp_path):
@@ -419,6 +466,75 @@ def test_sweeps_and_recovery_keep_only_what_figures_need():
     assert all(table[s][k] == pytest.approx(full[s][k], rel=1e-6) for s in full for k in full[s])
     assert all(len(v) == 4 for ex in examples.values() for v in ex.values())
     torch.testing.assert_close(examples[2.0]["noisy"], whole[2.0]["noisy"][:4])  # per-item noise: batch-independent
+
+
+def test_recovery_noise_is_seeded_by_sigma_not_by_its_position():
+    from dpdm.core import evaluate as ev
+
+    net, _ = tiny_denoiser()
+    energy = get("metric", "energy")()
+    ref = to_model(get("dataset", "digits")(split="test").tensors()[0][:40])
+    clean = ref[:12]
+    alone, ex_alone = ev.recovery(net, net, energy, clean, None, [2.0], ref)
+    listed, ex_listed = ev.recovery(net, net, energy, clean, None, [0.5, 1.0, 2.0, 5.0], ref)
+    assert alone[2.0] == listed[2.0]
+    torch.testing.assert_close(ex_alone[2.0]["noisy"], ex_listed[2.0]["noisy"], rtol=0, atol=0)
+    assert listed[0.5] != listed[2.0]  # other σ, other noise
+
+
+def test_recovery_of_dataset_items_streams_feature_statistics(small_detector):
+    """``Items`` read a dataset batch by batch; with a feature metric only statistics are kept, and the values are
+    those of the whole sets."""
+    from dpdm.core import evaluate as ev
+    from dpdm.core import recovery as rec
+
+    net, _ = tiny_denoiser()
+    train = get("dataset", "digits")(split="train")
+    ids = [3, 17, 40, 41, 99, 120, 300, 301, 500, 777, 1000, 1200]
+    metric = get("metric", "fid")(detector=str(small_detector))
+    reference = metric.prepare(to_model(get("dataset", "digits")(split="test").tensors()[0]))
+    table, examples = ev.recovery(net, net, metric, rec.Items(train, ids), None, [1.0], reference, batch_size=5,
+                                  keep=3)
+    x0, y = to_model(train.tensors()[0][ids]), train.tensors()[1][ids]
+    _, whole = ev.recovery(net, net, get("metric", "energy")(), x0, y, [1.0], x0)  # rows 0..11 get other noise ...
+    gens = generation.ItemGenerators(rec.noise_seeds(0, 1.0, ids))
+    noisy = x0 + gens.randn((1, 8, 8))  # ... the dataset's items get the noise of their dataset index
+    with torch.no_grad():
+        den = net(noisy, torch.full((12,), 1.0), class_labels=y)
+    assert table[1.0]["noisy"] == pytest.approx(metric(noisy, reference), rel=1e-6)
+    assert table[1.0]["teacher"] == pytest.approx(metric(den, reference), rel=1e-6)
+    torch.testing.assert_close(examples[1.0]["student"], den[:3])
+    assert not torch.equal(whole[1.0]["noisy"], noisy)
+    assert rec.distance(metric, rec.Items(train, ids), reference) == pytest.approx(metric(x0, reference), rel=1e-6)
+
+
+def test_paper_protocol_reference_is_the_training_set(small_detector, tmp_path):
+    """Section 5.1 compares with the full training set: eval.ref when set, else the train split's statistics
+    (cached); for data metrics the train split's items."""
+    from dpdm.core import recovery as rec
+    from dpdm.core.config import load_recipe
+
+    recipe = load_recipe(str(ROOT / "recipes" / "digits.yaml"))
+    train = get("dataset", "digits")(split="train")
+    metric = get("metric", "fid")(detector=str(small_detector))
+    stats, name = rec.training_reference(recipe, train, metric, num_samples=10)
+    want = scoring.dataset_stats(train, detectors.load_detector(str(small_detector)))
+    np.testing.assert_allclose(stats.sigma, want.sigma, rtol=1e-12)
+    assert name == f"digits training split ({len(train)} items, feature statistics)"
+    assert list((tmp_path / "cache" / "fid-stats").glob(f"digits-*-train-n{len(train)}--*.npz"))
+    published = tmp_path / "published.npz"
+    fid.save_stats(str(published), fid.FeatureStats(np.arange(16.0), np.eye(16), 50000))
+    stats, name = rec.training_reference(load_recipe(str(ROOT / "recipes" / "digits.yaml"), [f"eval.ref={published}"]),
+                                         train, metric, num_samples=10)
+    assert name == str(published) and stats.num_images == 50000
+    data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=10)
+    torch.testing.assert_close(data, to_model(train.tensors()[0]), rtol=0, atol=0)
+    items, note = rec.select("paper", train, None, 20, seed=1)
+    assert len(items) == 20 and list(items.indices) == sorted(items.indices) and note is None
+    assert list(rec.select("paper", train, None, 20, seed=1)[0].indices) == list(items.indices)
+    assert list(rec.select("paper", train, None, 20, seed=2)[0].indices) != list(items.indices)
+    everything, note = rec.select("paper", train, None, len(train) + 1, seed=1)
+    assert list(everything.indices) == list(range(len(train))) and "using all" in note
 
 
 def test_a_run_evaluates_with_fd_and_caches_its_reference(tmp_path, monkeypatch):

@@ -237,7 +237,8 @@ def test_paper_recipes_follow_appendix_b(name):
     assert r.train.lr == 1e-5 and r.train.fake_lr == 1e-5 and r.train.betas == (0.0, 0.99)
     assert (r.train.batch_size, r.train.steps) == ((96, 50000) if name == "imagenet64.yaml" else (128, 100000))
     assert r.train.divergence.name == "smoothed-kl" and r.eval.student_sampler.name == "dpdm"
-    assert r.eval.student_schedule.name == "dpdm" and r.eval.student_steps == [4, 5, 6, 7, 8, 9, 10]
+    assert r.eval.student_schedule.name == "dpdm" and r.eval.student_steps == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert r.eval.teacher_nfe == [4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16, 18, 35]  # Table 4's grid
     assert r.engine.checkpoint.every > 0
 
 

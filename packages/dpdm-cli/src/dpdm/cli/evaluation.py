@@ -1,5 +1,6 @@
 """``dpdm eval``: reference statistics (``ref``), FID of a run or checkpoint at several step counts (``fid``),
-and the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4).
+the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4), and the cross-use of models and
+samplers at one NFE (``cross``, Section 5.2 / Figure 6).
 
 The work happens in ``dpdm.core.scoring``. Every command runs under torchrun (or ``--nproc N``): each rank
 generates or featurises its share of the items, statistics are summed over the ranks, rank 0 writes.
@@ -18,11 +19,13 @@ import typer
 from rich.markup import escape
 
 eval_app = typer.Typer(no_args_is_help=True, help="FID and other distances: reference statistics, FID at several "
-                                                  "step counts, NFE sweeps of student and teacher.")
+                                                  "step counts, NFE sweeps of student and teacher, models x samplers.")
 
 from .main import _launch, console, err, user_errors  # noqa: E402
 
-DEFAULT_TEACHER_NFE = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 35]
+# The NFE grid of the paper's Table 4 (CIFAR-10, DPDM vs EDM): the student at 1…10, the teacher at these.
+DEFAULT_STUDENT_NFE = list(range(1, 11))
+DEFAULT_TEACHER_NFE = [4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16, 18, 35]
 
 
 def ints(values: List[str] | None, option: str) -> list[int]:
@@ -226,8 +229,12 @@ def fid_cmd(
                                                           "recipe's eval.ref, else its test split, cached)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
     metric: Optional[str] = typer.Option(None, "--metric", help="fd-<dataset> (substitute) instead of fid"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Default: dpdm (student, checkpoint), heun (teacher)"),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Default: the run's, else dpdm (karras for heun)"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Default: dpdm for a student (a run's, or a "
+                                                                  "checkpoint whose metadata role is student), heun "
+                                                                  "for a teacher (an EDM .pkl, any other checkpoint)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Default: the sampler's (the run's student "
+                                                                    "schedule, else dpdm, for dpdm; the run's teacher "
+                                                                    "schedule, else karras, for the others)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule"),
     seed: int = typer.Option(0, "--seed", help="Image i uses the seed derived from (seed, i)"),
     batch: int = typer.Option(256, "--batch", min=1, help="Images per generation batch on each rank"),
@@ -245,10 +252,13 @@ def fid_cmd(
     dist, progress = _dist(device)
     finished = False
     try:
+        from dpdm.core.checkpoint import checkpoint_role
+
         net, spec, recipe, source = _model(run, checkpoint, model, dist.device)
         if not step_list:
             step_list = list(recipe.eval.student_steps) if recipe is not None and model == "student" else [4, 5, 6, 7, 8]
-        sampler_spec, schedule_spec = _sampling(recipe, model, sampler, schedule, sigma_max)
+        role = model if recipe is not None else checkpoint_role(checkpoint)  # a teacher by default: heun + karras
+        sampler_spec, schedule_spec = _sampling(recipe, role, sampler, schedule, sigma_max)
         name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
         from dpdm.core.scoring import fid_at_steps, is_feature_metric
 
@@ -268,7 +278,7 @@ def fid_cmd(
                                else Path(f"fid-{Path(source.rstrip('/')).stem}.json"))
             det = metric_fn.detector
             result = {"metric": name, "detector": det.key, "source": source,
-                      "model": model if recipe is not None else "checkpoint", "sampler": sampler_spec,
+                      "model": model if recipe is not None else "checkpoint", "role": role, "sampler": sampler_spec,
                       "schedule": schedule_spec, "num": num, "seed": seed, "ref": ref_name,
                       "world_size": dist.world_size, "seconds": time.perf_counter() - t0,
                       "results": [{"steps": n, **r} for n, r in results.items()]}
@@ -284,18 +294,25 @@ def fid_cmd(
 
 
 def _sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str], sigma_max: Optional[float]):
-    """``(sampler spec, schedule spec)``: the run's for its model, else dpdm/dpdm (or karras for other samplers)."""
-    if recipe is not None:
-        cfg = recipe.eval
-        s_cfg = cfg.student_sampler if model == "student" else None
-        sched_cfg = cfg.student_schedule if model == "student" else cfg.teacher_schedule
-        sampler_spec = {"name": sampler or (s_cfg.name if s_cfg else "heun"),
-                        **(dict(s_cfg.options) if s_cfg and not sampler else {})}
-        schedule_spec = {"name": schedule or sched_cfg.name, **(dict(sched_cfg.options) if not schedule else {})}
+    """``(sampler spec, schedule spec)`` for a run's model or a checkpoint's role (``model``: student or teacher).
+
+    Sampler: ``sampler``, else the student's (the run's ``eval.student_sampler``, else dpdm: Algorithm 2) or the
+    teacher's (heun, EDM's ODE sampler). Schedule: ``schedule``, else the one that goes with the sampler: the student
+    sampler's → the run's ``eval.student_schedule`` (else dpdm, Appendix B.1), any other → the run's
+    ``eval.teacher_schedule`` (else karras). A named schedule that is the run's keeps the run's options."""
+    cfg = recipe.eval if recipe is not None else None
+    student_sampler = cfg.student_sampler.name if cfg is not None else "dpdm"
+    if sampler is None:
+        if model == "student" and cfg is not None:
+            sampler_spec = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
+        else:
+            sampler_spec = {"name": student_sampler if model == "student" else "heun"}
     else:
-        name = sampler or "dpdm"
-        sampler_spec = {"name": name}
-        schedule_spec = {"name": schedule or ("dpdm" if name == "dpdm" else "karras")}
+        sampler_spec = {"name": sampler}
+    for_student = sampler_spec["name"] == student_sampler
+    own = (cfg.student_schedule if for_student else cfg.teacher_schedule) if cfg is not None else None
+    name = schedule or (own.name if own is not None else ("dpdm" if for_student else "karras"))
+    schedule_spec = {"name": name, **(dict(own.options) if own is not None and own.name == name else {})}
     if sigma_max is not None:
         schedule_spec["sigma_max"] = sigma_max
     from dpdm.core.registry import entry
@@ -324,8 +341,8 @@ def _grids(folder: Path, stem: str, grids: dict) -> None:
 def _fid_table(result: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"{result['metric']} of {result['source']} ({result['num']} images, {result['sampler']['name']}"
-                    f", ref: {result['ref']}) — lower is better")
+    t = Table(title=f"{result['metric']} of {result['source']} ({result['num']} images, {result['sampler']['name']} "
+                    f"sampler, {result['schedule']['name']} schedule, ref: {result['ref']}) — lower is better")
     for col in ("steps", "NFE", result["metric"], "seconds"):
         t.add_column(col, justify="right")
     for r in result["results"]:
@@ -337,9 +354,11 @@ def _fid_table(result: dict) -> None:
 @user_errors
 def sweep_cmd(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
-    student_nfe: Optional[List[str]] = typer.Option(None, "--student-nfe", help="Default: 1 2 ... 10"),
-    teacher_nfe: Optional[List[str]] = typer.Option(None, "--teacher-nfe",
-                                                    help="Default: 1 ... 10 15 20 25 35 (each sampler where reachable)"),
+    student_nfe: Optional[List[str]] = typer.Option(None, "--student-nfe", help="Default: 1 2 ... 10 (Table 4)"),
+    teacher_nfe: Optional[List[str]] = typer.Option(
+        None, "--teacher-nfe", help="Default: Table 4's 4 5 6 7 8 9 10 12 14 15 16 18 35, each sampler where it "
+                                    "reaches that NFE exactly: Heun reaches only odd NFEs (2 steps − 1), so its even "
+                                    "entries are skipped"),
     teacher_sampler: Optional[List[str]] = typer.Option(None, "--teacher-sampler",
                                                         help="Default: heun euler dpmpp-2m"),
     num: Optional[int] = typer.Option(None, "--num", min=2, help="Samples per point (default: eval.num_samples)"),
@@ -352,8 +371,8 @@ def sweep_cmd(
     device: str = typer.Option("auto", "--device"),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
 ):
-    """The paper's Table 4: the student (dpdm sampler) at NFE 1…10 against the teacher's samplers at matched NFE;
-    writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
+    """The paper's Table 4: the student (dpdm sampler) at NFE 1…10 against the teacher's samplers at NFE 4…18 and
+    35 (Heun: odd NFEs only); writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
     if nproc is not None:
         _launch(nproc)
     from dpdm.core.checkpoint import load_checkpoint
@@ -361,8 +380,8 @@ def sweep_cmd(
     from dpdm.core.rundir import resolve_run
     from dpdm.core.scoring import nfe_sweep
 
-    s_nfe = ints(student_nfe, "--student-nfe") or list(range(1, 11))
-    t_nfe = ints(teacher_nfe, "--teacher-nfe") or DEFAULT_TEACHER_NFE
+    s_nfe = ints(student_nfe, "--student-nfe") or list(DEFAULT_STUDENT_NFE)
+    t_nfe = ints(teacher_nfe, "--teacher-nfe") or list(DEFAULT_TEACHER_NFE)
     run_dir = resolve_run(run)
     recipe = load_recipe(str(run_dir / "config.yaml"))
     cfg = recipe.eval
@@ -418,3 +437,106 @@ def sweep_cmd(
         finished = True
     finally:
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
+
+
+def cross_samplings(recipe) -> dict:
+    """Figure 6's two samplings: ``{"dpdm": (the dpdm sampler, the recipe's student schedule), "heun": (Heun, the
+    Karras schedule: the recipe's teacher schedule when it is karras)}``."""
+    cfg = recipe.eval
+    dpdm_sampler = ({"name": "dpdm", **cfg.student_sampler.options} if cfg.student_sampler.name == "dpdm"
+                    else {"name": "dpdm"})
+    karras = ({"name": "karras", **cfg.teacher_schedule.options} if cfg.teacher_schedule.name == "karras"
+              else {"name": "karras"})
+    return {"dpdm": (dpdm_sampler, {"name": cfg.student_schedule.name, **cfg.student_schedule.options}),
+            "heun": ({"name": "heun"}, karras)}
+
+
+@eval_app.command("cross")
+@user_errors
+def cross_cmd(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    nfe: int = typer.Option(7, "--nfe", help="Evaluations per sample (the paper's 7); a sampler that cannot reach it "
+                                             "exactly takes the largest NFE below it (Heun: odd NFEs only)"),
+    num: Optional[int] = typer.Option(None, "--num", min=2, help="Samples per cell (default: eval.num_samples)"),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (fid / fd-<dataset>)"),
+    detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Default: the run's eval.metric"),
+    seed: int = typer.Option(0, "--seed", help="Sample i uses the seed derived from (seed, i), in every cell"),
+    batch: int = typer.Option(256, "--batch", min=1, help="Items per generation batch on each rank"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval)"),
+    device: str = typer.Option("auto", "--device"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
+):
+    """Section 5.2 / Figure 6 of the paper: student and teacher, each with the DPDM sampler (the recipe's dpdm
+    schedule) and with Heun's ODE sampler (Karras schedule) at one NFE; writes cross.json and cross.png."""
+    if nproc is not None:
+        _launch(nproc)
+    from dpdm.core.errors import DpdmError
+
+    if nfe < 1:
+        raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
+    from dpdm.core.checkpoint import load_checkpoint
+    from dpdm.core.config import load_recipe
+    from dpdm.core.rundir import resolve_run
+    from dpdm.core.scoring import cross_use
+
+    run_dir = resolve_run(run)
+    recipe = load_recipe(str(run_dir / "config.yaml"))
+    samplings = cross_samplings(recipe)
+    dist, progress = _dist(device)
+    finished = False
+    try:
+        student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
+        teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
+        name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
+        reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+        n = num or recipe.eval.num_samples
+        kind = "image" if len(spec["shape"]) == 3 else "vector"
+        t0 = time.perf_counter()
+        cells, grids = cross_use(student, teacher, metric=metric_fn, reference=reference, samplers=samplings,
+                                 nfe=nfe, num=n, shape=tuple(spec["shape"]), label_dim=int(spec["label_dim"]),
+                                 seed=seed, batch_size=batch, dist=dist, progress=progress,
+                                 keep=recipe.eval.figure_samples if kind == "image" else min(n, 2000))
+        if dist.is_main:
+            folder = out or run_dir / "eval"
+            result = {"metric": name, "run": str(run_dir), "nfe": nfe, "num": n, "seed": seed, "ref": ref_name,
+                      "samplers": {c: {"sampler": s, "schedule": sch} for c, (s, sch) in samplings.items()},
+                      "cells": cells, "world_size": dist.world_size, "seconds": time.perf_counter() - t0}
+            det = getattr(metric_fn, "detector", None)
+            if det is not None:
+                result["detector"] = det.key
+                if getattr(det, "accuracy", None) is not None:
+                    result["detector_test_accuracy"] = det.accuracy
+            _write_json(folder / "cross.json", result)
+            figure = folder / "cross.png"
+            try:
+                from dpdm.core import figures
+
+                panels = {m: {c: (f"{m}, {c} sampler, NFE {cell['nfe']}", grids[m][c]) for c, cell in row.items()}
+                          for m, row in cells.items()}
+                figures.panel_grid(panels, kind, figure, title=f"Models × samplers at NFE {nfe} (DPDM paper, "
+                                                                f"Figure 6): {recipe.name}")
+            except ImportError:
+                figure = None
+            console.print(_cross_table(result))
+            console.print(f"wrote {escape(str(folder / 'cross.json'))}"
+                          + (f", figure {escape(str(figure))}" if figure else ""), highlight=False)
+        finished = True
+    finally:
+        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
+
+
+def _cross_table(result: dict):
+    """Rows: model; columns: sampler; each cell the metric and the NFE it ran at."""
+    from rich.table import Table
+
+    t = Table(title=f"{result['metric']} of models × samplers at NFE {result['nfe']} ({result['num']} samples, "
+                    f"ref: {result['ref']}) — lower is better",
+              caption="; ".join(f"{c}: {v['sampler']['name']} sampler, {v['schedule']['name']} schedule"
+                                for c, v in result["samplers"].items()))
+    t.add_column("model")
+    for c in result["samplers"]:
+        t.add_column(f"{c} sampler", justify="right")
+    for model, row in result["cells"].items():
+        t.add_row(model, *[f"{cell['value']:.4g} (NFE {cell['nfe']})" for cell in row.values()])
+    return t

@@ -214,7 +214,12 @@ def recover(
     sigma: Optional[List[str]] = typer.Option(None, "--sigma", help="Noise levels: --sigma 0.5 1 2 (default: the "
                                                                      "paper's Table 1 list, 0.02 ... 10)"),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
-    num: Optional[int] = typer.Option(None, "--num", help="Held-out items (default: the recipe's eval.recovery_num)"),
+    protocol: str = typer.Option("paper", "--protocol", metavar="paper|heldout",
+                                 help="paper (Section 5.1): a random subset of the training split, compared with the "
+                                      "full training set (the recipe's eval.ref for fid); heldout: the first test "
+                                      "items, compared with data independent of them"),
+    num: Optional[int] = typer.Option(None, "--num", help="Items noised (default: the recipe's eval.recovery_num; "
+                                                          "at most the split's size)"),
     metric: Optional[str] = typer.Option(None, "--metric", help="fid, fd-<dataset>, energy, ... (default: the recipe's)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL (metric fid)"),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
@@ -222,15 +227,18 @@ def recover(
     figure: Optional[Path] = typer.Option(None, "--figure", help="Where to save the panels (default: RUN/figures/recover.png)"),
     figure_sigma: Optional[List[str]] = typer.Option(None, "--figure-sigma", help="σ shown in the figure (default: "
                                                                                   "4 spread over --sigma)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the subset (paper) and each item's noise at each "
+                                                            "σ (default: the recipe's seed, as the run's report)"),
     device: str = typer.Option("cpu", "--device"),
 ):
-    """Section 5.1 / Table 1 of the paper: noise held-out data at each σ, denoise once with student and teacher,
-    and measure each recovered set's distance to real data; a table (σ in columns), JSON, and a Figure-4-style
-    panel (rows clean / noisy / teacher / student)."""
+    """Section 5.1 / Table 1 of the paper: noise data at each σ, denoise once with student and teacher, and measure
+    each recovered set's distance to real data; a table (σ in columns), JSON, and a Figure-4-style panel (rows
+    clean / noisy / teacher / student)."""
     from dpdm.core.errors import DpdmError
+    from dpdm.core.recovery import check_protocol
     from dpdm.core.rundir import resolve_run
 
+    check_protocol(protocol)
     sigmas = _floats(sigma, "--sigma") if sigma else list(PAPER_SIGMAS)
     if not sigmas or any(s <= 0 for s in sigmas):
         raise DpdmError(f"--sigma: noise levels must be positive, got {sigmas}")
@@ -243,41 +251,51 @@ def recover(
     import torch
 
     from dpdm.core import evaluate as ev
-    from dpdm.core.run import load_run, make_dataset, recovery_data, references, resolve_device
+    from dpdm.core import recovery as rec
+    from dpdm.core.run import load_run, make_dataset, recovery_setup, resolve_device
 
     from .evaluation import resolve_metric
 
     dev = resolve_device(device)
     recipe, teacher, student = load_run(run_dir, device=dev)
-    test_set = make_dataset(recipe, "test")
+    train_set, test_set = make_dataset(recipe, "train"), make_dataset(recipe, "test")
     n = num or recipe.eval.recovery_num
+    seed = recipe.seed if seed is None else seed
     if n < 2:
         raise DpdmError(f"--num must be at least 2, got {n}")
     from dpdm.core.progress import RichProgress
 
-    metric_name, metric_fn = resolve_metric(metric, detector, recipe, dev, RichProgress(err))
-    clean, labels = recovery_data(recipe, test_set, n)
-    _, reference = references(recipe, make_dataset(recipe, "train"), test_set, recipe.eval.num_samples)
-    reference = ev.prepare_reference(metric_fn, reference)
+    progress = RichProgress(err)
+    metric_name, metric_fn = resolve_metric(metric, detector, recipe, dev, progress)
+    items, reference, ref_name, note = recovery_setup(recipe, protocol, train_set, test_set, metric_fn, n, seed,
+                                                      progress=progress)
+    if note:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    kind = test_set.kind
+    keep = 8 if kind == "image" else None
     with torch.no_grad():
-        table, examples = ev.recovery(student, teacher, metric_fn, clean, labels, sigmas, reference, seed=seed,
-                                      device=dev, keep=8 if test_set.kind == "image" else None)
+        table, examples = ev.recovery(student, teacher, metric_fn, items, None, sigmas, reference, seed=seed,
+                                      device=dev, keep=keep)
+    clean = rec.first(items, keep if keep is not None else len(items))
     fig_path = figure or run_dir / "figures" / "recover.png"
     try:
         from dpdm.core import figures
 
         Path(fig_path).parent.mkdir(parents=True, exist_ok=True)
-        m = min(8, len(clean)) if test_set.kind == "image" else len(clean)
+        m = min(8, len(clean)) if kind == "image" else len(clean)
         figures.recovery_figure(clean[:m], {s: {k: v[:m] for k, v in examples[s].items()} for s in shown},
-                                test_set.kind, fig_path)
+                                kind, fig_path)
     except ImportError:
         fig_path = None
     det = getattr(metric_fn, "detector", None)
-    result = {"run": str(run_dir), "metric": metric_name, "num": len(clean), "seed": seed,
-              "floor": metric_fn(clean, reference),
+    result = {"run": str(run_dir), "metric": metric_name, "recovery_protocol": protocol,
+              "protocol": rec.PROTOCOL_TEXT[protocol], "num": len(items), "seed": seed, "ref": ref_name,
+              "floor": rec.distance(metric_fn, items, reference),
               "recovery": {f"{s:g}": {**v, "ratio": v["student"] / v["teacher"] if v["teacher"] > 0 else None}
                            for s, v in table.items()},
               "figure": str(fig_path) if fig_path else None}
+    if note:
+        result["note"] = note
     if det is not None and getattr(det, "accuracy", None) is not None:
         result["detector_test_accuracy"] = det.accuracy
     out_path = out or run_dir / "eval" / "recover.json"
@@ -297,8 +315,12 @@ def recovery_table(result: dict):
     from rich import box
     from rich.table import Table
 
-    t = Table(title=f"Recovery ({result['metric']}, {result['num']} held-out items) — lower is better",
-              caption=f"ratio = student / teacher; clean held-out items score {result['floor']:.3g} (the floor)",
+    protocol = result.get("recovery_protocol", "heldout")
+    split = "training" if protocol == "paper" else "held-out"
+    t = Table(title=f"Recovery, {protocol} protocol ({result['metric']}, {result['num']} {split} items) — lower is "
+                    f"better",
+              caption=f"reference: {result.get('ref')}; ratio = student / teacher; the clean items score "
+                      f"{result['floor']:.3g} (the floor)",
               box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
     t.add_column("σ")
     for s in result["recovery"]:
@@ -314,7 +336,11 @@ def recovery_table(result: dict):
 def sample(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
     steps: int = typer.Option(4, "--steps", min=1, help="Number of sampling steps"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: dpdm for the student, heun for the teacher)"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's student sampler, "
+                                                                  "dpdm, for the student; heun for the teacher)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule (default: the sampler's: the recipe's "
+                                                                    "student schedule for dpdm, its teacher schedule, "
+                                                                    "karras, for heun and the other ODE samplers)"),
     model: str = typer.Option("student", "--model", help="student or teacher"),
     num: Optional[int] = typer.Option(None, "--num", help="Samples (default: 64 images or 2000 points)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule (default: the recipe's)"),
@@ -330,24 +356,27 @@ def sample(
     run_dir = resolve_run(run)
     from dpdm.core import evaluate as ev
     from dpdm.core import figures
-    from dpdm.core.registry import entry, get
     from dpdm.core.run import load_run, make_dataset
+    from dpdm.core.scoring import sampler_and_schedule
+
+    from .evaluation import _sampling
 
     recipe, teacher, student = load_run(run_dir)
-    sampler = sampler or ("dpdm" if model == "student" else "heun")
-    sample_fn = entry("sampler", sampler).obj
-    sched_cfg = recipe.eval.student_schedule if model == "student" else recipe.eval.teacher_schedule
-    opts = dict(sched_cfg.options)
-    if sigma_max is not None:
-        opts["sigma_max"] = sigma_max
-    sigmas = get("schedule", sched_cfg.name)(steps, **opts)
+    sampler_spec, schedule_spec = _sampling(recipe, model, sampler, schedule, sigma_max)
+    sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler_spec, schedule_spec)
+    try:
+        sigmas = sigmas_of(steps)
+    except ValueError as exc:
+        given = f" and --sigma-max {sigma_max:g}" if sigma_max is not None else ""
+        raise DpdmError(f"--schedule {schedule_spec['name']} with --steps {steps}{given}: {exc}") from None
     ds = make_dataset(recipe, "test")
     n = num or (64 if ds.kind == "image" else 2000)
     x = ev.generate(student if model == "student" else teacher, sample_fn, sigmas, n, tuple(ds.shape),
                     label_dim=ds.label_dim, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figures.samples_figure({f"{model}, {sampler}, NFE {sample_fn.nfe(steps)}": x}, ds.kind, out, max_images=n)
-    console.print(f"wrote {escape(str(out))} ({n} samples, {sampler}, {steps} steps, NFE {sample_fn.nfe(steps)})")
+    what = f"{sampler_spec['name']} sampler, {schedule_spec['name']} schedule"
+    figures.samples_figure({f"{model}, {what}, NFE {nfe_of(steps)}": x}, ds.kind, out, max_images=n)
+    console.print(f"wrote {escape(str(out))} ({n} samples, {what}, {steps} steps, NFE {nfe_of(steps)})")
 
 
 @app.command()

@@ -249,6 +249,24 @@ def load_checkpoint(url: str, device="cpu") -> tuple[nn.Module, dict]:
     return model.to(device).eval().requires_grad_(False), spec
 
 
+def checkpoint_role(url: str) -> str:
+    """``"student"`` for a dpdm checkpoint whose metadata says ``{"role": "student"}``, else ``"teacher"`` (an
+    official EDM snapshot, or a dpdm checkpoint of a teacher, a fake score or no role): which sampler suits it by
+    default. Reads the safetensors header only."""
+    local = local_copy(url)
+    if sniff(url, local) == "edm":
+        return "teacher"
+    with _open(local, url) as f:
+        head = _read(f, url, 8)
+        try:
+            header = head + _read(f, url, int.from_bytes(head, "little"))
+            extra = json.loads(_metadata(header).get("extra", "{}"))
+        except (ValueError, TypeError, OverflowError, MemoryError) as exc:
+            raise DpdmError(f"checkpoint {url!r} is not a valid safetensors file ({exc}); "
+                            "was it truncated or written by another program?") from None
+    return "student" if isinstance(extra, dict) and extra.get("role") == "student" else "teacher"
+
+
 def load_denoiser(url: str, device="cpu") -> nn.Module:
     """A ready denoiser ``D(x, sigma, class_labels=None)`` in eval mode from a dpdm checkpoint or an
     official EDM snapshot (see ``load_checkpoint``)."""

@@ -95,7 +95,10 @@ class EvalConfig:
     teacher_nfe: list[int] = attrs.field(factory=lambda: [1, 2, 3, 4, 5, 8, 16, 35])
     one_step_sigma_max: list[float] = attrs.field(factory=lambda: [80.0, 10.0, 5.0, 2.5, 1.5, 1.0])
     recovery_sigmas: list[float] = attrs.field(factory=lambda: [0.5, 1.0, 2.0, 5.0])
-    recovery_num: int = 2000  # held-out items noised and denoised per σ
+    recovery_num: int = 2000  # items noised and denoised per σ (up to the split's size)
+    # paper: Section 5.1, a random subset of the training split against the full training set (eval.ref for fid);
+    # heldout: the first test items against data independent of them
+    recovery_protocol: Literal["paper", "heldout"] = "paper"
     figure_samples: int = 64  # images per grid (points per scatter: num_samples)
 
 

@@ -1,6 +1,5 @@
-"""Evaluation: NFE sweeps of student and teacher samplers, and the recovery protocol of the
-DPDM paper's Section 5.1 (Table 1): noise held-out data at σ, denoise once, measure the
-distance of the recovered set to the clean data."""
+"""Evaluation: NFE sweeps of student and teacher samplers (the DPDM paper's Table 4), the one-step σ_max search, and
+the recovery experiment of Section 5.1 (Table 1; ``recovery.py``, re-exported here)."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import torch
 
 from . import generation, schedules
 from .registry import get
+from .recovery import recovery  # noqa: F401  (Section 5.1, part of this module's API)
 from .samplers import steps_for_nfe
 
 
@@ -118,38 +118,3 @@ def best_one_step(student, metric, validation, reference, *, sampler: dict, sche
     x = generate(student, sample_fn, sched(1, sigma_max=best), num, shape, label_dim=label_dim, seed=seed,
                  device=device)
     return {"validation": scores, "best_sigma_max": best, "value": metric(x, reference), "samples": x[:keep]}
-
-
-@torch.no_grad()
-def recovery(student, teacher, metric, clean: torch.Tensor, labels, sigmas: list[float], reference: torch.Tensor, *,
-             seed: int = 0, device="cpu", batch_size: int = 4096, keep: int | None = None) -> tuple[dict, dict]:
-    """Section 5.1: for each σ add N(0, σ²) noise to held-out ``clean`` data (model space), denoise
-    once with each model (same noise for both), and measure each recovered set's distance to
-    the data distribution.
-
-    The distance is taken to ``reference``, real data *independent* of ``clean`` (fresh samples, or
-    another split): the recovered items are paired with the clean ones, and a two-sample
-    statistic against the very same items would be biased low for close pairs.
-
-    Item i's noise at the j-th σ comes from its own generator (seed ``derive_seed(derive_seed(seed, j), i)``),
-    so the result does not depend on ``batch_size``. Returns
-    ``({σ: {"noisy", "teacher", "student"}}, {σ: {"noisy", "teacher", "student"}})``.
-    """
-    table, examples = {}, {}
-    reference = prepare_reference(metric, reference)
-    for j, sigma in enumerate(sigmas):
-        outs = {"noisy": [], "teacher": [], "student": []}
-        for start in range(0, len(clean), batch_size):
-            x0 = clean[start:start + batch_size].to(device)
-            y = None if labels is None else labels[start:start + batch_size].to(device)
-            gens = generation.ItemGenerators(generation.item_seeds(generation.derive_seed(seed, j),
-                                                                   range(start, start + len(x0))), device=device)
-            noisy = x0 + sigma * gens.randn(tuple(x0.shape[1:]), dtype=x0.dtype)
-            s = torch.full((len(x0),), float(sigma), device=device)
-            outs["noisy"].append(noisy.cpu())
-            outs["teacher"].append(teacher(noisy, s, class_labels=y).float().cpu())
-            outs["student"].append(student(noisy, s, class_labels=y).float().cpu())
-        outs = {k: torch.cat(v) for k, v in outs.items()}
-        table[sigma] = {k: metric(v, reference) for k, v in outs.items()}
-        examples[sigma] = {k: v[:keep] for k, v in outs.items()}  # the first ``keep`` items, for figures
-    return table, examples

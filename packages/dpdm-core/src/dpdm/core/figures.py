@@ -83,6 +83,30 @@ def samples_figure(panels: dict[str, torch.Tensor], kind: str, path, title: str 
     plt.close(fig)
 
 
+def panel_grid(panels: dict[str, dict[str, tuple[str, torch.Tensor]]], kind: str, path, title: str = "",
+               limit: float = 1.6, max_images: int = 64) -> None:
+    """Panels in rows and columns: ``panels[row][column] = (panel title, samples)`` (e.g. Figure 6's models ×
+    samplers), with ``title`` above them all."""
+    plt = _plt()
+    rows = list(panels)
+    cols = list(dict.fromkeys(c for r in rows for c in panels[r]))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3 * len(cols), 3.2 * len(rows) + 0.4), squeeze=False)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            if c not in panels[r]:
+                ax.axis("off")
+                continue
+            label, x = panels[r][c]
+            _draw(ax, x, kind, limit, max_images)
+            ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def curve_figure(sweep: dict, metric: str, path) -> None:
     """Metric vs NFE, log scale, one line per model/sampler (``report.json``'s ``sweep``; the ``undistilled`` role,
     the teacher with the student's sampler and schedule, gets its own label and style)."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .recovery import PROTOCOL_TEXT
+
 METRIC_NOTES = {
     "energy": "squared energy distance (Székely & Rizzo), U-statistic estimate, in model space; lower is better",
     "sliced-wasserstein": "sliced 2-Wasserstein distance over random projections, in model space; lower is better",
@@ -58,6 +60,10 @@ def sweep_roles(sweep: dict) -> list[str]:
     return [r for r in ROLE_ORDER if r in sweep] + [r for r in sweep if r not in ROLE_ORDER]
 
 
+REACH_NOTE = ("— : the sampler cannot take exactly that many evaluations (Heun's NFE is 2 × steps − 1, so it "
+              "reaches only odd NFEs).")
+
+
 def sweep_table(sweep: dict) -> list[str]:
     """Markdown rows: one line per NFE, one column per (model, sampler); — where a sampler cannot reach that NFE."""
     columns = [(m, s) for m in sweep_roles(sweep) for s in sweep[m]]
@@ -76,7 +82,8 @@ def sweep_markdown(result: dict) -> str:
              f"reference: {result.get('ref')}."]
     if result.get("detector_test_accuracy") is not None:
         lines[-1] += f" Classifier test accuracy: {result['detector_test_accuracy']:.4f}."
-    return "\n".join(lines + [""] + sweep_table(result["sweep"])) + "\n"
+    caption = ["", REACH_NOTE] if any("heun" in by for by in result["sweep"].values()) else []
+    return "\n".join(lines + [""] + sweep_table(result["sweep"]) + caption) + "\n"
 
 
 def _better(a, b) -> bool | None:
@@ -214,16 +221,21 @@ def markdown(report: dict) -> str:
                   ""]
     lines += ["## Sampling quality vs NFE", ""]
     lines += sweep_table(report["sweep"])
+    if any("heun" in by for by in report["sweep"].values()):
+        lines += ["", REACH_NOTE]
     one = report.get("one_step")
     if one:
         lines += ["", f"One step from the best σ_max (chosen on validation data): σ_max = {one['best_sigma_max']:g}, "
                       f"{metric} = {_fmt(one['value'])}.", "",
                   "| σ_max | validation " + metric + " |", "|---|---|"]
         lines += [f"| {s} | {_fmt(v)} |" for s, v in one["validation"].items()]
-    lines += ["", "## Recovery (Section 5.1): distance of denoised held-out data to real data", "",
-              "Held-out items are noised at σ and denoised once; each set is compared with real data independent "
-              "of those items. The clean held-out items themselves score "
-              f"{_fmt(report.get('recovery_floor'))} (the estimator's floor).", "",
+    protocol = report.get("recovery_protocol", "heldout")
+    lines += ["", f"## Recovery (Section 5.1), protocol {protocol}: distance of denoised data to real data", "",
+              f"Protocol `{protocol}`: {PROTOCOL_TEXT[protocol]}"
+              + (f" ({report['recovery_num']} items; reference: {report['recovery_reference']})"
+                 if report.get("recovery_reference") else "")
+              + f". The clean items themselves score {_fmt(report.get('recovery_floor'))} (the estimator's floor).",
+              "",
               "| σ | noisy | teacher | student | student / teacher |", "|---|---|---|---|---|"]
     ratio = report["checks"]["recovery_ratio"]
     for s, v in report["recovery"].items():

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate as ev
+from . import recovery as rec
 from .checkpoint import build_denoiser, load_checkpoint, load_denoiser, network_spec, save_denoiser
 from .config import Recipe
 from .datasets import to_model
@@ -355,7 +356,7 @@ def references(recipe: Recipe, train_set, test_set, num: int):
     ``reference`` scores samples: fresh samples of the true distribution when the dataset can draw
     them (toy data), else the held-out test split. ``validation`` is independent of the test split:
     fresh samples again, or the train split (up to ``max(num, len(reference))`` items); it selects
-    the one-step σ_max and is the reference of the recovery protocol (which noises the test split).
+    the one-step σ_max and is the reference of the ``heldout`` recovery protocol (which noises the test split).
     """
     if hasattr(test_set, "sample"):
         g_ref = torch.Generator().manual_seed(recipe.seed + 1000)
@@ -368,10 +369,26 @@ def references(recipe: Recipe, train_set, test_set, num: int):
     return ref, val
 
 
-def recovery_data(recipe: Recipe, test_set, num: int):
-    """The first ``num`` held-out items (model space) and their labels (None if unconditional)."""
-    data, labels = test_set.tensors()
-    return to_model(data[:num]), (labels[:num] if test_set.label_dim else None)
+def recovery_setup(recipe: Recipe, protocol: str, train_set, test_set, metric, num: int, seed: int, *,
+                   validation=None, progress: Progress | None = None):
+    """What the recovery experiment (Section 5.1) noises and what it compares with, for ``protocol``:
+    ``(items, prepared reference, reference description, note or None)`` (``recovery.select`` and
+    ``recovery.training_reference``; ``heldout`` compares with ``references``' validation data, which may be passed
+    in already prepared)."""
+    items, note = rec.select(protocol, train_set, test_set, num, seed)
+    if protocol == "paper":
+        reference, name = rec.training_reference(recipe, train_set, metric, num_samples=recipe.eval.num_samples,
+                                                 progress=progress)
+    else:
+        if validation is None:
+            _, validation = references(recipe, train_set, test_set, recipe.eval.num_samples)
+        reference = validation
+        if hasattr(test_set, "sample"):
+            name = f"{recipe.data.name} fresh samples ({recipe.eval.num_samples})"
+        else:
+            size = min(len(train_set), max(len(test_set), recipe.eval.num_samples))
+            name = f"{recipe.data.name} training split, {size} random items"
+    return items, ev.prepare_reference(metric, reference), name, note
 
 
 def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path) -> dict:
@@ -421,11 +438,17 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     timings["sweep_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    clean, labels = recovery_data(recipe, test_set, cfg.recovery_num)
-    rec, rec_examples = ev.recovery(student, teacher, metric_fn, clean, labels, cfg.recovery_sigmas, validation,
-                                    seed=recipe.seed, device=device,
-                                    keep=min(8, cfg.figure_samples) if kind == "image" else None)
-    floor = metric_fn(clean, validation)
+    protocol = cfg.recovery_protocol
+    items, rec_reference, rec_ref_name, note = recovery_setup(
+        recipe, protocol, train_set, test_set, metric_fn, cfg.recovery_num, recipe.seed,
+        validation=validation if protocol == "heldout" else None, progress=progress)
+    if note:
+        progress.log(f"recovery: {note.replace('--num', 'eval.recovery_num')}")
+    shown = min(8, cfg.figure_samples) if kind == "image" else None
+    recovered, rec_examples = ev.recovery(student, teacher, metric_fn, items, None, cfg.recovery_sigmas,
+                                          rec_reference, seed=recipe.seed, device=device, keep=shown)
+    floor = rec.distance(metric_fn, items, rec_reference)
+    clean = rec.first(items, shown if shown is not None else len(items))
     timings["recovery_s"] = time.perf_counter() - t0
 
     figs = out / "figures"
@@ -441,8 +464,11 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         "sweep": sweep,  # {"student"|"undistilled"|"teacher": {sampler: {nfe: value}}} (report.py)
         "one_step": {"validation": {str(k): v for k, v in one["validation"].items()},
                      "best_sigma_max": one["best_sigma_max"], "value": one["value"]},
-        "recovery": {f"{s:g}": vals for s, vals in rec.items()},
-        "recovery_floor": floor,  # distance of the clean held-out items themselves to the reference
+        "recovery_protocol": protocol,
+        "recovery": {f"{s:g}": vals for s, vals in recovered.items()},
+        "recovery_floor": floor,  # distance of the clean (noised) items themselves to the reference
+        "recovery_num": len(items),
+        "recovery_reference": rec_ref_name,
         "timings": timings,
     }
     detector = getattr(metric_fn, "detector", None)

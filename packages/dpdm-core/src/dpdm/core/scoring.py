@@ -8,6 +8,8 @@
 - ``fid_at_steps``: ``dpdm eval fid`` (one model, several step counts, e.g. the paper's 4…8).
 - ``nfe_sweep``: ``dpdm eval sweep`` (the paper's Table 4): the student with its sampler at NFE 1…10 and the
   teacher with each sampler at matched NFE (up to 35), the first images of each kept for grids.
+- ``cross_use``: ``dpdm eval cross`` (Section 5.2, Figure 6): student and teacher each with the DPDM sampler and
+  with the diffusion ODE sampler (Heun) at one NFE.
 
 Items carry their own seeds (``generation``), so every number here is reproducible and independent of the
 batch size and the number of processes.
@@ -177,3 +179,39 @@ def nfe_sweep(student, teacher, *, metric, reference, student_sampler: dict, stu
                                  progress=progress, keep=keep, description=f"{role} {name}, NFE {nfe}")
             values[role][name][nfe], grids[role][name][nfe] = value, first
     return values, grids
+
+
+def reachable_steps(nfe_of: Callable, nfe: int) -> tuple[int, int] | None:
+    """``(steps, NFE)`` for the largest NFE ≤ ``nfe`` that a sampler reaches exactly (Heun: odd NFEs only, so 7
+    gives 4 steps and 8 gives 4 steps at NFE 7), or None when it reaches none."""
+    for target in range(int(nfe), 0, -1):
+        n = steps_for_nfe(nfe_of, target)
+        if n is not None:
+            return n, target
+    return None
+
+
+def cross_use(student, teacher, *, metric, reference, samplers: dict[str, tuple[dict, dict]], nfe: int, num: int,
+              shape, label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
+              progress: Progress | None = None, keep: int = 64) -> tuple[dict, dict]:
+    """The DPDM paper's cross-use of models and samplers (Section 5.2, Figure 6): each model (student, teacher) with
+    each sampling ``samplers[column] = (sampler spec, schedule spec)`` at the largest NFE ≤ ``nfe`` that sampler
+    reaches. Returns ``({model: {column: {"steps", "nfe", "value", "sigmas"}}}, {model: {column: first items}})``;
+    every cell draws the same per-item seeds."""
+    cells: dict = {"student": {}, "teacher": {}}
+    grids: dict = {"student": {}, "teacher": {}}
+    for model_name, model in (("student", student), ("teacher", teacher)):
+        for column, (sampler, schedule) in samplers.items():
+            sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule)
+            reached = reachable_steps(nfe_of, nfe)
+            if reached is None:
+                raise DpdmError(f"--nfe {nfe}: the {sampler['name']} sampler cannot take {nfe} or fewer evaluations")
+            n, actual = reached
+            sigmas = sigmas_of(n)
+            value, first = score(model, sample_fn, sigmas, metric, reference, num=num, shape=shape,
+                                 label_dim=label_dim, seed=seed, batch_size=batch_size, dist=dist, progress=progress,
+                                 keep=keep, description=f"{model_name}, {sampler['name']} sampler, NFE {actual}")
+            cells[model_name][column] = {"steps": n, "nfe": actual, "value": value,
+                                         "sigmas": [float(s) for s in sigmas]}
+            grids[model_name][column] = first
+    return cells, grids
