@@ -530,6 +530,18 @@ def test_paper_protocol_reference_is_the_training_set(small_detector, tmp_path):
     data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=10)
     torch.testing.assert_close(data, to_model(train.tensors()[0]), rtol=0, atol=0)
     items, note = rec.select("paper", train, None, 20, seed=1)
+    # data metrics compare with the training items *other than* the noised ones (no set against itself)
+    data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=10,
+                                        exclude=items.indices)
+    rest = [i for i in range(len(train)) if i not in set(items.indices)]
+    torch.testing.assert_close(data, to_model(train.tensors()[0][rest]), rtol=0, atol=0)
+    assert name == f"digits training split ({len(train) - 20} items, the other 20 are the noised ones)"
+    # without the exclusion the clean items' energy against a reference holding them is biased below zero
+    x0 = to_model(train.tensors()[0][list(items.indices)])
+    energy = get("metric", "energy")()
+    assert energy(x0, to_model(train.tensors()[0])) < energy(x0, data)
+    _, name = rec.training_reference(recipe, train, energy, num_samples=10, exclude=range(len(train)))
+    assert "biased low" in name
     assert len(items) == 20 and list(items.indices) == sorted(items.indices) and note is None
     assert list(rec.select("paper", train, None, 20, seed=1)[0].indices) == list(items.indices)
     assert list(rec.select("paper", train, None, 20, seed=2)[0].indices) != list(items.indices)

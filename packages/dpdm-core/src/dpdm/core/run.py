@@ -378,7 +378,7 @@ def recovery_setup(recipe: Recipe, protocol: str, train_set, test_set, metric, n
     items, note = rec.select(protocol, train_set, test_set, num, seed)
     if protocol == "paper":
         reference, name = rec.training_reference(recipe, train_set, metric, num_samples=recipe.eval.num_samples,
-                                                 progress=progress)
+                                                 exclude=items.indices, progress=progress)
     else:
         if validation is None:
             _, validation = references(recipe, train_set, test_set, recipe.eval.num_samples)
