@@ -677,9 +677,18 @@ def test_eval_sweep_on_a_run(tiny_run, tmp_path):
                               recipe.eval.num_samples)
     x = ev.generate(student, get("sampler", "dpdm"), get("schedule", "dpdm")(2), 200, (2,), seed=0)
     assert data["sweep"]["student"]["dpdm"]["2"] == pytest.approx(get("metric", "energy")()(x, reference), rel=1e-9)
+    # the undistilled baseline: the teacher with the student's sampler and schedule
+    x = ev.generate(teacher, get("sampler", "dpdm"), get("schedule", "dpdm")(2), 200, (2,), seed=0)
+    assert data["sweep"]["undistilled"]["dpdm"]["2"] == pytest.approx(get("metric", "energy")()(x, reference),
+                                                                      rel=1e-9)
+    c = data["checks"]["student_vs_undistilled"]["2"]
+    assert c["student_better"] == (data["sweep"]["student"]["dpdm"]["2"] < data["sweep"]["undistilled"]["dpdm"]["2"])
+    best = data["checks"]["student_vs_best_teacher"]["2"]  # the best of euler 1-3, heun 1, 3 (≤ 3 × 2 NFE)
+    assert best["teacher"] == min(v for by in data["sweep"]["teacher"].values() for v in by.values())
     assert (out / "nfe_curve.png").read_bytes()[:8] == PNG
     assert sorted(p.name for p in (out / "grids").iterdir())[:2] == ["student-dpdm-nfe01.png", "student-dpdm-nfe02.png"]
-    assert "| 2 |" in (out / "sweep.md").read_text() and "NFE" in r.stdout
+    md = (out / "sweep.md").read_text()
+    assert "| 2 |" in md and "NFE" in r.stdout and "best teacher at ≤ 3K NFE" in md
 
 
 def test_eval_sweep_defaults_to_the_table_4_grid(tiny_run, tmp_path):
@@ -692,11 +701,13 @@ def test_eval_sweep_defaults_to_the_table_4_grid(tiny_run, tmp_path):
     assert list(sweep["teacher"]["heun"]) == ["5", "7", "9", "15", "35"]  # Heun's NFE 2·steps − 1 is odd
     md = (out / "sweep.md").read_text()
     assert "Heun's NFE is 2 × steps − 1, so it reaches only odd NFEs" in md
-    assert "| NFE | student dpdm | teacher heun | teacher euler | teacher dpmpp-2m |" in md
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in md.splitlines() if line.startswith("| 1")}
-    assert rows["12"][:2] == ["—", "—"]  # neither the student (1…10) nor Heun (odd) at 12
-    assert rows["15"][0] == "—" and rows["15"][1] != "—"
-    assert rows["1"][0] != "—" and rows["1"][1:] == ["—", "—", "— |"]  # the teacher starts at 4
+    assert ("| NFE | student dpdm | undistilled teacher dpdm (student's schedule) | teacher heun | teacher euler | "
+            "teacher dpmpp-2m |") in md
+    table = md.split("| NFE |")[1].split("\n\n")[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| 1")}
+    assert rows["12"][0] == rows["12"][1] == rows["12"][2] == "—"  # not the student (1…10), nor Heun (odd) at 12
+    assert rows["15"][:2] == ["—", "—"] and rows["15"][2] != "—"
+    assert rows["1"][:2] != ["—", "—"] and rows["1"][2:] == ["—", "—", "— |"]  # the teacher starts at 4
     help_text = squash(ok(invoke("eval", "sweep", "--help")).stdout)
     assert "4 5 6 7 8 9 10 12 14 15 16 18 35" in help_text and "Heun reaches only odd NFEs" in help_text
 

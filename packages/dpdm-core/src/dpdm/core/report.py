@@ -83,7 +83,18 @@ def sweep_markdown(result: dict) -> str:
     if result.get("detector_test_accuracy") is not None:
         lines[-1] += f" Classifier test accuracy: {result['detector_test_accuracy']:.4f}."
     caption = ["", REACH_NOTE] if any("heun" in by for by in result["sweep"].values()) else []
-    return "\n".join(lines + [""] + sweep_table(result["sweep"]) + caption) + "\n"
+    claims = []
+    c = result.get("checks")
+    if c:
+        claims = ["", "| student NFE K | best teacher at ≤ 3K NFE | student | teacher | better | undistilled "
+                      "(student's sampler) | better |", "|---|---|---|---|---|---|---|"]
+        for k, b in c["student_vs_best_teacher"].items():
+            u = c["student_vs_undistilled"].get(k, {})
+            where = f"{b['teacher_sampler']} ({b['teacher_nfe']})" if b["teacher_sampler"] else "—"
+            claims.append(f"| {k} | {where} | {_fmt(b['student'])} | {_fmt(b['teacher'])} | "
+                          f"{_yes(b['student_better'])} | {_fmt(u.get('undistilled'))} | "
+                          f"{_yes(u.get('student_better'))} |")
+    return "\n".join(lines + [""] + sweep_table(result["sweep"]) + caption + claims) + "\n"
 
 
 def _better(a, b) -> bool | None:

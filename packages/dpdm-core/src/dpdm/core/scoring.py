@@ -155,8 +155,11 @@ def fid_at_steps(model, *, sampler: dict, schedule: dict, steps: list[int], metr
 def nfe_sweep(student, teacher, *, metric, reference, student_sampler: dict, student_schedule: dict,
               student_nfe: list[int], teacher_samplers: list[dict], teacher_schedule: dict, teacher_nfe: list[int],
               num: int, shape, label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
-              progress: Progress | None = None, keep: int = 64) -> tuple[dict, dict]:
-    """The paper's Table 4: ``({"student"|"teacher": {sampler: {nfe: value}}}, same shape of first items)``.
+              progress: Progress | None = None, keep: int = 64, undistilled: bool = True) -> tuple[dict, dict]:
+    """The paper's Table 4: ``({"student"|"undistilled"|"teacher": {sampler: {nfe: value}}}, same shape of first
+    items)``. ``undistilled`` (on by default): the teacher sampled with exactly the student's sampler and schedule at
+    the student's NFEs, the baseline that separates the effect of distillation from that of the schedule
+    (``report.checks``' ``student_vs_undistilled``).
 
     NFEs a sampler cannot reach exactly (Heun's are odd) are skipped; the student is skipped when absent.
     """
@@ -165,6 +168,9 @@ def nfe_sweep(student, teacher, *, metric, reference, student_sampler: dict, stu
     plan = []
     if student is not None:
         plan.append(("student", student, student_sampler, student_schedule, student_nfe))
+    if undistilled:
+        values["undistilled"], grids["undistilled"] = {}, {}
+        plan.append(("undistilled", teacher, student_sampler, student_schedule, student_nfe))
     plan += [("teacher", teacher, spec, teacher_schedule, teacher_nfe) for spec in teacher_samplers]
     for role, model, sampler, schedule, nfes in plan:
         sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule, model)
