@@ -362,8 +362,10 @@ def sample(
     from .evaluation import _sampling
 
     recipe, teacher, student = load_run(run_dir)
+    net = student if model == "student" else teacher
     sampler_spec, schedule_spec = _sampling(recipe, model, sampler, schedule, sigma_max)
-    sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler_spec, schedule_spec)
+    # the schedule clamped to the network's σ range, as on every evaluation route (EDM's generate.py)
+    sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler_spec, schedule_spec, net)
     try:
         sigmas = sigmas_of(steps)
     except ValueError as exc:
@@ -371,8 +373,7 @@ def sample(
         raise DpdmError(f"--schedule {schedule_spec['name']} with --steps {steps}{given}: {exc}") from None
     ds = make_dataset(recipe, "test")
     n = num or (64 if ds.kind == "image" else 2000)
-    x = ev.generate(student if model == "student" else teacher, sample_fn, sigmas, n, tuple(ds.shape),
-                    label_dim=ds.label_dim, seed=seed)
+    x = ev.generate(net, sample_fn, sigmas, n, tuple(ds.shape), label_dim=ds.label_dim, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     what = f"{sampler_spec['name']} sampler, {schedule_spec['name']} schedule"
     figures.samples_figure({f"{model}, {what}, NFE {nfe_of(steps)}": x}, ds.kind, out, max_images=n)
