@@ -34,6 +34,11 @@ VARIANTS = {
     "DMD normaliser on": ["train.divergence.normalize=true"],
     "order student-first (DMD2's)": ["train.order=student-first"],
     "schedule ρ = 7 (EDM's)": ["eval.student_schedule.rho=7"],
+    # EDM's own pair, the other reading of "the same weighting as diffusion training": its weight and its σ law
+    "EDM's pair: weighting edm, σ log-normal": [
+        "train.sigma={kind: lognormal, P_mean: -1.2, P_std: 1.2, min: 0.002, max: 80.0}"],
+    "before issue 12: w = σ², normaliser, student-first": [
+        "train.divergence.weighting=diffusion", "train.divergence.normalize=true", "train.order=student-first"],
     "renoise at an independent σ": ["train.divergence.renoise=independent"],
     "student σ log-normal (EDM's)": ["train.sigma={kind: lognormal, P_mean: -1.2, P_std: 1.2, min: 0.002, max: 80.0}"],
     "1 fake update per student update": ["train.fake_updates=1"],
