@@ -4,9 +4,12 @@ Two jobs on the same backbone, per-step batch and precision, both built from the
 the EMA on as in a real run:
 
 - ``teacher``: one ``teacher.TeacherJob`` iteration = one EDM-loss optimizer step (forward+backward, Adam, EMA).
-- ``dpdm``: one ``distill.DistillJob`` iteration with ``fake_updates=1`` = one student step (student
-  forward+backward, teacher and fake forwards without gradients, Adam, EMA) + one fake-score step on the student
-  step's detached outputs (fake forward+backward, Adam). It consumes one batch of real data.
+- ``dpdm``: one ``distill.DistillJob`` iteration with ``fake_updates=1`` and ``order="student-first"`` (DMD2's
+  order) = one student step (student forward+backward, teacher and fake forwards without gradients, Adam, EMA)
+  + one fake-score step on the student step's detached outputs (fake forward+backward, Adam). It consumes one
+  batch of real data. Algorithm 1's own order (``fake-first``, the recipes' default) makes the fake score's
+  data with one more student forward without gradients, so its floor is ``2 + 3·fwd/teacher`` (3× by the
+  count below); that order is not what this benchmark times.
 
 **Time**: the median of ``--iters`` timed iterations after ``--warmup`` untimed ones (``torch.cuda.synchronize``
 on GPUs); for DPDM also the medians of its two steps. ``fwd`` is one forward of the denoiser without gradients
@@ -130,8 +133,8 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
     else:
         sigma = SigmaDist("log-uniform", min=0.002, max=80.0)  # dpdm's TrainConfig default
         job = DistillJob(denoiser, get("divergence", "smoothed-kl")(sigma=sigma), EDMLoss(sigma=sigma),
-                         **STUDENT_OPTIM, fake_updates=1, ema_halflife_nimg=EMA_HALFLIFE_NIMG, precision=prec,
-                         dist=dist)
+                         **STUDENT_OPTIM, fake_updates=1, order="student-first", ema_halflife_nimg=EMA_HALFLIFE_NIMG,
+                         precision=prec, dist=dist)
     generator = torch.Generator(dev).manual_seed(0)
     pool = [torch.randn(batch, *shape, generator=generator, device=dev).clamp(-1, 1) for _ in range(2)]  # (B, ...)
     served = [0]
