@@ -84,7 +84,8 @@ def test_engine_snapshot_files_load_with_weights_only(tmp_path):
                        trainer.job.fake.optimizer.state[first]["exp_avg"])
     rank = torch.load(folder / "rank-00000.pt", weights_only=True)
     assert set(rank["rng"]) == {"generator", "torch", "cuda", "numpy", "python"}
-    assert rank["loader"]["step"] == 2 * 2 * 2  # iterations x (student + 1 fresh fake update; the first reuses) x accum
+    # iterations x (2 fake updates on fresh batches, then the student's: Algorithm 1's order) x accum
+    assert rank["loader"]["step"] == 2 * (2 + 1) * 2
     assert set(load_file(str(folder / "weights.safetensors"))) >= {"student.model.linear_in.weight",
                                                                   "ema.model.linear_in.weight",
                                                                   "fake.model.linear_in.weight"}
