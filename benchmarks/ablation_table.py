@@ -57,7 +57,7 @@ def main():
     rows = {}
     for spec in args.row:
         label, _, pattern = spec.rpartition("=")
-        paths = glob.glob(pattern)
+        paths = [p for p in glob.glob(pattern) if (Path(p) / "report.json").exists()]  # finished runs only
         if not label or not paths:
             raise SystemExit(f"--row {spec!r}: expected LABEL=GLOB matching finished run directories")
         rows[label] = row(paths)
