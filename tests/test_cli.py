@@ -138,7 +138,7 @@ def test_dry_run_builds_every_component(tmp_path, monkeypatch):
         "  - recipe.train.steps: must be at least 0, got -1",
         "  - recipe.eval.recovery_sigmas: every entry must be positive, got [0.0, 1.0]",
         "  - recipe.model: unknown activation 'foo'; choose one of ['gelu', 'relu', 'silu', 'tanh']",
-        "  - recipe.train.divergence: unknown weighting 'bar'; choose one of edm, diffusion, score",
+        "  - recipe.train.divergence: unknown weighting 'bar'; choose one of diffusion, edm, score",
         "  - recipe.eval.student_schedule: need 0 < sigma_min <= sigma_max, got sigma_min=1.0, sigma_max=0.5",
     ]
     assert not (tmp_path / "runs").exists()

@@ -104,10 +104,10 @@ def test_edm_weighting_is_edm_training_weight_in_score_form(sigma_data):
         SmoothedKL(SigmaDist("fixed", max=1.0), weighting="edm", sigma_data=0.0)
 
 
-def test_paper_defaults_edm_weighting_no_normaliser():
-    """The library's defaults are the paper's reading (EDM weighting, no DMD normaliser); IKL keeps Diff-Instruct's."""
+def test_paper_defaults_sigma_squared_weighting_no_normaliser():
+    """The library's defaults are the paper's reading (w = σ², no DMD normaliser), which IKL shares with Diff-Instruct."""
     dist = SigmaDist("log-uniform")
-    assert (SmoothedKL(dist).weighting, SmoothedKL(dist).normalize) == ("edm", False)
+    assert (SmoothedKL(dist).weighting, SmoothedKL(dist).normalize) == ("diffusion", False)
     assert (IKL(dist).weighting, IKL(dist).normalize) == ("diffusion", False)
 
 

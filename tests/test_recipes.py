@@ -250,7 +250,7 @@ def test_paper_recipes_resolve_to_the_papers_algorithm(name):
 
     r = load_recipe(str(RECIPES_DIR / name))
     div = build_divergence(r, sigma_data=0.5)
-    assert (div.weighting, div.normalize, div.renoise) == ("edm", False, "same")  # no DMD normaliser
+    assert (div.weighting, div.normalize, div.renoise) == ("diffusion", False, "same")  # no DMD normaliser
     assert (r.train.fake_updates, r.train.order, r.train.student_dropout) == (1, "fake-first", False)
     assert r.eval.student_schedule.options.get("rho", 40.0) == 40.0
     steps = dpdm(8, **r.eval.student_schedule.options)
