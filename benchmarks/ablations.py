@@ -26,25 +26,25 @@ from pathlib import Path
 from dpdm.core.config import load_recipe
 from dpdm.core.run import run
 
-# Each variant is a list of overrides on top of the recipe (which carries the paper's reading: EDM weighting,
-# no normaliser, fake-first, the ρ = 40 schedule). The issue's rows first.
+# Each variant is a list of overrides on top of the recipe (which carries the paper's reading: w = σ², no
+# normaliser, fake-first, the ρ = 40 schedule). The issue's rows first.
 VARIANTS = {
     "recipe": [],
-    "weighting diffusion (w = σ²)": ["train.divergence.weighting=diffusion"],
-    "DMD normaliser on": ["train.divergence.normalize=true"],
-    "order student-first (DMD2's)": ["train.order=student-first"],
-    "schedule ρ = 7 (EDM's)": ["eval.student_schedule.rho=7"],
+    "weighting edm (EDM's training weight), log-uniform σ": ["train.divergence.weighting=edm"],
     # EDM's own pair, the other reading of "the same weighting as diffusion training": its weight and its σ law
     "EDM's pair: weighting edm, σ log-normal": [
+        "train.divergence.weighting=edm",
         "train.sigma={kind: lognormal, P_mean: -1.2, P_std: 1.2, min: 0.002, max: 80.0}"],
-    "before issue 12: w = σ², normaliser, student-first": [
-        "train.divergence.weighting=diffusion", "train.divergence.normalize=true", "train.order=student-first"],
+    "DMD normaliser on": ["train.divergence.normalize=true"],
+    "order student-first (DMD2's)": ["train.order=student-first"],
+    "before issue 12: normaliser, student-first": ["train.divergence.normalize=true", "train.order=student-first"],
     "renoise at an independent σ": ["train.divergence.renoise=independent"],
     "student σ log-normal (EDM's)": ["train.sigma={kind: lognormal, P_mean: -1.2, P_std: 1.2, min: 0.002, max: 80.0}"],
     "1 fake update per student update": ["train.fake_updates=1"],
     "no student EMA": ["train.ema_halflife_nimg=null"],
     "ikl (Diff-Instruct, data-free)": ["train.divergence={name: ikl, weighting: diffusion, normalize: false}"],
 }
+# ρ only enters sampling: benchmarks/schedule_rho.py compares ρ = 40 with EDM's 7 on the same trained students.
 # The evaluation each variant needs: the student's sweep, one step, recovery; the teacher's sweep is not read.
 EVAL_ONLY_WHAT_IS_READ = ["eval.teacher_samplers=[heun]", "eval.teacher_nfe=[35]"]
 
