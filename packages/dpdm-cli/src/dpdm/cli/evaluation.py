@@ -119,6 +119,18 @@ def _reference(ref: Optional[str], metric, recipe, dist, progress):
     return reference, f"{recipe.data.name} {what} ({len(reference)} items)"
 
 
+def _run_models(run_dir: Path, recipe, dist, metric, detector, ref, progress):
+    """A run's student and teacher on the rank's device, its metric and reference: ``(student, teacher, spec,
+    metric name, metric fn, reference, reference name)`` (``eval sweep`` and ``eval cross``)."""
+    from dpdm.core.checkpoint import load_checkpoint
+
+    student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
+    teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
+    name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
+    reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+    return student, teacher, spec, name, metric_fn, reference, ref_name
+
+
 def _model(run: Optional[Path], checkpoint: Optional[str], model: str, device):
     """``(denoiser, spec-like dict with shape/label_dim, recipe or None, label)``."""
     from dpdm.core.errors import DpdmError
@@ -375,7 +387,6 @@ def sweep_cmd(
     35 (Heun: odd NFEs only); writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
     if nproc is not None:
         _launch(nproc)
-    from dpdm.core.checkpoint import load_checkpoint
     from dpdm.core.config import load_recipe
     from dpdm.core.rundir import resolve_run
     from dpdm.core.scoring import nfe_sweep
@@ -394,10 +405,8 @@ def sweep_cmd(
     dist, progress = _dist(device)
     finished = False
     try:
-        student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
-        teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
-        name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
-        reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+        student, teacher, spec, name, metric_fn, reference, ref_name = _run_models(run_dir, recipe, dist, metric,
+                                                                                   detector, ref, progress)
         n = num or cfg.num_samples
         kind = "image" if len(spec["shape"]) == 3 else "vector"
         t0 = time.perf_counter()
@@ -479,7 +488,6 @@ def cross_cmd(
 
     if nfe < 1:
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
-    from dpdm.core.checkpoint import load_checkpoint
     from dpdm.core.config import load_recipe
     from dpdm.core.rundir import resolve_run
     from dpdm.core.scoring import cross_use
@@ -490,10 +498,8 @@ def cross_cmd(
     dist, progress = _dist(device)
     finished = False
     try:
-        student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
-        teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
-        name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
-        reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+        student, teacher, spec, name, metric_fn, reference, ref_name = _run_models(run_dir, recipe, dist, metric,
+                                                                                   detector, ref, progress)
         n = num or recipe.eval.num_samples
         kind = "image" if len(spec["shape"]) == 3 else "vector"
         t0 = time.perf_counter()

@@ -70,17 +70,9 @@ def _draw(ax, x: torch.Tensor, kind: str, limit: float, max_images: int, cols: i
 
 def samples_figure(panels: dict[str, torch.Tensor], kind: str, path, title: str = "", limit: float = 1.6,
                    max_images: int = 64) -> None:
-    """One panel per entry (e.g. ``{"NFE 1": x, "NFE 2": x}``) side by side."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3), squeeze=False)
-    for ax, (label, x) in zip(axes[0], panels.items()):
-        _draw(ax, x, kind, limit, max_images)
-        ax.set_title(label, fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """One panel per entry (e.g. ``{"NFE 1": x, "NFE 2": x}``) side by side: one row of ``panel_grid``."""
+    panel_grid({"": {label: (label, x) for label, x in panels.items()}}, kind, path, title=title, limit=limit,
+               max_images=max_images)
 
 
 def panel_grid(panels: dict[str, dict[str, tuple[str, torch.Tensor]]], kind: str, path, title: str = "",
