@@ -354,24 +354,34 @@ def test_sample_grid_hook_keeps_training_exact(tmp_path):
     assert hooked.job.denoiser.training
 
 
-def test_fake_first_order_is_algorithm_1():
-    """Algorithm 1's order (the default): the fake score's update on the student's outputs for one batch, then the
-    student's update on another batch against the *updated* fake score."""
-    from dpdm.core.distill import fake_score_loss, student_loss
+def one_fake_update_job(order: str) -> DistillJob:
+    div = SmoothedKL(SigmaDist("log-uniform", min=0.01, max=10.0))
+    return DistillJob(denoiser(1, dropout=0.0), div, EDMLoss(), lr=1e-3, fake_updates=1, order=order)
 
-    def job_():
-        div = SmoothedKL(SigmaDist("log-uniform", min=0.01, max=10.0))
-        return DistillJob(denoiser(1, dropout=0.0), div, EDMLoss(), lr=1e-3, fake_updates=1)
 
-    job = job_()
-    assert job.order == "fake-first"
-    batches = [torch.randn(8, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+def counted_batches(n: int = 3):
+    """``(batches, drawn, next_batch)``: fixed batches served in order; ``drawn`` lists the indices served."""
+    batches = [torch.randn(8, 2, generator=torch.Generator().manual_seed(i)) for i in range(n)]
     drawn = []
 
     def next_batch():
         drawn.append(len(drawn))
         return batches[len(drawn) - 1], None
 
+    return batches, drawn, next_batch
+
+
+def test_fake_first_order_is_algorithm_1():
+    """Algorithm 1's order (the default): the fake score's update on the student's outputs for one batch, then the
+    student's update on another batch against the *updated* fake score."""
+    from dpdm.core.distill import fake_score_loss, student_loss
+
+    def job_():
+        return one_fake_update_job("fake-first")
+
+    job = job_()
+    assert job.order == "fake-first"
+    batches, drawn, next_batch = counted_batches()
     student_before = {k: v.clone() for k, v in job.student.module.state_dict().items()}
     stats = job.iteration(next_batch, torch.Generator().manual_seed(0))
     assert drawn == [0, 1]  # the fake's batch, then the student's
@@ -414,17 +424,10 @@ def test_first_fake_update_reuses_the_student_steps_outputs():
     """``order="student-first"`` (DMD2's): the student step, then the fake step on its detached outputs at the σ that
     made them (no second student forward, no second batch); further fake updates draw fresh batches."""
     def no_dropout_job():
-        div = SmoothedKL(SigmaDist("log-uniform", min=0.01, max=10.0))
-        return DistillJob(denoiser(1, dropout=0.0), div, EDMLoss(), lr=1e-3, fake_updates=1, order="student-first")
+        return one_fake_update_job("student-first")
 
     job = no_dropout_job()
-    batches = [torch.randn(8, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    drawn = []
-
-    def next_batch():
-        drawn.append(len(drawn))
-        return batches[len(drawn) - 1], None
-
+    batches, drawn, next_batch = counted_batches()
     student_before = {k: v.clone() for k, v in job.student.module.state_dict().items()}
     fake_before = {k: v.clone() for k, v in job.fake.module.state_dict().items()}
     g = torch.Generator().manual_seed(0)
