@@ -6,7 +6,8 @@ bit on CPU).
     python benchmarks/ablation_table.py --row "recipe=/tmp/dpdm-ablations-x/v0-s*" --row "w=σ²=/tmp/.../v1-s*" \\
         [--title toy2d] [--out benchmarks/results/ablations-toy2d.json] [--markdown]
 
-A row is ``LABEL=GLOB``; the label may itself contain '='; the glob is what follows the last '='.
+A row is ``LABEL=GLOB[,GLOB...]``; the label may itself contain '=' and ','; the globs are what follows the
+last '='.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def row(paths: list[str]) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--row", action="append", required=True, help="LABEL=GLOB of run directories")
+    parser.add_argument("--row", action="append", required=True, help="LABEL=GLOB[,GLOB...] of run directories")
     parser.add_argument("--title", default="")
     parser.add_argument("--metric", default="energy")
     parser.add_argument("--out", default=None)
@@ -57,7 +58,8 @@ def main():
     rows = {}
     for spec in args.row:
         label, _, pattern = spec.rpartition("=")
-        paths = [p for p in glob.glob(pattern) if (Path(p) / "report.json").exists()]  # finished runs only
+        paths = [p for pat in pattern.split(",") for p in glob.glob(pat)
+                 if (Path(p) / "report.json").exists()]  # finished runs only
         if not label or not paths:
             raise SystemExit(f"--row {spec!r}: expected LABEL=GLOB matching finished run directories")
         rows[label] = row(paths)
