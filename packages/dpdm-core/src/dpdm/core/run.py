@@ -184,8 +184,9 @@ def prefetch(recipe: Recipe) -> None:
 
 
 def build_divergence(recipe: Recipe, sigma_data: float):
-    """The recipe's divergence over ``train.sigma``; a divergence that takes ``sigma_data`` (the built-ins'
-    ``weighting: edm``) gets the teacher's σ_d, which the recipe cannot set apart from the teacher."""
+    """The recipe's divergence over ``train.sigma``; a divergence that names a ``sigma_data`` parameter (the
+    built-ins, for ``weighting: edm``) gets the teacher's σ_d, which the recipe cannot set apart from the teacher;
+    one that only takes ``**options`` is not handed it."""
     cfg = recipe.train.divergence
     factory = get("divergence", cfg.name)
     runtime = {"sigma": recipe.train.sigma}
@@ -201,7 +202,7 @@ def _accepts_keyword(fn, name: str) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
 
 
 def student_spec(recipe: Recipe, teacher_spec: dict) -> dict:
