@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from . import generation, schedules
-from .registry import get
+from .registry import accepts, get
 from .recovery import recovery  # noqa: F401  (Section 5.1, part of this module's API)
 from .samplers import steps_for_nfe
 
@@ -38,7 +38,8 @@ def _schedule(spec: dict, denoiser=None) -> Callable:
     build = lambda n, **kw: fn(n, **{**opts, **kw})  # noqa: E731
     if denoiser is None:
         return build
-    return schedules.clamp_to_network(build, denoiser, takes_range=schedules._takes_range(fn))
+    return schedules.clamp_to_network(build, denoiser,
+                                      takes_range=accepts(fn, "sigma_min", "sigma_max", var_keyword=True))
 
 
 def schedule_for(denoiser, spec: dict) -> Callable:

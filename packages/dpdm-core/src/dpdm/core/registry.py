@@ -143,3 +143,18 @@ def get(kind: str, name: str) -> Any:
 
 def names(kind: str) -> list[str]:
     return sorted(entries(kind))
+
+
+def accepts(fn, *names: str, var_keyword: bool = False) -> bool:
+    """Whether a component factory (or any callable) takes every keyword in ``names``: as named parameters, or,
+    with ``var_keyword``, through ``**options`` too. False when its signature cannot be read."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if var_keyword and any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return all(n in named for n in names)

@@ -45,7 +45,7 @@ from .progress import Progress
 from .cache import local_copy, needs_download
 from .fid import load_stats
 from .metrics import FD_PREFIX, make_metric, metric_factory
-from .registry import entries, entry, get
+from .registry import accepts, entries, entry, get
 from .scoring import cached_dataset_stats, is_feature_metric
 from .report import write_report
 from .structure import dump_yaml, unstructure
@@ -190,19 +190,9 @@ def build_divergence(recipe: Recipe, sigma_data: float):
     cfg = recipe.train.divergence
     factory = get("divergence", cfg.name)
     runtime = {"sigma": recipe.train.sigma}
-    if _accepts_keyword(factory, "sigma_data"):
+    if accepts(factory, "sigma_data"):
         runtime["sigma_data"] = float(sigma_data)
     return factory(**runtime, **cfg.options)
-
-
-def _accepts_keyword(fn, name: str) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
 
 
 def student_spec(recipe: Recipe, teacher_spec: dict) -> dict:

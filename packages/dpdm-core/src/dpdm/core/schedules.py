@@ -77,19 +77,6 @@ def network_sigma_range(denoiser) -> tuple[float, float] | None:
     return None
 
 
-def _takes_range(fn) -> bool:
-    """Whether a schedule function accepts ``sigma_min`` and ``sigma_max`` keywords."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    return "sigma_min" in params and "sigma_max" in params
-
-
 def clamp_to_network(schedule, denoiser, *, takes_range: bool | None = None):
     """``schedule`` (``(n, **options) -> sigmas``) with its ends clamped to the denoiser's σ range, as EDM's
     ``generate.py`` does before it builds the steps: σ_min ← max(σ_min, net.sigma_min), σ_max ← min(σ_max,
@@ -109,7 +96,9 @@ def clamp_to_network(schedule, denoiser, *, takes_range: bool | None = None):
         return schedule
     lo, hi = rng
     if takes_range is None:
-        takes_range = _takes_range(schedule)
+        from .registry import accepts
+
+        takes_range = accepts(schedule, "sigma_min", "sigma_max", var_keyword=True)
 
     def clamped(n, **options) -> torch.Tensor:
         sigmas = schedule(n, **options)
