@@ -117,14 +117,37 @@ def read_idx(path: str, split: str, name: str = "mnist") -> tuple[torch.Tensor, 
             torch.from_numpy(labels.astype(np.int64)))
 
 
+def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 ``(N, 1, 28, 28)`` images LANCZOS-resized to ``resolution`` (PIL, the resize of ``dpdm data prepare
+    --resolution``: ``transforms.transform_none``)."""
+    from PIL import Image
+
+    from .transforms import transform_none
+
+    out = np.empty((len(images), 1, resolution, resolution), dtype=np.uint8)
+    for i, image in enumerate(images[:, 0].numpy()):
+        out[i, 0] = np.asarray(transform_none(Image.fromarray(image, "L"), resolution, resolution))
+    return torch.from_numpy(out)
+
+
 def _factory(name: str):
     def factory(split: str = "train", *, path: str = "", labels: bool = True, pad_to_32: bool = False,
-                xflip: bool = False) -> TensorDataset:
+                resolution: int | None = None, xflip: bool = False) -> TensorDataset:
         if split not in FILES:
             raise ValueError(f"{name}: unknown split {split!r}; valid splits are {', '.join(map(repr, FILES))}")
+        if resolution is not None and pad_to_32:
+            raise ValueError(f"{name}: give resolution or pad_to_32, not both (resolution resizes the 28x28 images, "
+                             f"pad_to_32 pads them)")
+        if resolution is not None and resolution != SIZE and (
+                isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8
+                or resolution & (resolution - 1)):
+            raise ValueError(f"{name}: resolution must be a power of two of at least 8 (EDM-style UNets halve it "
+                             f"per level) or {SIZE} (as stored), got {resolution!r}")
         images, targets = read_idx(path, split, name)
         if pad_to_32:
             images = torch.nn.functional.pad(images, (2, 2, 2, 2))
+        if resolution is not None and resolution != SIZE:
+            images = resize(images, resolution)
         if xflip and split == "train":
             images, targets = with_xflip(images, targets)
         dataset = TensorDataset(images, targets if labels else None, label_dim=NUM_CLASSES, kind="image", name=name)
@@ -134,7 +157,8 @@ def _factory(name: str):
     factory.__name__ = factory.__qualname__ = name.replace("-", "_")
     factory.__doc__ = (f"{name} from the official IDX files in the folder ``path`` (``kind=\"image\"``, uint8 "
                        f"``(1, 28, 28)``, or ``(1, 32, 32)`` zero-padded with ``pad_to_32`` for EDM-style UNets, "
-                       f"which need power-of-two sizes; ``label_dim`` 10, or 0 with ``labels=False``; "
+                       f"which need power-of-two sizes, or LANCZOS-resized to ``resolution`` × ``resolution`` exactly as "
+                       f"``dpdm data prepare --resolution R`` resizes; ``label_dim`` 10, or 0 with ``labels=False``; "
                        f"``xflip`` appends mirrored copies to the training split).")
     return factory
 
