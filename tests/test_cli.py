@@ -251,7 +251,9 @@ def test_report_json(tiny_run):
     assert _finite(one["value"])
     vs = report["checks"]["student_vs_teacher"]
     assert vs["2"]["heun"]["teacher_nfe"] == 3 and vs["2"]["euler"]["teacher_nfe"] == 2
-    assert set(report["timings"]) == {"sweep_s", "recovery_s", "teacher_s", "student_s"}
+    assert set(report["timings"]) == {"sweep_s", "noise_s", "recovery_s", "teacher_s", "student_s"}
+    real = report["noise"]["real"]  # the estimator's noise: two disjoint real sets scored like samples
+    assert real["spread"] == pytest.approx(abs(real["a"] - real["b"])) and real["num"] == 300
 
 
 def test_run_files(tiny_run):

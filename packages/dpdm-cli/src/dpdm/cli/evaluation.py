@@ -452,18 +452,6 @@ def sweep_cmd(
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
 
-def cross_samplings(recipe) -> dict:
-    """Figure 6's two samplings: ``{"dpdm": (the dpdm sampler, the recipe's student schedule), "heun": (Heun, the
-    Karras schedule: the recipe's teacher schedule when it is karras)}``."""
-    cfg = recipe.eval
-    dpdm_sampler = ({"name": "dpdm", **cfg.student_sampler.options} if cfg.student_sampler.name == "dpdm"
-                    else {"name": "dpdm"})
-    karras = ({"name": "karras", **cfg.teacher_schedule.options} if cfg.teacher_schedule.name == "karras"
-              else {"name": "karras"})
-    return {"dpdm": (dpdm_sampler, {"name": cfg.student_schedule.name, **cfg.student_schedule.options}),
-            "heun": ({"name": "heun"}, karras)}
-
-
 @eval_app.command("cross")
 @user_errors
 def cross_cmd(
@@ -490,7 +478,7 @@ def cross_cmd(
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
     from dpdm.core.config import load_recipe
     from dpdm.core.rundir import resolve_run
-    from dpdm.core.scoring import cross_use
+    from dpdm.core.scoring import cross_samplings, cross_use
 
     run_dir = resolve_run(run)
     recipe = load_recipe(str(run_dir / "config.yaml"))

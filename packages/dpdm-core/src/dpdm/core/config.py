@@ -78,6 +78,19 @@ class TrainConfig:
 
 
 @attrs.define
+class BaselineConfig:
+    """A comparison model distilled from the same teacher in the same run (e.g. Diff-Instruct's one-step IKL
+    generator, the paper's Tables 2-3 baseline), trained after the student with its own ``train`` settings and
+    evaluated with the student's sampler and schedule at ``steps``."""
+
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    steps: list[int] = attrs.field(factory=lambda: [1])  # sampling steps it is evaluated at
+    # where sampling starts: default the divergence's generator_sigma (ikl: the σ its generator is fed), else the
+    # student schedule's own σ_max
+    sigma_max: float | None = None
+
+
+@attrs.define
 class EvalConfig:
     """What ``report.json`` measures."""
 
@@ -100,6 +113,12 @@ class EvalConfig:
     # heldout: the first test items against data independent of them
     recovery_protocol: Literal["paper", "heldout"] = "paper"
     figure_samples: int = 64  # images per grid (points per scatter: num_samples)
+    # Section 5.2 / Figure 6: student and teacher, each with the DPDM sampler and with Heun (the ODE sampler), at
+    # this NFE (the paper: 7); null: not measured
+    cross_nfe: int | None = None
+    # evaluation seeds: 2 or more re-score the student, the undistilled teacher and the teacher points the claims
+    # compare with at seeds seed+1, ...: their spread is the estimator's noise beside every claim
+    noise_seeds: int = 1
 
 
 @attrs.define
@@ -137,6 +156,8 @@ class Recipe:
     teacher: TeacherConfig = attrs.field(factory=TeacherConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
     eval: EvalConfig = attrs.field(factory=EvalConfig)
+    # comparison models distilled from the same teacher, by name (report role, checkpoint and snapshot folder)
+    baselines: dict[str, BaselineConfig] = attrs.field(factory=dict)
     engine: EngineConfig = attrs.field(factory=EngineConfig)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...

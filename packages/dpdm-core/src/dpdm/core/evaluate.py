@@ -9,6 +9,9 @@ from typing import Callable
 import torch
 
 from . import generation, schedules
+from . import recovery as rec
+from .datasets import to_model
+from .distributed import derive_seed
 from .registry import accepts, get
 from .recovery import recovery  # noqa: F401  (Section 5.1, part of this module's API)
 from .samplers import steps_for_nfe
@@ -119,3 +122,24 @@ def best_one_step(student, metric, validation, reference, *, sampler: dict, sche
     x = generate(student, sample_fn, sched(1, sigma_max=best), num, shape, label_dim=label_dim, seed=seed,
                  device=device)
     return {"validation": scores, "best_sigma_max": best, "value": metric(x, reference), "samples": x[:keep]}
+
+
+REAL_STREAM = 7  # the two disjoint real sets of ``real_data_noise`` derive from (seed, REAL_STREAM)
+
+
+def real_data_noise(metric, train_set, reference, *, num: int, seed: int) -> dict:
+    """The estimator's noise measured on real data: two disjoint random sets of ``num`` real items (the training
+    split, read item by item; fresh samples for data that can draw them) scored against ``reference`` exactly as
+    samples are. Their values are what a perfect model scores at this sample size (the floor: FD-type metrics are
+    biased upwards for finite sets), ``spread`` = |a − b| what the estimator moves by between two equally good sets.
+    Returns ``{"num", "a", "b", "mean", "spread"}``."""
+    g = torch.Generator().manual_seed(derive_seed(seed, REAL_STREAM))
+    if hasattr(train_set, "sample"):
+        n = num
+        a, b = (rec.TensorItems(to_model(train_set.sample(n, g))) for _ in range(2))
+    else:
+        n = min(num, len(train_set) // 2)
+        perm = torch.randperm(len(train_set), generator=g)
+        a, b = rec.Items(train_set, sorted(perm[:n].tolist())), rec.Items(train_set, sorted(perm[n:2 * n].tolist()))
+    va, vb = rec.distance(metric, a, reference), rec.distance(metric, b, reference)
+    return {"num": n, "a": va, "b": vb, "mean": (va + vb) / 2, "spread": abs(va - vb)}

@@ -99,54 +99,97 @@ def panel_grid(panels: dict[str, dict[str, tuple[str, torch.Tensor]]], kind: str
     plt.close(fig)
 
 
-def curve_figure(sweep: dict, metric: str, path) -> None:
-    """Metric vs NFE, log scale, one line per model/sampler (``report.json``'s ``sweep``; the ``undistilled`` role,
-    the teacher with the student's sampler and schedule, gets its own label and style)."""
+SAMPLER_COLOURS = {"dpdm": "tab:blue", "heun": "tab:orange", "euler": "tab:green", "dpmpp-2m": "tab:red",
+                   "dpm-solver++": "tab:red"}
+ROLE_STYLES = {"student": "o-", "undistilled": "^:", "teacher": "s--"}
+_EXTRA = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+
+
+def colour(sampler: str, role: str = "") -> str:
+    """One colour per sampler in every figure (a baseline role, sampled with the student's sampler, gets a colour
+    of its own)."""
+    if role and role not in ROLE_STYLES:
+        return _EXTRA[sum(map(ord, role)) % len(_EXTRA)]
+    return SAMPLER_COLOURS.get(sampler, _EXTRA[sum(map(ord, sampler)) % len(_EXTRA)])
+
+
+def curve_figure(sweep: dict, metric: str, path, *, floor: dict | None = None, title: str = "") -> None:
+    """Metric vs NFE, log-log, one line per model/sampler (``report.json``'s ``sweep``): the colour names the
+    sampler, the line style the model (student solid, the undistilled teacher dotted, the teacher dashed, baselines
+    dash-dotted). ``floor`` (``evaluate.real_data_noise``): what real data scores at the same sample size, drawn as a
+    band (its two halves) — the estimator cannot tell models apart below it. Values ≤ 0 (possible for unbiased
+    two-sample estimates) cannot sit on a log axis: the axis turns symmetric-log then, never clamped."""
     from .report import role_label, sweep_roles
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"student": "o-", "undistilled": "^:", "teacher": "s--"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lowest = math.inf
     for model in sweep_roles(sweep):
         for sampler, values in sweep[model].items():
             nfe = sorted(int(k) for k in values)
             if not nfe:
                 continue
-            y = [max(values[str(k)], 1e-12) for k in nfe]
-            ax.plot(nfe, y, styles.get(model, "d-."), label=role_label(model, sampler))
+            y = [values[str(k)] for k in nfe]
+            lowest = min([lowest, *y])
+            ax.plot(nfe, y, ROLE_STYLES.get(model, "d-."), color=colour(sampler, model),
+                    label=role_label(model, sampler), markersize=4)
+    if floor:
+        lo, hi = sorted((floor["a"], floor["b"]))
+        lowest = min(lowest, lo)
+        ax.axhspan(lo, hi if hi > lo else lo * 1.0001 + 1e-12, color="0.6", alpha=0.35)
+        ax.axhline(floor["mean"], color="0.4", lw=1,
+                   label=f"real data, {floor['num']} items (estimator floor, two halves)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel(metric)
+    ticks = sorted({int(k) for by in sweep.values() for values in by.values() for k in values})
+    if ticks:  # the NFEs measured, written as plain integers (not 2×10⁰)
+        from matplotlib.ticker import FixedLocator, NullLocator
+
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(t) for t in ticks], fontsize=8)
+    if lowest > 0:
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=max(abs(lowest), 1e-6))
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.set_title(title or f"{metric} vs NFE")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def recovery_figure(clean: torch.Tensor, examples: dict, kind: str, path, limit: float = 1.6,
-                    max_images: int = 16) -> None:
-    """Rows clean / noisy / teacher / student, one column per σ (the paper's Figure 4); images are shown as one
-    strip of the same items per cell."""
+                    max_images: int = 16, title: str = "") -> None:
+    """The paper's Figure 4: the clean items once on top, then one row per σ with the noised items, the teacher's
+    denoised ones (DM) and the student's (DPDM); images as one strip of the same items per cell."""
     plt = _plt()
     sigmas = list(examples)
-    rows = ["clean", "noisy", "teacher", "student"]
+    cols = ["noisy", "teacher", "student"]
+    heads = {"noisy": "noised (x0 + σε)", "teacher": "teacher D(x, σ) (DM)", "student": "student d(x, σ) (DPDM)"}
     strip = kind == "image"
     n = min(len(clean), max_images)
-    width = (0.55 * n + 0.3) if strip else 2.6
-    height = (0.55 + 0.25) if strip else 2.6
-    fig, axes = plt.subplots(len(rows), len(sigmas), figsize=(width * len(sigmas), height * len(rows) + 0.4),
-                             squeeze=False)
-    for j, sigma in enumerate(sigmas):
-        for i, row in enumerate(rows):
-            x = clean if row == "clean" else examples[sigma][row]
-            lim = limit + (3 * sigma if row == "noisy" else 0)
-            _draw(axes[i][j], x, kind, lim, max_images, cols=n if strip else None)
-            if i == 0:
-                axes[i][j].set_title(f"σ = {sigma:g}", fontsize=9)
+    width = (0.42 * n + 0.3) if strip else 2.6
+    height = 0.62 if strip else 2.6
+    fig, axes = plt.subplots(len(sigmas) + 1, len(cols), figsize=(width * len(cols) + 0.8,
+                                                                  height * (len(sigmas) + 1) + 0.8), squeeze=False)
+    _draw(axes[0][0], clean, kind, limit, max_images, cols=n if strip else None)
+    axes[0][0].set_ylabel("clean", fontsize=8, rotation=0, ha="right", va="center")
+    axes[0][0].set_title("clean training items", fontsize=9)
+    for ax in axes[0][1:]:
+        ax.axis("off")
+    for i, sigma in enumerate(sigmas, start=1):
+        for j, col in enumerate(cols):
+            ax = axes[i][j]
+            lim = limit + (3 * sigma if col == "noisy" else 0)
+            _draw(ax, examples[sigma][col], kind, lim, max_images, cols=n if strip else None)
+            if i == 1:
+                ax.set_title(heads[col], fontsize=9)
             if j == 0:
-                axes[i][j].set_ylabel(row, fontsize=8)
+                ax.set_ylabel(f"σ = {sigma:g}", fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(title or "Recovery of noised data (Section 5.1)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

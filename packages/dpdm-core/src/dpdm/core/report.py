@@ -16,6 +16,12 @@ Checks (recorded, never assumed):
   same sampler and schedule (Section 5.2: the DPDM sampler on the undistilled model is worse).
 - ``recovery_ratio``: student / teacher recovery distance per σ (the paper's Table 1 effect), and
   ``recovery_student_better_everywhere``: the student's distance is below the teacher's at every σ.
+- ``cross_use`` (when ``report["cross"]``): Figure 6's order at one NFE — the student with the DPDM sampler best, the
+  teacher with the ODE sampler (Heun) second, the two cross-uses worst — and whether it holds.
+- ``gap_to_best_teacher``: the student at each K against the teacher's best value at any NFE (the paper, CIFAR-10:
+  the student at 8 NFE, 2.68, sits between EDM at 18 NFE, 3.24, and at 35, 1.97), as a ratio.
+- ``noise`` (when ``report["noise"]``): the estimator's noise, the larger of the two real halves' spread and the
+  spread over evaluation seeds; every comparison above then carries ``margin`` and ``beyond_noise``.
 - ``summary``: the three claims as booleans (None where nothing could be compared) and a one-line ``verdict``;
   a run with ``train.steps: 0`` (``report["train_steps"]``) ran no distillation, which the verdict says.
 """
@@ -45,6 +51,12 @@ def metric_note(metric: str) -> str:
 
 
 ROLE_ORDER = ("student", "undistilled", "teacher")
+# The paper's Table 1 (CIFAR-10 recovery FID, the paper's protocol): σ -> (EDM, DPDM); ratios are compared, not values
+PAPER_RECOVERY = {"0.02": (0.40, 0.13), "0.05": (1.94, 0.37), "0.1": (4.28, 0.65), "0.2": (7.90, 1.08),
+                  "0.5": (15.77, 2.46), "0.75": (21.66, 4.40), "1": (28.46, 7.11), "2": (61.94, 23.59),
+                  "5": (161.63, 100.86), "7.5": (205.44, 155.98), "10": (229.71, 192.47)}
+# The paper's gap to the teacher's best (Table 2, CIFAR-10): DPDM at 8 NFE 2.68, EDM at 18 NFE 3.24, at 35 NFE 1.97
+PAPER_GAP = {"student_8": 2.68 / 1.97, "edm_18": 3.24 / 1.97}
 NFE_FACTOR = 3  # student_vs_best_teacher: the teacher may use up to 3× the student's NFE (Table 2: 5 vs 15)
 
 
@@ -188,6 +200,17 @@ def checks(report: dict) -> dict:
     per_sigma = {s: _better(v["student"], v["teacher"]) for s, v in recovery.items()}
     flags = list(per_sigma.values())  # every σ must be compared for "everywhere" to hold
     everywhere = False if False in flags else (True if flags and None not in flags else None)
+    noise = noise_level(report)
+    for c in [*vs_best.values(), *vs_undistilled.values()]:
+        other = c.get("teacher", c.get("undistilled"))
+        _margin(c, c["student"], other, noise)
+    rec_margin = {s: _margin({}, v["student"], v["teacher"], noise) for s, v in recovery.items()}
+    top = max((int(n) for by in teacher.values() for n in by), default=0)
+    overall = best_teacher(teacher, top)
+    gap = {k: {"student": v, "teacher_sampler": overall and overall["sampler"],
+               "teacher_nfe": overall and overall["nfe"], "teacher": overall and overall["value"],
+               "ratio": (v / overall["value"]) if overall and overall["value"] > 0 else None}
+           for k, v in student.items()}
     summary = {"student_beats_best_teacher": _all(c["student_better"] for c in vs_best.values()),
                "recovery_student_better_everywhere": everywhere,
                "student_beats_undistilled": _all(c["student_better"] for c in vs_undistilled.values()),
@@ -195,9 +218,56 @@ def checks(report: dict) -> dict:
     summary["verdict"] = verdict(summary, report.get("train_steps"),
                                  {"student_beats_best_teacher": vs_best, "student_beats_undistilled": vs_undistilled,
                                   "recovery_student_better_everywhere": per_sigma})
-    return {"summary": summary, "student_vs_teacher": vs, "student_vs_best_teacher": vs_best,
-            "student_vs_undistilled": vs_undistilled, "recovery_ratio": ratio,
-            "recovery_student_better": per_sigma, "recovery_student_better_everywhere": everywhere}
+    inside = [f"NFE {k} vs the best teacher" for k, c in vs_best.items() if c.get("beyond_noise") is False]
+    inside += [f"NFE {k} vs the undistilled teacher" for k, c in vs_undistilled.items()
+               if c.get("beyond_noise") is False]
+    inside += [f"recovery at σ = {s}" for s, m in rec_margin.items() if m.get("beyond_noise") is False]
+    summary["inside_noise"] = inside
+    if inside and noise is not None:
+        summary["verdict"] += (f"; differences inside the estimator's noise ({noise:.3g}), not claimed either way: "
+                               + ", ".join(inside))
+    out = {"summary": summary, "student_vs_teacher": vs, "student_vs_best_teacher": vs_best,
+           "student_vs_undistilled": vs_undistilled, "recovery_ratio": ratio,
+           "recovery_paper_ratio": {s: PAPER_RECOVERY[s][1] / PAPER_RECOVERY[s][0] for s in recovery
+                                    if s in PAPER_RECOVERY},
+           "recovery_margin": rec_margin,
+           "recovery_student_better": per_sigma, "recovery_student_better_everywhere": everywhere,
+           "gap_to_best_teacher": gap, "noise": noise}
+    if report.get("cross"):
+        out["cross_use"] = cross_order(report["cross"]["cells"])
+        summary["cross_use_paper_order"] = out["cross_use"]["paper_order_holds"]
+    return out
+
+
+def noise_level(report: dict) -> float | None:
+    """The estimator's noise of a report: the larger of the real halves' spread and the spread over evaluation
+    seeds (``report["noise"]``), None when the report has neither."""
+    noise = report.get("noise") or {}
+    parts = [v for v in ((noise.get("real") or {}).get("spread"), noise.get("seed_spread")) if v is not None]
+    return max(parts) if parts else None
+
+
+def _margin(row: dict, student, other, noise) -> dict:
+    """Add ``margin`` (other − student: positive when the student is better) and ``beyond_noise`` to ``row``."""
+    if student is None or other is None or student != student or other != other:
+        row.update(margin=None, beyond_noise=None)
+    else:
+        row.update(margin=other - student, beyond_noise=None if noise is None else abs(other - student) > noise)
+    return row
+
+
+def cross_order(cells: dict) -> dict:
+    """Figure 6's ranking: ``cells[model][sampler]["value"]`` with models student/teacher and samplings dpdm/heun.
+    The paper's order: student+dpdm best, teacher+heun (the ODE sampler) second, both cross-uses worse than both."""
+    values = {f"{m}+{c}": cell["value"] for m, row in cells.items() for c, cell in row.items()}
+    ranking = sorted(values, key=lambda k: values[k] if values[k] == values[k] else float("inf"))
+    need = {"student+dpdm", "teacher+heun", "student+heun", "teacher+dpdm"}
+    holds = None
+    if need <= set(values):
+        holds = ranking[:2] == ["student+dpdm", "teacher+heun"]
+    return {"values": values, "ranking": ranking, "paper_order": ["student+dpdm", "teacher+heun",
+                                                                  "cross-uses (student+heun, teacher+dpdm)"],
+            "paper_order_holds": holds}
 
 
 def _fmt(v) -> str:
@@ -230,6 +300,7 @@ def markdown(report: dict) -> str:
         acc = report.get("detector_test_accuracy")
         lines += [f"Detector: `{report['detector']}`" + (f" (classifier test accuracy {acc:.4f})" if acc else "") + ".",
                   ""]
+    lines += noise_markdown(report)
     lines += ["## Sampling quality vs NFE", ""]
     lines += sweep_table(report["sweep"])
     if any("heun" in by for by in report["sweep"].values()):
@@ -247,11 +318,14 @@ def markdown(report: dict) -> str:
                  if report.get("recovery_reference") else "")
               + f". The clean items themselves score {_fmt(report.get('recovery_floor'))} (the estimator's floor).",
               "",
-              "| σ | noisy | teacher | student | student / teacher |", "|---|---|---|---|---|"]
+              "| σ | noisy | teacher | student | student / teacher | the paper's DPDM / EDM (Table 1, FID) | "
+              "beyond noise |", "|---|---|---|---|---|---|---|"]
     ratio = report["checks"]["recovery_ratio"]
+    paper = report["checks"].get("recovery_paper_ratio", {})
+    margins = report["checks"].get("recovery_margin", {})
     for s, v in report["recovery"].items():
         lines.append(f"| {s} | {_fmt(v.get('noisy'))} | {_fmt(v['teacher'])} | {_fmt(v['student'])} | "
-                     f"{_fmt(ratio[s])} |")
+                     f"{_fmt(ratio[s])} | {_fmt(paper.get(s))} | {_yes(margins.get(s, {}).get('beyond_noise'))} |")
     lines += ["", "## Student vs teacher at matched NFE", "",
               "| student NFE | teacher sampler (NFE) | student | teacher | student better |", "|---|---|---|---|---|"]
     for k, row in report["checks"]["student_vs_teacher"].items():
@@ -274,9 +348,59 @@ def markdown(report: dict) -> str:
                   "", "| NFE | student | undistilled teacher | student better |", "|---|---|---|---|"]
         for k, c in und.items():
             lines.append(f"| {k} | {_fmt(c['student'])} | {_fmt(c['undistilled'])} | {_yes(c['student_better'])} |")
+    gap = report["checks"].get("gap_to_best_teacher")
+    if gap:
+        lines += ["", "## How far the student is from the teacher's best", "",
+                  f"The paper (Table 2, CIFAR-10 FID): the student at 8 NFE is {PAPER_GAP['student_8']:.2f}× EDM's "
+                  f"best (35 NFE); EDM at 18 NFE is {PAPER_GAP['edm_18']:.2f}×.", "",
+                  "| student NFE | student | teacher's best (sampler, NFE) | teacher | student / teacher |",
+                  "|---|---|---|---|---|"]
+        for k, c in gap.items():
+            lines.append(f"| {k} | {_fmt(c['student'])} | {c['teacher_sampler']} ({c['teacher_nfe']}) | "
+                         f"{_fmt(c['teacher'])} | {_fmt(c['ratio'])} |")
+    cross = report.get("cross")
+    if cross:
+        order = report["checks"]["cross_use"]
+        samplers = list(dict.fromkeys(c for row in cross["cells"].values() for c in row))
+        lines += ["", f"## Models × samplers at NFE {cross['nfe']} (Section 5.2, Figure 6)", "",
+                  "| model | " + " | ".join(f"{c} sampler" for c in samplers) + " |", "|---" * (len(samplers) + 1) + "|"]
+        for model, row in cross["cells"].items():
+            lines.append(f"| {model} | " + " | ".join(f"{_fmt(row[c]['value'])} (NFE {row[c]['nfe']})"
+                                                     for c in samplers) + " |")
+        lines += ["", f"Ranking (best first): {', '.join(order['ranking'])}. The paper's order (DPDM with its sampler "
+                      f"best, the teacher with the ODE sampler second, cross-uses worst) "
+                      f"{'holds' if order['paper_order_holds'] else 'does not hold' if order['paper_order_holds'] is False else 'was not measured'}."]
     if "timings" in report:
-        lines += ["", "## Timings (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
+        lines += ["", "## Timings (s)", ""]
+        if report.get("resumed"):
+            lines += ["This process resumed the run from its snapshots: the training phases' times below are what "
+                      "was left to do, not what the run took.", ""]
+        lines += [f"- {k}: {v:.1f}" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
+
+
+def noise_markdown(report: dict) -> list[str]:
+    """The estimator's noise, stated before any number it qualifies."""
+    noise = report.get("noise")
+    if not noise:
+        return []
+    real = noise.get("real") or {}
+    lines = ["## The estimator's noise", ""]
+    if real:
+        lines.append(f"- Real data scored as samples are: two disjoint sets of {real['num']} training items give "
+                     f"{_fmt(real['a'])} and {_fmt(real['b'])} (no model can do better at this sample size; their "
+                     f"difference, {_fmt(real['spread'])}, is the estimator's spread).")
+    if noise.get("seeds"):
+        lines.append(f"- Evaluation seeds {noise['seeds']}: the claims' points move by up to "
+                     f"{_fmt(noise['seed_spread'])} between seeds.")
+        for role, by in noise["sweep"].items():
+            for sampler, vals in by.items():
+                cells = ", ".join(f"NFE {n}: " + " / ".join(_fmt(v) for v in vs) for n, vs in vals.items())
+                lines.append(f"  - {role_label(role, sampler)}: {cells}")
+    level = report["checks"].get("noise")
+    if level is not None:
+        lines.append(f"- Differences smaller than {_fmt(level)} are inside the noise and are not claimed.")
+    return lines + [""]
 
 
 def write_report(report: dict, out: Path) -> None:

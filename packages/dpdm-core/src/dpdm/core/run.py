@@ -46,14 +46,15 @@ from .cache import local_copy, needs_download
 from .fid import load_stats
 from .metrics import FD_PREFIX, make_metric, metric_factory
 from .registry import accepts, entries, entry, get
-from .scoring import cached_dataset_stats, is_feature_metric
-from .report import write_report
+from .scoring import cached_dataset_stats, cross_samplings, cross_use, is_feature_metric
+from .report import NFE_FACTOR, best_teacher, write_report
 from .structure import dump_yaml, unstructure
 from .snapshots import Snapshots
 from .teacher import TeacherJob
 from .tracking import SampleGrid, Tracker
 
 TEACHER_STREAM, STUDENT_STREAM = 1, 2  # seeds of the two phases derive from (recipe.seed, stream)
+BASELINE_STREAM = 100  # baseline i (recipe.baselines, in order) trains with stream BASELINE_STREAM + i
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,6 +139,26 @@ def preflight(recipe: Recipe, source: str | None = None):
         if recipe.train.student is not None:
             check("recipe.train.student", lambda: build_denoiser(student_spec(recipe, spec)))
     check("recipe.train.divergence", lambda: build_divergence(recipe, sigma_data=0.5))
+    for name, base in recipe.baselines.items():
+        key = f"baselines.{name}"
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            problems.append(f"recipe.{key}: a baseline's name names its checkpoint and snapshot folder; use letters, "
+                            f"digits, '-' and '_'")
+        for sub, value, low in [("train.steps", base.train.steps, 0), ("train.batch_size", base.train.batch_size, 1),
+                                ("train.fake_updates", base.train.fake_updates, 1)]:
+            if value < low:
+                problems.append(f"recipe.{key}.{sub}: must be at least {low}, got {value}")
+        if base.train.batch_size >= 1 and engine.accum >= 1 and base.train.batch_size % (world * engine.accum):
+            problems.append(f"recipe.{key}.train.batch_size: the global batch {base.train.batch_size} must split "
+                            f"evenly over {world} rank(s) x engine.accum {engine.accum} micro-batches")
+        if not base.steps or any(v < 1 for v in base.steps):
+            problems.append(f"recipe.{key}.steps: a non-empty list of step counts of at least 1, got {base.steps}")
+        if base.sigma_max is not None and base.sigma_max <= 0:
+            problems.append(f"recipe.{key}.sigma_max: must be positive, got {base.sigma_max}")
+        check(f"recipe.{key}.train.divergence", lambda: build_divergence(recipe, sigma_data=0.5, cfg=base.train))
+        if train_set is not None and base.train.student is not None:
+            check(f"recipe.{key}.train.student",
+                  lambda: build_denoiser(student_spec(recipe, spec_of(recipe, train_set), base.train)))
     check("recipe.eval.metric", lambda: _check_metric(recipe))
     if recipe.eval.ref is not None and not needs_download(recipe.eval.ref):
         check("recipe.eval.ref", lambda: load_stats(recipe.eval.ref))
@@ -183,21 +204,23 @@ def prefetch(recipe: Recipe) -> None:
         _check_metric(recipe)
 
 
-def build_divergence(recipe: Recipe, sigma_data: float):
-    """The recipe's divergence over ``train.sigma``; a divergence that names a ``sigma_data`` parameter (the
-    built-ins, for ``weighting: edm``) gets the teacher's σ_d, which the recipe cannot set apart from the teacher;
-    one that only takes ``**options`` is not handed it."""
-    cfg = recipe.train.divergence
+def build_divergence(recipe: Recipe, sigma_data: float, cfg=None):
+    """The divergence of ``cfg`` (a ``TrainConfig``; default the recipe's ``train``) over its ``sigma``; a
+    divergence that names a ``sigma_data`` parameter (the built-ins, for ``weighting: edm``) gets the teacher's σ_d,
+    which the recipe cannot set apart from the teacher; one that only takes ``**options`` is not handed it."""
+    train = cfg if cfg is not None else recipe.train
+    cfg = train.divergence
     factory = get("divergence", cfg.name)
-    runtime = {"sigma": recipe.train.sigma}
+    runtime = {"sigma": train.sigma}
     if accepts(factory, "sigma_data"):
         runtime["sigma_data"] = float(sigma_data)
     return factory(**runtime, **cfg.options)
 
 
-def student_spec(recipe: Recipe, teacher_spec: dict) -> dict:
-    """The student's network: ``train.student`` if the recipe names one, else the teacher's."""
-    m = recipe.train.student
+def student_spec(recipe: Recipe, teacher_spec: dict, cfg=None) -> dict:
+    """The student's network: ``train.student`` (of ``cfg``, default the recipe's ``train``) if it names one, else
+    the teacher's."""
+    m = (cfg if cfg is not None else recipe.train).student
     if m is None:
         return teacher_spec
     return network_spec({"name": m.backbone.name, **m.backbone.options}, {"name": m.precond.name, **m.precond.options},
@@ -223,8 +246,11 @@ def training_config(recipe: Recipe) -> dict:
     """The parts of a recipe that decide the trained weights (a resumed run must share them)."""
     data = unstructure(recipe)
     engine = data["engine"]
-    return {"data": data["data"], "model": data["model"], "teacher": data["teacher"], "train": data["train"],
-            "seed": data["seed"], "engine": {"precision": engine["precision"], "accum": engine["accum"]}}
+    config = {"data": data["data"], "model": data["model"], "teacher": data["teacher"], "train": data["train"],
+              "seed": data["seed"], "engine": {"precision": engine["precision"], "accum": engine["accum"]}}
+    if data.get("baselines"):  # only when there are some: older runs' snapshots keep their hash
+        config["baselines"] = data["baselines"]
+    return config
 
 
 def config_hash(recipe: Recipe) -> str:
@@ -313,32 +339,44 @@ def train_teacher(recipe: Recipe, spec: dict, train_set, phase: Phase):
     return job.model.eval().requires_grad_(False)
 
 
-def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: Phase, s_spec: dict | None = None):
-    """Algorithm 1 for ``train.steps`` iterations through the engine; the student is ``train.student``'s own
-    network (``s_spec``, trained from scratch) or a copy of the teacher. Returns the ``DistillJob``."""
-    cfg = recipe.train
+def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: Phase, s_spec: dict | None = None, *,
+            cfg=None, name: str | None = None, stream: int = STUDENT_STREAM):
+    """Algorithm 1 for ``cfg.steps`` iterations through the engine (``cfg``: a ``TrainConfig``, default the
+    recipe's ``train``); the student is ``cfg.student``'s own network (``s_spec``, trained from scratch) or a copy
+    of the teacher. ``name``: the phase's name (snapshots, logs; default ``student``), e.g. a baseline's. Returns
+    the ``DistillJob``."""
+    cfg = cfg if cfg is not None else recipe.train
     dist = phase.dist
     s_spec = s_spec or spec
     sigma_data = getattr(teacher, "sigma_data", 0.5)
-    divergence = build_divergence(recipe, sigma_data)
-    torch.manual_seed(derive_seed(recipe.seed, STUDENT_STREAM))  # a student of its own: the same initial weights
-    fresh = build_denoiser(s_spec).to(dist.device) if recipe.train.student is not None else None
+    divergence = build_divergence(recipe, sigma_data, cfg)
+    torch.manual_seed(derive_seed(recipe.seed, stream))  # a student of its own: the same initial weights
+    fresh = build_denoiser(s_spec).to(dist.device) if cfg.student is not None else None
     job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
                      lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
                      order=cfg.order, student_dropout=cfg.student_dropout,
                      lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
                      ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
                      precision=phase.precision, dist=dist)
+    if name is not None:
+        job.phase = name
     ev_cfg = recipe.eval
     sched = ev_cfg.student_schedule
-    grid = phase.sample_grid(ev_cfg.student_sampler.name,
-                             get("schedule", sched.name)(max(ev_cfg.student_steps), **sched.options),
-                             spec["shape"], train_set.kind, spec["label_dim"])
-    seed = derive_seed(recipe.seed, STUDENT_STREAM)
+    grid = None
+    if name is None:  # progress grids of the student only
+        grid = phase.sample_grid(ev_cfg.student_sampler.name,
+                                 get("schedule", sched.name)(max(ev_cfg.student_steps), **sched.options),
+                                 spec["shape"], train_set.kind, spec["label_dim"])
+    seed = derive_seed(recipe.seed, stream)
     specs = {"student": s_spec, "fake": spec, **({"ema": s_spec} if cfg.ema_halflife_nimg else {})}
     trainer = phase.trainer(job, batches(recipe, train_set, cfg.batch_size, dist, seed), seed, specs, grid)
     trainer.fit(cfg.steps)
     return job
+
+
+def baseline_phase(name: str) -> str:
+    """The training phase (snapshot folder, log records) of ``recipe.baselines[name]``."""
+    return f"baseline-{name}"
 
 
 def references(recipe: Recipe, train_set, test_set, num: int):
@@ -382,7 +420,8 @@ def recovery_setup(recipe: Recipe, protocol: str, train_set, test_set, metric, n
     return items, ev.prepare_reference(metric, reference), name, note
 
 
-def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path) -> dict:
+def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, progress: Progress, out: Path,
+             baselines: dict | None = None) -> dict:
     """NFE sweeps, one-step σ_max search and recovery; writes figures, returns the report dict.
 
     The sweeps: the student with its sampler and schedule, the teacher with each teacher sampler, and the
@@ -424,9 +463,32 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         t_vals, t_samples = ev.sweep_teacher(teacher, metric_fn, reference, samplers=teacher_samplers,
                                              schedule=teacher_schedule, nfes=cfg.teacher_nfe,
                                              on_step=lambda: bar.advance(1), keep=keep, **common)
+        b_vals, b_samples = {}, {}
+        for name, (model, _, divergence) in (baselines or {}).items():
+            base = recipe.baselines[name]
+            smax = base.sigma_max if base.sigma_max is not None else getattr(divergence, "generator_sigma", None)
+            schedule = {**student_schedule, **({"sigma_max": smax} if smax is not None else {})}
+            b_vals[name], b_samples[name] = ev.sweep_student(model, metric_fn, reference, sampler=student_sampler,
+                                                             schedule=schedule, steps=base.steps, keep=keep, **common)
     one = ev.best_one_step(student, metric_fn, validation, reference, sampler=student_sampler,
                            schedule=student_schedule, sigma_maxes=cfg.one_step_sigma_max, keep=keep, **common)
     timings["sweep_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()  # the estimator's noise: real data, and the claims' points at other seeds
+    noise = {"real": ev.real_data_noise(metric_fn, train_set, reference, num=cfg.num_samples, seed=recipe.seed)}
+    if cfg.noise_seeds > 1:
+        noise.update(seed_spread(recipe, student, teacher, metric_fn, reference, s_vals, u_vals, t_vals, common,
+                                 student_sampler, student_schedule, teacher_samplers, teacher_schedule))
+    timings["noise_s"] = time.perf_counter() - t0
+    cross = None
+    if cfg.cross_nfe:
+        t0 = time.perf_counter()
+        cells, cross_grids = cross_use(student, teacher, metric=metric_fn, reference=reference,
+                                       samplers=cross_samplings(recipe), nfe=cfg.cross_nfe, num=cfg.num_samples,
+                                       shape=shape, label_dim=label_dim, seed=recipe.seed,
+                                       keep=keep if keep is not None else cfg.num_samples)
+        cross = {"nfe": cfg.cross_nfe, "cells": cells}
+        timings["cross_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     protocol = cfg.recovery_protocol
@@ -447,8 +509,10 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     sweep = {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
              "undistilled": {cfg.student_sampler.name: {str(k): v for k, v in u_vals.items()}},
              "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}}
+    for name, vals in b_vals.items():  # baselines: their own role, sampled like the student (report.sweep_roles)
+        sweep[name] = {cfg.student_sampler.name: {str(k): v for k, v in vals.items()}}
     _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference_data, clean, rec_examples, sweep,
-             cfg.metric.name, progress)
+             cfg.metric.name, progress, noise=noise, cross=cross and (cross, cross_grids), title=recipe.name)
     report = {
         "metric": cfg.metric.name,
         "train_steps": recipe.train.steps,  # 0: no distillation ran (report.checks and report.md say so)
@@ -460,8 +524,11 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         "recovery_floor": floor,  # distance of the clean (noised) items themselves to the reference
         "recovery_num": len(items),
         "recovery_reference": rec_ref_name,
+        "noise": noise,  # the estimator's noise: {"real": two real halves, "seeds", "sweep": per seed, "seed_spread"}
         "timings": timings,
     }
+    if cross is not None:
+        report["cross"] = cross  # Figure 6: {"nfe", "cells": {model: {sampler: {"steps", "nfe", "value", "sigmas"}}}}
     detector = getattr(metric_fn, "detector", None)
     if detector is not None:
         report["detector"] = detector.key
@@ -470,28 +537,81 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
     return report
 
 
+def seed_spread(recipe, student, teacher, metric_fn, reference, s_vals, u_vals, t_vals, common, student_sampler,
+                student_schedule, teacher_samplers, teacher_schedule) -> dict:
+    """The claims' points re-scored at seeds ``seed + 1 … seed + eval.noise_seeds − 1``: the student and the
+    undistilled teacher at every student step count, and the teacher at the points the claims compare them with
+    (its best sampler at ≤ 3K NFE for each student K, and its best overall). Returns ``{"seeds", "sweep": {role:
+    {sampler: {nfe: [value per seed]}}}, "seed_spread": the largest max − min over all of them}``."""
+    cfg = recipe.eval
+    seeds = [recipe.seed + i for i in range(cfg.noise_seeds)]
+    wanted: dict = {}
+    for nfe in s_vals:
+        best = best_teacher(t_vals, NFE_FACTOR * int(nfe))
+        if best:
+            wanted.setdefault(best["sampler"], set()).add(int(best["nfe"]))
+    best = best_teacher(t_vals, max(int(n) for by in t_vals.values() for n in by) if t_vals else 0)
+    if best:
+        wanted.setdefault(best["sampler"], set()).add(int(best["nfe"]))
+    name = cfg.student_sampler.name
+    out = {"student": {name: {str(k): [v] for k, v in s_vals.items()}},
+           "undistilled": {name: {str(k): [v] for k, v in u_vals.items()}},
+           "teacher": {s: {str(n): [t_vals[s][n]] for n in sorted(ns)} for s, ns in wanted.items()}}
+    for seed in seeds[1:]:
+        at = dict(common, seed=seed)
+        for role, model in (("student", student), ("undistilled", teacher)):
+            vals, _ = ev.sweep_student(model, metric_fn, reference, sampler=student_sampler, schedule=student_schedule,
+                                       steps=cfg.student_steps, keep=0, **at)
+            for k, v in vals.items():
+                out[role][name][str(k)].append(v)
+        for spec in teacher_samplers:
+            if spec["name"] in wanted:
+                vals, _ = ev.sweep_teacher(teacher, metric_fn, reference, samplers=[spec], schedule=teacher_schedule,
+                                           nfes=sorted(wanted[spec["name"]]), keep=0, **at)
+                for n, v in vals[spec["name"]].items():
+                    out["teacher"][spec["name"]][str(n)].append(v)
+    spread = max((max(v) - min(v) for by in out.values() for vals in by.values() for v in vals.values()),
+                 default=0.0)
+    return {"seeds": seeds, "sweep": out, "seed_spread": spread}
+
+
 def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, clean, rec_examples, sweep, metric,
-             progress):
+             progress, *, noise: dict | None = None, cross=None, title: str = ""):
     try:
         from . import figures
     except ImportError:  # pragma: no cover - matplotlib missing
         progress.log("matplotlib is not installed; skipping figures (pip install dpdm-core[plots])")
         return
     n = cfg.figure_samples if kind == "image" else cfg.num_samples
+    prefix = f"{title}: " if title else ""
     panels = {"data": reference[:n]}
     panels.update({f"NFE {k}": v[:n] for k, v in s_samples.items()})
     panels[f"NFE 1, σmax={one['best_sigma_max']:g}"] = one["samples"][:n]
-    figures.samples_figure(panels, kind, figs / "samples_student.png", title="DPDM student")
-    for name, by_nfe in t_samples.items():
-        panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in by_nfe.items() if k <= 16}}
-        figures.samples_figure(panels, kind, figs / f"samples_teacher_{name}.png", title=f"teacher, {name}")
+    figures.samples_figure(panels, kind, figs / "samples_student.png", title=f"{prefix}DPDM student (dpdm sampler)")
+    for name, by_nfe in t_samples.items():  # the student's step counts, and the teacher's largest NFE (its best)
+        top = max(by_nfe, default=None)
+        shown = {k: v for k, v in by_nfe.items() if k in s_samples or k == top}
+        panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in shown.items()}}
+        figures.samples_figure(panels, kind, figs / f"samples_teacher_{name}.png",
+                               title=f"{prefix}teacher, {name} sampler")
     panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in u_samples.items()}}
     figures.samples_figure(panels, kind, figs / "samples_undistilled.png",
-                           title=f"undistilled teacher, {cfg.student_sampler.name} with the student's schedule")
-    figures.curve_figure(sweep, metric, figs / "nfe_curve.png")
+                           title=f"{prefix}undistilled teacher, {cfg.student_sampler.name} with the student's schedule")
+    floor = noise["real"] if noise else None
+    figures.curve_figure(sweep, metric, figs / "nfe_curve.png", floor=floor,
+                         title=f"{prefix}sample quality vs NFE")
     m = min(8, cfg.figure_samples) if kind == "image" else len(clean)  # Figure 4: a strip of 8 items per cell
     shown = {s: {k: v[:m] for k, v in ex.items()} for s, ex in rec_examples.items()}
-    figures.recovery_figure(clean[:m], shown, kind, figs / "recovery.png")
+    figures.recovery_figure(clean[:m], shown, kind, figs / "recovery.png",
+                            title=f"{prefix}recovery of noised training data (Section 5.1, Figure 4)")
+    if cross is not None:
+        result, grids = cross
+        panels = {model: {c: (f"{model}, {c} sampler, NFE {cell['nfe']}: {metric} {cell['value']:.4g}",
+                              grids[model][c][:n]) for c, cell in row.items()}
+                  for model, row in result["cells"].items()}
+        figures.panel_grid(panels, kind, figs / "cross.png",
+                           title=f"{prefix}models × samplers at NFE {result['nfe']} (Figure 6; {metric}, lower is "
+                                 f"better)")
 
 
 def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, dist: Dist | None = None,
@@ -527,16 +647,30 @@ def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, di
         s_spec = student_spec(recipe, spec)
         job = distill(recipe, teacher, spec, train_set, phase, s_spec)
         timings["student_s"] = time.perf_counter() - t0
+
+        baselines = {}
+        for i, (name, base) in enumerate(recipe.baselines.items()):
+            t0 = time.perf_counter()
+            b_spec = student_spec(recipe, spec, base.train)
+            b_job = distill(recipe, teacher, spec, train_set, phase, b_spec, cfg=base.train,
+                            name=baseline_phase(name), stream=BASELINE_STREAM + i)
+            baselines[name] = (b_job.model.eval(), b_spec, b_job.divergence)
+            timings[f"baseline_{name}_s"] = time.perf_counter() - t0
     student = job.model.eval()
     report = None
     if dist.is_main:
         save_denoiser(str(out / "checkpoints" / "student.safetensors"), student, s_spec,
                       {"role": "student", "steps": recipe.train.steps})
         save_denoiser(str(out / "checkpoints" / "fake.safetensors"), job.fake.module, spec, {"role": "fake"})
-        report = evaluate(recipe, teacher, student, train_set, test_set, device, progress, out)
+        for name, (model, b_spec, _) in baselines.items():
+            save_denoiser(str(out / "checkpoints" / f"{name}.safetensors"), model, b_spec,
+                          {"role": "baseline", "name": name, "steps": recipe.baselines[name].train.steps})
+        report = evaluate(recipe, teacher, student, train_set, test_set, device, progress, out, baselines)
         report["timings"].update(timings)
         report["recipe"] = recipe.name
         report["world_size"] = dist.world_size
+        if resume:  # the phase times then cover this process only, not the one that trained
+            report["resumed"] = True
         write_report(report, out)
     dist.barrier()
     return report

@@ -197,6 +197,18 @@ def reachable_steps(nfe_of: Callable, nfe: int) -> tuple[int, int] | None:
     return None
 
 
+def cross_samplings(recipe) -> dict:
+    """Figure 6's two samplings: ``{"dpdm": (the dpdm sampler, the recipe's student schedule), "heun": (Heun, the
+    Karras schedule: the recipe's teacher schedule when it is karras)}``."""
+    cfg = recipe.eval
+    dpdm_sampler = ({"name": "dpdm", **cfg.student_sampler.options} if cfg.student_sampler.name == "dpdm"
+                    else {"name": "dpdm"})
+    karras = ({"name": "karras", **cfg.teacher_schedule.options} if cfg.teacher_schedule.name == "karras"
+              else {"name": "karras"})
+    return {"dpdm": (dpdm_sampler, {"name": cfg.student_schedule.name, **cfg.student_schedule.options}),
+            "heun": ({"name": "heun"}, karras)}
+
+
 def cross_use(student, teacher, *, metric, reference, samplers: dict[str, tuple[dict, dict]], nfe: int, num: int,
               shape, label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
               progress: Progress | None = None, keep: int = 64) -> tuple[dict, dict]:
