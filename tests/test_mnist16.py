@@ -122,17 +122,27 @@ def test_paper_ratios_and_gap_to_the_teachers_best():
 
 
 def test_claims_inside_the_estimators_noise_are_named():
-    noise = {"real": {"num": 100, "a": 1.0, "b": 1.4, "mean": 1.2, "spread": 0.4}, "seed_spread": 0.7}
+    """Each comparison's noise is the largest of the real halves' spread and the two compared points' own spreads
+    over the evaluation seeds (a metric's noise grows with its value)."""
+    seeds = {"student": {"dpdm": {"2": [10.0, 10.6], "4": [6.0, 6.3]}},
+             "undistilled": {"dpdm": {"2": [30.0, 36.0]}},
+             "teacher": {"heun": {"5": [9.0, 9.2]}, "euler": {"12": [5.5, 5.0]}}}
+    noise = {"real": {"num": 100, "a": 1.0, "b": 1.4, "mean": 1.2, "spread": 0.4}, "seeds": [0, 1], "sweep": seeds,
+             "seed_spread": 6.0}
     c = checks(_report(noise=noise))
-    assert c["noise"] == 0.7  # the larger of the two
+    assert c["noise"] == pytest.approx(0.4)  # the real halves' spread
     b = c["student_vs_best_teacher"]
-    assert b["2"]["margin"] == -1.0 and b["2"]["beyond_noise"] is True  # 10 vs heun (5): 9, a real loss
-    assert b["4"]["margin"] == pytest.approx(-0.5) and b["4"]["beyond_noise"] is False  # 6 vs euler (12): 5.5
-    assert c["student_vs_undistilled"]["4"]["beyond_noise"] is False  # 6 vs 6.5
+    # K = 2: 10 vs heun (5): 9; noise max(0.4, 0.6, 0.2) = 0.6: a real loss
+    assert b["2"]["margin"] == -1.0 and b["2"]["noise"] == pytest.approx(0.6) and b["2"]["beyond_noise"] is True
+    # K = 4: 6 vs euler (12): 5.5; noise max(0.4, 0.3, 0.5) = 0.5: inside
+    assert b["4"]["margin"] == pytest.approx(-0.5) and b["4"]["noise"] == pytest.approx(0.5)
+    assert b["4"]["beyond_noise"] is False
+    u = c["student_vs_undistilled"]
+    assert u["2"]["noise"] == pytest.approx(6.0) and u["2"]["beyond_noise"] is True  # 20 apart, spread 6
+    assert u["4"]["noise"] == pytest.approx(0.4) and u["4"]["beyond_noise"] is True  # 0.5 apart, real spread 0.4
     assert c["recovery_margin"]["10"]["beyond_noise"] is False and c["recovery_margin"]["1"]["beyond_noise"] is True
-    assert c["summary"]["inside_noise"] == ["NFE 4 vs the best teacher", "NFE 4 vs the undistilled teacher",
-                                            "recovery at σ = 10"]
-    assert "inside the estimator's noise (0.7)" in c["summary"]["verdict"]
+    assert c["summary"]["inside_noise"] == ["NFE 4 vs the best teacher", "recovery at σ = 10"]
+    assert "inside the estimator's noise" in c["summary"]["verdict"] and "recovery at σ = 10" in c["summary"]["verdict"]
 
 
 @pytest.mark.parametrize("values, holds", [

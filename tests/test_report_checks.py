@@ -97,8 +97,10 @@ def test_student_vs_undistilled_per_step_count():
     student = {"1": 5.0, "2": 3.0}
     better = rep.checks(make_report(student, TEACHER, RECOVERY, undistilled={"1": 9.0, "2": 4.0}))
     assert better["student_vs_undistilled"] == {
-        "1": {"student": 5.0, "undistilled": 9.0, "student_better": True, "margin": 4.0, "beyond_noise": None},
-        "2": {"student": 3.0, "undistilled": 4.0, "student_better": True, "margin": 1.0, "beyond_noise": None}}
+        "1": {"student": 5.0, "undistilled": 9.0, "student_better": True, "margin": 4.0, "noise": None,
+              "beyond_noise": None},
+        "2": {"student": 3.0, "undistilled": 4.0, "student_better": True, "margin": 1.0, "noise": None,
+              "beyond_noise": None}}
     assert better["summary"]["student_beats_undistilled"] is True
     same = rep.checks(make_report(student, TEACHER, RECOVERY, undistilled=dict(student)))  # e.g. train.steps: 0
     assert [c["student_better"] for c in same["student_vs_undistilled"].values()] == [False, False]

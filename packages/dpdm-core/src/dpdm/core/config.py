@@ -113,6 +113,9 @@ class EvalConfig:
     # heldout: the first test items against data independent of them
     recovery_protocol: Literal["paper", "heldout"] = "paper"
     figure_samples: int = 64  # images per grid (points per scatter: num_samples)
+    # items per generation batch (samples do not depend on it: per-item seeds); on CPUs a small batch is faster
+    # (a 0.7M-parameter UNet at 16×16: 1.5 ms per image and NFE at 128, 3.2 ms at 1024)
+    batch_size: int = 1024
     # Section 5.2 / Figure 6: student and teacher, each with the DPDM sampler and with Heun (the ODE sampler), at
     # this NFE (the paper: 7); null: not measured
     cross_nfe: int | None = None

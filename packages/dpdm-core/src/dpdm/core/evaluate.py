@@ -69,7 +69,8 @@ def _sampler(spec: dict) -> tuple[str, Callable, Callable]:
 
 
 def sweep_student(student, metric, reference, *, sampler: dict, schedule: dict, steps: list[int], num: int, shape,
-                  label_dim, seed, device, on_step=None, keep: int | None = None) -> tuple[dict, dict]:
+                  label_dim, seed, device, on_step=None, keep: int | None = None,
+                  batch_size: int = 1024) -> tuple[dict, dict]:
     """Metric per NFE for the student; returns ``({nfe: value}, {nfe: samples})``, the samples cut to the first
     ``keep`` (all when None: what figures need, not 10k images per point)."""
     _, sample_fn, nfe_of = _sampler(sampler)
@@ -77,7 +78,8 @@ def sweep_student(student, metric, reference, *, sampler: dict, schedule: dict, 
     reference = prepare_reference(metric, reference)
     values, samples = {}, {}
     for n in steps:
-        x = generate(student, sample_fn, sched(n), num, shape, label_dim=label_dim, seed=seed, device=device)
+        x = generate(student, sample_fn, sched(n), num, shape, label_dim=label_dim, seed=seed, device=device,
+                     batch_size=batch_size)
         values[nfe_of(n)], samples[nfe_of(n)] = metric(x, reference), x[:keep]
         if on_step:
             on_step()
@@ -85,7 +87,8 @@ def sweep_student(student, metric, reference, *, sampler: dict, schedule: dict, 
 
 
 def sweep_teacher(teacher, metric, reference, *, samplers: list[dict], schedule: dict, nfes: list[int], num: int,
-                  shape, label_dim, seed, device, on_step=None, keep: int | None = None) -> tuple[dict, dict]:
+                  shape, label_dim, seed, device, on_step=None, keep: int | None = None,
+                  batch_size: int = 1024) -> tuple[dict, dict]:
     """Metric per (sampler, NFE) for the teacher; NFEs a sampler cannot hit exactly are skipped
     (Heun's NFE is always odd). Samples are cut to the first ``keep`` as in ``sweep_student``."""
     sched = schedule_for(teacher, schedule)
@@ -98,7 +101,8 @@ def sweep_teacher(teacher, metric, reference, *, samplers: list[dict], schedule:
         for nfe in nfes:
             n = steps_for_nfe(nfe_of, nfe)
             if n is not None:
-                x = generate(teacher, sample_fn, sched(n), num, shape, label_dim=label_dim, seed=seed, device=device)
+                x = generate(teacher, sample_fn, sched(n), num, shape, label_dim=label_dim, seed=seed, device=device,
+                     batch_size=batch_size)
                 values[name][nfe], samples[name][nfe] = metric(x, reference), x[:keep]
             if on_step:
                 on_step()
@@ -106,7 +110,8 @@ def sweep_teacher(teacher, metric, reference, *, samplers: list[dict], schedule:
 
 
 def best_one_step(student, metric, validation, reference, *, sampler: dict, schedule: dict,
-                  sigma_maxes: list[float], num: int, shape, label_dim, seed, device, keep: int | None = None) -> dict:
+                  sigma_maxes: list[float], num: int, shape, label_dim, seed, device, keep: int | None = None,
+                  batch_size: int = 1024) -> dict:
     """One-step sampling from each candidate σ_max; the best is chosen on ``validation`` data and
     reported on ``reference`` data (so the choice does not flatter the reported number). ``samples``: the first
     ``keep`` of the reported set."""
@@ -116,11 +121,11 @@ def best_one_step(student, metric, validation, reference, *, sampler: dict, sche
     scores = {}
     for smax in sigma_maxes:
         x = generate(student, sample_fn, sched(1, sigma_max=smax), num, shape, label_dim=label_dim, seed=seed + 1,
-                     device=device)
+                     device=device, batch_size=batch_size)
         scores[smax] = metric(x, validation)
     best = min(scores, key=lambda s: scores[s] if math.isfinite(scores[s]) else math.inf)
     x = generate(student, sample_fn, sched(1, sigma_max=best), num, shape, label_dim=label_dim, seed=seed,
-                 device=device)
+                 device=device, batch_size=batch_size)
     return {"validation": scores, "best_sigma_max": best, "value": metric(x, reference), "samples": x[:keep]}
 
 

@@ -20,8 +20,9 @@ Checks (recorded, never assumed):
   teacher with the ODE sampler (Heun) second, the two cross-uses worst — and whether it holds.
 - ``gap_to_best_teacher``: the student at each K against the teacher's best value at any NFE (the paper, CIFAR-10:
   the student at 8 NFE, 2.68, sits between EDM at 18 NFE, 3.24, and at 35, 1.97), as a ratio.
-- ``noise`` (when ``report["noise"]``): the estimator's noise, the larger of the two real halves' spread and the
-  spread over evaluation seeds; every comparison above then carries ``margin`` and ``beyond_noise``.
+- ``noise`` (when ``report["noise"]``): the two real halves' spread (``noise_level``); every comparison above then
+  carries ``margin``, its own ``noise`` (``point_noise``: that spread or the compared points' spreads over the
+  evaluation seeds, whichever is largest) and ``beyond_noise``.
 - ``summary``: the three claims as booleans (None where nothing could be compared) and a one-line ``verdict``;
   a run with ``train.steps: 0`` (``report["train_steps"]``) ran no distillation, which the verdict says.
 """
@@ -201,9 +202,13 @@ def checks(report: dict) -> dict:
     flags = list(per_sigma.values())  # every σ must be compared for "everywhere" to hold
     everywhere = False if False in flags else (True if flags and None not in flags else None)
     noise = noise_level(report)
-    for c in [*vs_best.values(), *vs_undistilled.values()]:
-        other = c.get("teacher", c.get("undistilled"))
-        _margin(c, c["student"], other, noise)
+    s_sampler = next(iter(sweep["student"]))
+    for k, c in vs_best.items():
+        _margin(c, c["student"], c["teacher"], point_noise(report, ("student", s_sampler, k),
+                                                           ("teacher", c["teacher_sampler"], c["teacher_nfe"])))
+    for k, c in vs_undistilled.items():
+        _margin(c, c["student"], c["undistilled"], point_noise(report, ("student", s_sampler, k),
+                                                               ("undistilled", s_sampler, k)))
     rec_margin = {s: _margin({}, v["student"], v["teacher"], noise) for s, v in recovery.items()}
     top = max((int(n) for by in teacher.values() for n in by), default=0)
     overall = best_teacher(teacher, top)
@@ -224,7 +229,8 @@ def checks(report: dict) -> dict:
     inside += [f"recovery at σ = {s}" for s, m in rec_margin.items() if m.get("beyond_noise") is False]
     summary["inside_noise"] = inside
     if inside and noise is not None:
-        summary["verdict"] += (f"; differences inside the estimator's noise ({noise:.3g}), not claimed either way: "
+        summary["verdict"] += ("; differences inside the estimator's noise (the two real halves' spread, or the "
+                               "spread of the compared points over evaluation seeds), not claimed either way: "
                                + ", ".join(inside))
     out = {"summary": summary, "student_vs_teacher": vs, "student_vs_best_teacher": vs_best,
            "student_vs_undistilled": vs_undistilled, "recovery_ratio": ratio,
@@ -240,19 +246,35 @@ def checks(report: dict) -> dict:
 
 
 def noise_level(report: dict) -> float | None:
-    """The estimator's noise of a report: the larger of the real halves' spread and the spread over evaluation
-    seeds (``report["noise"]``), None when the report has neither."""
+    """The estimator's noise at the real data's level: the spread of two disjoint real sets scored like samples
+    (``report["noise"]["real"]``), None when the report has none."""
+    return ((report.get("noise") or {}).get("real") or {}).get("spread")
+
+
+def point_noise(report: dict, *points) -> float | None:
+    """The noise of a comparison between sweep ``points`` (``(role, sampler, nfe)``): the largest of the real
+    halves' spread and each point's own spread over the evaluation seeds (``report["noise"]["sweep"]``; a metric's
+    noise grows with its value, so one point's spread does not stand for another's). None when nothing was
+    measured."""
     noise = report.get("noise") or {}
-    parts = [v for v in ((noise.get("real") or {}).get("spread"), noise.get("seed_spread")) if v is not None]
+    parts = [noise_level(report)]
+    by_role = noise.get("sweep") or {}
+    for role, sampler, nfe in points:
+        values = (by_role.get(role) or {}).get(sampler, {}).get(str(nfe))
+        if values and len(values) > 1:
+            parts.append(max(values) - min(values))
+    parts = [p for p in parts if p is not None]
     return max(parts) if parts else None
 
 
 def _margin(row: dict, student, other, noise) -> dict:
-    """Add ``margin`` (other − student: positive when the student is better) and ``beyond_noise`` to ``row``."""
+    """Add ``margin`` (other − student: positive when the student is better), the comparison's ``noise`` and
+    ``beyond_noise`` to ``row``."""
     if student is None or other is None or student != student or other != other:
-        row.update(margin=None, beyond_noise=None)
+        row.update(margin=None, noise=noise, beyond_noise=None)
     else:
-        row.update(margin=other - student, beyond_noise=None if noise is None else abs(other - student) > noise)
+        row.update(margin=other - student, noise=noise,
+                   beyond_noise=None if noise is None else abs(other - student) > noise)
     return row
 
 
@@ -335,19 +357,21 @@ def markdown(report: dict) -> str:
     best = report["checks"].get("student_vs_best_teacher")
     if best:
         lines += ["", f"## Student vs the best teacher at up to {NFE_FACTOR}× the NFE (Table 2)", "",
-                  "| student NFE | best teacher sampler (NFE) | student | teacher | student better |",
-                  "|---|---|---|---|---|"]
+                  "| student NFE | best teacher sampler (NFE) | student | teacher | student better | noise | "
+                  "beyond noise |", "|---|---|---|---|---|---|---|"]
         for k, c in best.items():
             where = f"{c['teacher_sampler']} ({c['teacher_nfe']})" if c["teacher_sampler"] else \
                 f"— (no teacher NFE ≤ {c['max_teacher_nfe']})"
             lines.append(f"| {k} | {where} | {_fmt(c['student'])} | {_fmt(c['teacher'])} | "
-                         f"{_yes(c['student_better'])} |")
+                         f"{_yes(c['student_better'])} | {_fmt(c.get('noise'))} | {_yes(c.get('beyond_noise'))} |")
     und = report["checks"].get("student_vs_undistilled")
     if und:
         lines += ["", "## Student vs the undistilled teacher with the student's sampler and schedule (Section 5.2)",
-                  "", "| NFE | student | undistilled teacher | student better |", "|---|---|---|---|"]
+                  "", "| NFE | student | undistilled teacher | student better | noise | beyond noise |",
+                  "|---|---|---|---|---|---|"]
         for k, c in und.items():
-            lines.append(f"| {k} | {_fmt(c['student'])} | {_fmt(c['undistilled'])} | {_yes(c['student_better'])} |")
+            lines.append(f"| {k} | {_fmt(c['student'])} | {_fmt(c['undistilled'])} | {_yes(c['student_better'])} | "
+                         f"{_fmt(c.get('noise'))} | {_yes(c.get('beyond_noise'))} |")
     gap = report["checks"].get("gap_to_best_teacher")
     if gap:
         lines += ["", "## How far the student is from the teacher's best", "",
@@ -397,9 +421,9 @@ def noise_markdown(report: dict) -> list[str]:
             for sampler, vals in by.items():
                 cells = ", ".join(f"NFE {n}: " + " / ".join(_fmt(v) for v in vs) for n, vs in vals.items())
                 lines.append(f"  - {role_label(role, sampler)}: {cells}")
-    level = report["checks"].get("noise")
-    if level is not None:
-        lines.append(f"- Differences smaller than {_fmt(level)} are inside the noise and are not claimed.")
+    if report["checks"].get("noise") is not None:
+        lines.append("- A comparison is claimed only when its difference exceeds the larger of the real halves' "
+                     "spread and the seed spread of the two points compared (column \"noise\" below).")
     return lines + [""]
 
 

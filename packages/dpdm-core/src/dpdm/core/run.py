@@ -101,7 +101,8 @@ def preflight(recipe: Recipe, source: str | None = None):
                             ("train.steps", recipe.train.steps, 0), ("train.batch_size", recipe.train.batch_size, 1),
                             ("train.fake_updates", recipe.train.fake_updates, 1),
                             ("eval.num_samples", recipe.eval.num_samples, 2),
-                            ("eval.recovery_num", recipe.eval.recovery_num, 2)]:
+                            ("eval.recovery_num", recipe.eval.recovery_num, 2),
+                            ("eval.batch_size", recipe.eval.batch_size, 1), ("eval.noise_seeds", recipe.eval.noise_seeds, 1)]:
         if value < low:
             problems.append(f"recipe.{key}: must be at least {low}, got {value}")
     engine = recipe.engine
@@ -442,7 +443,8 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
                                              progress=progress)
         validation = metric_fn.prepare(validation)
     shape, label_dim, kind = tuple(test_set.shape), test_set.label_dim, test_set.kind
-    common = dict(num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed, device=device)
+    common = dict(num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed, device=device,
+                  batch_size=cfg.batch_size)
     keep = cfg.figure_samples if kind == "image" else None  # the figures' share: not num_samples images per point
     student_sampler = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
     student_schedule = {"name": cfg.student_schedule.name, **cfg.student_schedule.options}
@@ -486,7 +488,7 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         cells, cross_grids = cross_use(student, teacher, metric=metric_fn, reference=reference,
                                        samplers=cross_samplings(recipe), nfe=cfg.cross_nfe, num=cfg.num_samples,
                                        shape=shape, label_dim=label_dim, seed=recipe.seed,
-                                       keep=keep if keep is not None else cfg.num_samples)
+                                       batch_size=cfg.batch_size, keep=keep if keep is not None else cfg.num_samples)
         cross = {"nfe": cfg.cross_nfe, "cells": cells}
         timings["cross_s"] = time.perf_counter() - t0
 
@@ -499,7 +501,8 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         progress.log(f"recovery: {note.replace('--num', 'eval.recovery_num')}")
     shown = min(8, cfg.figure_samples) if kind == "image" else None
     recovered, rec_examples = ev.recovery(student, teacher, metric_fn, items, None, cfg.recovery_sigmas,
-                                          rec_reference, seed=recipe.seed, device=device, keep=shown)
+                                          rec_reference, seed=recipe.seed, device=device, keep=shown,
+                                          batch_size=cfg.batch_size)
     floor = rec.distance(metric_fn, items, rec_reference)
     clean = rec.first(items, shown if shown is not None else len(items))
     timings["recovery_s"] = time.perf_counter() - t0
@@ -606,12 +609,12 @@ def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, c
                             title=f"{prefix}recovery of noised training data (Section 5.1, Figure 4)")
     if cross is not None:
         result, grids = cross
-        panels = {model: {c: (f"{model}, {c} sampler, NFE {cell['nfe']}: {metric} {cell['value']:.4g}",
+        panels = {model: {c: (f"{model} + {c} sampler, NFE {cell['nfe']}\n{metric} {cell['value']:.4g}",
                               grids[model][c][:n]) for c, cell in row.items()}
                   for model, row in result["cells"].items()}
         figures.panel_grid(panels, kind, figs / "cross.png",
-                           title=f"{prefix}models × samplers at NFE {result['nfe']} (Figure 6; {metric}, lower is "
-                                 f"better)")
+                           title=f"{prefix}models × samplers at NFE {result['nfe']} (Figure 6)\n"
+                                 f"{metric}, lower is better")
 
 
 def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, dist: Dist | None = None,
