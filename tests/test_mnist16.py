@@ -298,3 +298,13 @@ def test_mnist16_recipe_end_to_end_shortened(tmp_path, monkeypatch):
     again = run(recipe, out, resume=True)
     for key in ("sweep", "recovery", "cross", "noise", "one_step"):
         assert again[key] == report[key], key
+
+
+def test_eval_batch_size_and_noise_seeds_are_checked_before_any_work():
+    from dpdm.core.run import preflight
+
+    recipe = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), ["eval.batch_size=0", "eval.noise_seeds=0"])
+    with pytest.raises(ConfigError) as info:
+        preflight(recipe)
+    assert "recipe.eval.batch_size: must be at least 1, got 0" in info.value.problems
+    assert "recipe.eval.noise_seeds: must be at least 1, got 0" in info.value.problems
