@@ -82,7 +82,10 @@ def panel_grid(panels: dict[str, dict[str, tuple[str, torch.Tensor]]], kind: str
     plt = _plt()
     rows = list(panels)
     cols = list(dict.fromkeys(c for r in rows for c in panels[r]))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3 * len(cols), 3.2 * len(rows) + 0.4), squeeze=False)
+    lines = max((label.count("\n") + 1 for r in rows for label, _ in panels[r].values()), default=1)
+    title_lines = title.count("\n") + 1 if title else 0
+    fig, axes = plt.subplots(len(rows), len(cols), squeeze=False,
+                             figsize=(3 * len(cols), (3.0 + 0.25 * lines) * len(rows) + 0.3 * title_lines))
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             ax = axes[i][j]
