@@ -102,7 +102,10 @@ def preflight(recipe: Recipe, source: str | None = None):
                             ("train.fake_updates", recipe.train.fake_updates, 1),
                             ("eval.num_samples", recipe.eval.num_samples, 2),
                             ("eval.recovery_num", recipe.eval.recovery_num, 2),
-                            ("eval.batch_size", recipe.eval.batch_size, 1), ("eval.noise_seeds", recipe.eval.noise_seeds, 1)]:
+                            ("eval.batch_size", recipe.eval.batch_size, 1), ("eval.noise_seeds", recipe.eval.noise_seeds, 1),
+                            *[(f"baselines.{name}.train.{field}", getattr(base.train, field), low)
+                              for name, base in recipe.baselines.items()
+                              for field, low in (("steps", 0), ("batch_size", 1), ("fake_updates", 1))]]:
         if value < low:
             problems.append(f"recipe.{key}: must be at least {low}, got {value}")
     engine = recipe.engine
@@ -115,7 +118,8 @@ def preflight(recipe: Recipe, source: str | None = None):
         if value < low:
             problems.append(f"recipe.{key}: must be at least {low}, got {value}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    phases = [("train.batch_size", recipe.train.batch_size)]
+    phases = [("train.batch_size", recipe.train.batch_size),
+              *[(f"baselines.{name}.train.batch_size", base.train.batch_size) for name, base in recipe.baselines.items()]]
     if not recipe.teacher.checkpoint:
         phases.insert(0, ("teacher.train.batch_size", recipe.teacher.train.batch_size))
     for key, batch in phases:
@@ -145,13 +149,6 @@ def preflight(recipe: Recipe, source: str | None = None):
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             problems.append(f"recipe.{key}: a baseline's name names its checkpoint and snapshot folder; use letters, "
                             f"digits, '-' and '_'")
-        for sub, value, low in [("train.steps", base.train.steps, 0), ("train.batch_size", base.train.batch_size, 1),
-                                ("train.fake_updates", base.train.fake_updates, 1)]:
-            if value < low:
-                problems.append(f"recipe.{key}.{sub}: must be at least {low}, got {value}")
-        if base.train.batch_size >= 1 and engine.accum >= 1 and base.train.batch_size % (world * engine.accum):
-            problems.append(f"recipe.{key}.train.batch_size: the global batch {base.train.batch_size} must split "
-                            f"evenly over {world} rank(s) x engine.accum {engine.accum} micro-batches")
         if not base.steps or any(v < 1 for v in base.steps):
             problems.append(f"recipe.{key}.steps: a non-empty list of step counts of at least 1, got {base.steps}")
         if base.sigma_max is not None and base.sigma_max <= 0:
@@ -465,13 +462,13 @@ def evaluate(recipe: Recipe, teacher, student, train_set, test_set, device, prog
         t_vals, t_samples = ev.sweep_teacher(teacher, metric_fn, reference, samplers=teacher_samplers,
                                              schedule=teacher_schedule, nfes=cfg.teacher_nfe,
                                              on_step=lambda: bar.advance(1), keep=keep, **common)
-        b_vals, b_samples = {}, {}
+        b_vals = {}
         for name, (model, _, divergence) in (baselines or {}).items():
             base = recipe.baselines[name]
             smax = base.sigma_max if base.sigma_max is not None else getattr(divergence, "generator_sigma", None)
             schedule = {**student_schedule, **({"sigma_max": smax} if smax is not None else {})}
-            b_vals[name], b_samples[name] = ev.sweep_student(model, metric_fn, reference, sampler=student_sampler,
-                                                             schedule=schedule, steps=base.steps, keep=keep, **common)
+            b_vals[name], _ = ev.sweep_student(model, metric_fn, reference, sampler=student_sampler,
+                                               schedule=schedule, steps=base.steps, keep=0, **common)
     one = ev.best_one_step(student, metric_fn, validation, reference, sampler=student_sampler,
                            schedule=student_schedule, sigma_maxes=cfg.one_step_sigma_max, keep=keep, **common)
     timings["sweep_s"] = time.perf_counter() - t0
