@@ -98,6 +98,26 @@ def test_mnist16_recipe_is_what_the_results_page_says(tmp_path):
     assert di.train.divergence.name == "ikl" and di.steps == [1]
 
 
+def test_the_committed_results_are_the_committed_runs_report():
+    """docs/results/mnist16 holds one run's report: its checks are what ``report.checks`` computes from its own
+    numbers, report.md is rendered from it, its config is the recipe's, and the README's headline row shows its
+    numbers (so a re-run that changes a number cannot leave the published pages behind)."""
+    from dpdm.core.report import markdown
+    from dpdm.core.structure import unstructure
+
+    docs = ROOT / "docs" / "results" / "mnist16"
+    report = json.loads((docs / "report.json").read_text())
+    assert checks(report) == report["checks"]
+    assert (docs / "report.md").read_text() == markdown(report)
+    recipe = load_recipe(str(ROOT / "recipes" / "mnist16.yaml"))
+    run = load_recipe(str(docs / "config.yaml"), [f"data.path={recipe.data.options['path']}"])
+    assert unstructure(run) == unstructure(recipe) and report["train_steps"] == recipe.train.steps
+    s, u = report["sweep"]["student"]["dpdm"], report["sweep"]["undistilled"]["dpdm"]
+    row = f"| 4 | {s['4']:.3g} | {u['4']:.3g} |"
+    assert row in (ROOT / "README.md").read_text()
+    assert f"{s['4']:.4g}" in (ROOT / "docs" / "results.md").read_text()
+
+
 # ---- the report's new parts ------------------------------------------------------------------------------------
 
 def _report(**extra):
