@@ -15,6 +15,22 @@ from pathlib import Path
 import torch
 
 
+def scoring_setup(run: Path, num: int):
+    """``(recipe, teacher, student, metric, reference, common)`` of a finished run: its fd metric, the test split's
+    cached reference statistics, and the keyword arguments the sweeps share (CPU, generation batch 128)."""
+    from dpdm.core.metrics import make_metric
+    from dpdm.core.run import dataset_key, load_run, make_dataset
+    from dpdm.core.scoring import cached_dataset_stats
+
+    recipe, teacher, student = load_run(run)
+    test = make_dataset(recipe, "test")
+    metric = make_metric(recipe.eval.metric.name, dict(recipe.eval.metric.options),
+                         data=(recipe.data.name, recipe.data.options))
+    reference = cached_dataset_stats(dataset_key(recipe, "test"), test, metric.detector)
+    common = dict(num=num, shape=tuple(test.shape), label_dim=0, device="cpu", batch_size=128)
+    return recipe, teacher, student, metric, reference, common
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
@@ -24,16 +40,8 @@ def main() -> None:
     args = p.parse_args()
 
     from dpdm.core import evaluate as ev
-    from dpdm.core.metrics import make_metric
-    from dpdm.core.run import dataset_key, load_run, make_dataset
-    from dpdm.core.scoring import cached_dataset_stats
 
-    recipe, teacher, student = load_run(args.run)
-    test = make_dataset(recipe, "test")
-    metric = make_metric(recipe.eval.metric.name, dict(recipe.eval.metric.options),
-                         data=(recipe.data.name, recipe.data.options))
-    reference = cached_dataset_stats(dataset_key(recipe, "test"), test, metric.detector)
-    common = dict(num=args.num, shape=tuple(test.shape), label_dim=0, device="cpu", batch_size=128)
+    recipe, teacher, student, metric, reference, common = scoring_setup(args.run, args.num)
     sampler = {"name": "dpdm"}
     # (steps, schedule options): the paper's schedule and other first/last levels
     cases = [(1, {}), (1, {"sigma_max": 10.0}), (2, {}), (2, {"sigma_min": 1.0}), (2, {"sigma_min": 2.5}),

@@ -44,18 +44,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist16_snapshots.json"))
     args = p.parse_args()
 
-    from dpdm.core import evaluate as ev
-    from dpdm.core.metrics import make_metric
-    from dpdm.core.run import dataset_key, load_denoiser, load_run, make_dataset
-    from dpdm.core.scoring import cached_dataset_stats
+    from mnist16_schedule import scoring_setup
 
-    recipe, teacher, student = load_run(args.run)
+    from dpdm.core import evaluate as ev
+    from dpdm.core.run import load_denoiser
+
+    recipe, teacher, student, metric, reference, common = scoring_setup(args.run, args.num)
     ckpts = args.run / "checkpoints"
-    test = make_dataset(recipe, "test")
-    metric = make_metric(recipe.eval.metric.name, dict(recipe.eval.metric.options),
-                         data=(recipe.data.name, recipe.data.options))
-    reference = cached_dataset_stats(dataset_key(recipe, "test"), test, metric.detector)
-    common = dict(num=args.num, shape=tuple(test.shape), label_dim=0, device="cpu", batch_size=128)
     s_sampler = {"name": recipe.eval.student_sampler.name, **recipe.eval.student_sampler.options}
     s_schedule = {"name": recipe.eval.student_schedule.name, **recipe.eval.student_schedule.options}
     t_schedule = {"name": recipe.eval.teacher_schedule.name, **recipe.eval.teacher_schedule.options}
