@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dpdm.core.config import load_recipe
-from dpdm.core.run import run
+from dpdm.core.config.recipe import load_recipe
+from dpdm.core.pipeline.run import run
 
 # Each variant is a list of overrides on top of the recipe (which carries the paper's reading: w = σ², no
 # normaliser, fake-first, the ρ = 40 schedule). The rows first.

@@ -58,7 +58,7 @@ def measure(name, backbone, shape, label_dim, options, *, device, batch, iters, 
     """One case in this process: ``{"ms": median step time, "mem_mib": peak memory (see module doc), ...}``."""
     import torch
 
-    from dpdm.core.registry import get
+    from dpdm.core.plugins.registry import get
 
     try:
         factory = get("backbone", backbone)

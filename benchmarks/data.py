@@ -84,7 +84,7 @@ def loader_rate(path: str, batch: int, workers: int, batches: int) -> dict:
 def training_rate(batch: int, fake_updates: int, iters: int) -> dict:
     """Images/s one DPDM iteration consumes with a small edm-songunet at ``batch`` on this machine."""
     from dpdm.core import get
-    from dpdm.core.distill import DPDM
+    from dpdm.core.train.distill import DPDM
     from dpdm.core.losses import EDMLoss
     from dpdm.core.sigmas import SigmaDist
 

@@ -18,9 +18,9 @@ import torch
 def scoring_setup(run: Path, num: int):
     """``(recipe, teacher, student, metric, reference, common)`` of a finished run: its fd metric, the test split's
     cached reference statistics, and the keyword arguments the sweeps share (CPU, generation batch 128)."""
-    from dpdm.core.metrics import make_metric
-    from dpdm.core.run import dataset_key, load_run, make_dataset
-    from dpdm.core.scoring import cached_dataset_stats
+    from dpdm.core.eval.metrics import make_metric
+    from dpdm.core.pipeline.run import dataset_key, load_run, make_dataset
+    from dpdm.core.eval.scoring import cached_dataset_stats
 
     recipe, teacher, student = load_run(run)
     test = make_dataset(recipe, "test")
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist16_schedule.json"))
     args = p.parse_args()
 
-    from dpdm.core import evaluate as ev
+    from dpdm.core.eval import evaluate as ev
 
     recipe, teacher, student, metric, reference, common = scoring_setup(args.run, args.num)
     sampler = {"name": "dpdm"}

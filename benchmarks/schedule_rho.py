@@ -23,9 +23,9 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from dpdm.core import evaluate as ev
-    from dpdm.core.metrics import make_metric
-    from dpdm.core.run import load_run, make_dataset, references
+    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval.metrics import make_metric
+    from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     values = {rho: {n: [] for n in args.steps} for rho in args.rho}
     for run_dir in args.runs:

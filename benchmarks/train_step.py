@@ -108,13 +108,13 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
     ``forward``: also time the no-grad forward (teacher job only)."""
     import torch
 
-    from dpdm.core.distill import DistillJob
-    from dpdm.core.distributed import Dist
+    from dpdm.core.train.distill import DistillJob
+    from dpdm.core.train.distributed import Dist
     from dpdm.core.losses import EDMLoss
-    from dpdm.core.precision import Precision
-    from dpdm.core.registry import get
+    from dpdm.core.train.precision import Precision
+    from dpdm.core.plugins.registry import get
     from dpdm.core.sigmas import SigmaDist
-    from dpdm.core.teacher import TeacherJob
+    from dpdm.core.train.teacher import TeacherJob
 
     backbone_name, shape, label_dim, options, _, _ = PRESETS[preset]
     factory, precond = get("backbone", backbone_name), get("preconditioning", "edm")

@@ -14,7 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from safetensors import safe_open
 
 from dpdm.core import DpdmError, load_denoiser
-from dpdm.core.checkpoint import FORMAT, build_denoiser, network_spec, read_checkpoint, save_denoiser
+from dpdm.core.io.checkpoint import FORMAT, build_denoiser, network_spec, read_checkpoint, save_denoiser
 from dpdm.core.precond import EDMPrecond
 
 torch.set_num_threads(1)

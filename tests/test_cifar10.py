@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from dpdm.core import get
-from dpdm.core.checkpoint import build_denoiser
-from dpdm.core.config import load_recipe
+from dpdm.core.io.checkpoint import build_denoiser
+from dpdm.core.config.recipe import load_recipe
 from dpdm.core.errors import ConfigError, DpdmError
-from dpdm.core.run import preflight, spec_of
+from dpdm.core.pipeline.run import preflight, spec_of
 from dpdm.data import cifar10 as c10
 
 torch.set_num_threads(1)

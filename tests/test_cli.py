@@ -18,9 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 from dpdm.cli.main import app
-from dpdm.core.checkpoint import read_checkpoint
-from dpdm.core.config import Recipe, load_recipe
-from dpdm.core.structure import dump_yaml, load_yaml_text, structure, unstructure
+from dpdm.core.io.checkpoint import read_checkpoint
+from dpdm.core.config.recipe import Recipe, load_recipe
+from dpdm.core.config.structure import dump_yaml, load_yaml_text, structure, unstructure
 
 torch.set_num_threads(1)
 
@@ -407,8 +407,8 @@ def _direct_recovery(teacher, student, x0, ids, labels, sigma, seed, reference):
     """Section 5.1 computed here: item i's noise from its own generator seeded by (seed, σ's float64 bits, i)."""
     import struct
 
-    from dpdm.core.distributed import derive_seed
-    from dpdm.core.registry import get
+    from dpdm.core.train.distributed import derive_seed
+    from dpdm.core.plugins.registry import get
 
     bits = struct.unpack("<Q", struct.pack("<d", float(sigma)))[0]
     stream = derive_seed(seed, bits)
@@ -427,10 +427,10 @@ def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
     """--protocol paper: a seeded subset of the *training* split, compared with the training distribution (fresh
     samples for toy data, as the recipe's eval draws them)."""
     from dpdm.core.datasets import to_model
-    from dpdm.core.distributed import derive_seed
-    from dpdm.core.recovery import SUBSET_STREAM
-    from dpdm.core.registry import get
-    from dpdm.core.run import load_run, make_dataset
+    from dpdm.core.train.distributed import derive_seed
+    from dpdm.core.eval.recovery import SUBSET_STREAM
+    from dpdm.core.plugins.registry import get
+    from dpdm.core.pipeline.run import load_run, make_dataset
 
     r = ok(invoke("recover", "--protocol", "paper", "--sigma", "1", "2", "--num", "50", "--seed", "3", "--json",
                   "--run", tiny_run["run"]))
@@ -454,7 +454,7 @@ def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
 def test_recover_heldout_protocol_is_unchanged(tiny_run):
     """--protocol heldout: the first test items, against the validation data of the run's evaluation."""
     from dpdm.core.datasets import to_model
-    from dpdm.core.run import load_run, make_dataset, references
+    from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     r = ok(invoke("recover", "--protocol", "heldout", "--sigma", "2", "--num", "40", "--json", "--run",
                   tiny_run["run"]))
@@ -478,7 +478,7 @@ def test_recover_sigma_gets_the_same_noise_alone_and_in_a_list(tiny_run):
 
 
 def test_recover_num_beyond_the_split_uses_all_of_it(tiny_run):
-    from dpdm.core.run import load_run, make_dataset
+    from dpdm.core.pipeline.run import load_run, make_dataset
 
     recipe, _, _ = load_run(tiny_run["run"])
     size = len(make_dataset(recipe, "test"))
@@ -574,7 +574,7 @@ def test_sample_teacher_heun_relies_on_latest(tiny_run, tmp_path, monkeypatch):
 
 def _sigmas_of_sample(monkeypatch, *args):
     """Run ``dpdm sample ARGS`` and return the sigmas it sampled with (``evaluate.generate`` intercepted)."""
-    from dpdm.core import evaluate as ev
+    from dpdm.core.eval import evaluate as ev
 
     seen = []
     real = ev.generate
@@ -598,7 +598,7 @@ def _sigmas_of_sample(monkeypatch, *args):
     (["--schedule", "dpdm", "--sigma-max", "2.5", "--model", "teacher"], "heun", "dpdm", 3),
 ])
 def test_sample_schedule(tiny_run, tmp_path, monkeypatch, args, sampler, schedule, n):
-    from dpdm.core.registry import get
+    from dpdm.core.plugins.registry import get
 
     sigmas, out = _sigmas_of_sample(monkeypatch, "--run", tiny_run["run"], "--steps", n, "--num", 10,
                                     "--out", tmp_path / "x.png", *args)
@@ -670,9 +670,9 @@ def test_eval_sweep_on_a_run(tiny_run, tmp_path):
     assert set(data["sweep"]["teacher"]["heun"]) == {"1", "3"}  # Heun reaches odd NFEs only
     assert set(data["sweep"]["teacher"]["euler"]) == {"1", "2", "3"}
     # the student's numbers are those of its samples: recompute one point directly
-    from dpdm.core import evaluate as ev
-    from dpdm.core.registry import get
-    from dpdm.core.run import load_run, make_dataset, references
+    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.plugins.registry import get
+    from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     recipe, teacher, student = load_run(tiny_run["run"])
     reference, _ = references(recipe, make_dataset(recipe, "train"), make_dataset(recipe, "test"),
@@ -725,9 +725,9 @@ def test_eval_sweep_unknown_sampler(tiny_run):
 def test_eval_cross_is_direct_generation_and_metric(tiny_run, tmp_path):
     """Each of the 4 cells is the metric of samples generated directly with that model, sampler and schedule; Heun
     cannot take 4 evaluations, so it runs 2 steps (NFE 3) and says so."""
-    from dpdm.core import evaluate as ev
-    from dpdm.core.registry import get
-    from dpdm.core.run import load_run, make_dataset, references
+    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.plugins.registry import get
+    from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     out = tmp_path / "cross"
     r = ok(invoke("eval", "cross", "--run", tiny_run["run"], "--nfe", "4", "--num", "150", "--seed", "2",

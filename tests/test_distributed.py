@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dpdm.core.distributed import Dist, derive_seed, init_dist
+from dpdm.core.train.distributed import Dist, derive_seed, init_dist
 from dpdm.core.errors import DpdmError
 
 STEPS, CUT, BATCH = 4, 2, 8
@@ -41,10 +41,10 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from dpdm.core.engine import DeviceBatches, Trainer
-    from dpdm.core.snapshots import Snapshots
-    from dpdm.core.teacher import TeacherJob
-    from dpdm.core.tracking import Tracker
+    from dpdm.core.train.engine import DeviceBatches, Trainer
+    from dpdm.core.train.snapshots import Snapshots
+    from dpdm.core.train.teacher import TeacherJob
+    from dpdm.core.train.tracking import Tracker
     from dpdm.data.loader import Loader
     from test_engine import _deterministic_loss, denoiser, distill_job, flat_state, teacher_job, toy_data
 
@@ -97,7 +97,7 @@ def same(a: dict, b: dict, prefix: str = "") -> None:
 
 def test_two_process_gloo_training(tmp_path):
     from test_engine import _deterministic_loss, denoiser, toy_data
-    from dpdm.core.teacher import TeacherJob
+    from dpdm.core.train.teacher import TeacherJob
 
     run = spawn("run", tmp_path)
     for phase in ("student", "teacher"):
@@ -167,8 +167,8 @@ def test_seeds_derive_from_seed_and_rank():
 
 TORCHRUN_SCRIPT = textwrap.dedent("""
     import torch
-    from dpdm.core.distributed import init_dist
-    from dpdm.core.engine import Trainer
+    from dpdm.core.train.distributed import init_dist
+    from dpdm.core.train.engine import Trainer
     from test_engine import distill_job, toy_data
 
     torch.set_num_threads(1)

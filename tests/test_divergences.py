@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpdm.core.distill import DPDM
+from dpdm.core.train.distill import DPDM
 from dpdm.core.divergences import IKL, SmoothedKL
 from dpdm.core.losses import EDMLoss
 from dpdm.core.precond import EDMPrecond
@@ -205,7 +205,7 @@ def test_ikl_gradient_equals_diff_instructs_update():
     Diff-Instruct's generator loss, transcribed here from its description: σ = exp(N·P_std + P_mean),
     n = N·σ, loss_i = Σ (D_fake(y + n, σ) − D_teacher(y + n, σ))·y over the pixels of generated image y,
     mean over the batch. The draws are made in the same order (z, σ, n) from one generator."""
-    from dpdm.core.distill import student_loss
+    from dpdm.core.train.distill import student_loss
 
     torch.manual_seed(0)
     teacher = EDMPrecond(TinyImageNet(), sigma_data=0.5).double()

@@ -34,9 +34,9 @@ from typer.testing import CliRunner
 
 from dpdm.cli.main import app
 from dpdm.core import DpdmError, load_checkpoint, load_denoiser
-from dpdm.core import edm_pickle
-from dpdm.core.checkpoint import build_denoiser, network_spec, read_checkpoint, save_denoiser
-from dpdm.core.edm_pickle import EDMSnapshot, EDMUnpickler, read_edm_snapshot, snapshot_spec
+from dpdm.core.io import edm_pickle
+from dpdm.core.io.checkpoint import build_denoiser, network_spec, read_checkpoint, save_denoiser
+from dpdm.core.io.edm_pickle import EDMSnapshot, EDMUnpickler, read_edm_snapshot, snapshot_spec
 
 torch.set_num_threads(1)
 

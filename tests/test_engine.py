@@ -16,19 +16,19 @@ import types
 import pytest
 import torch
 
-from dpdm.core.checkpoint import build_denoiser, network_spec
+from dpdm.core.io.checkpoint import build_denoiser, network_spec
 from dpdm.core.datasets import TensorDataset
-from dpdm.core.distill import DistillJob
-from dpdm.core.distributed import Dist
+from dpdm.core.train.distill import DistillJob
+from dpdm.core.train.distributed import Dist
 from dpdm.core.divergences import SmoothedKL
-from dpdm.core.engine import DeviceBatches, Trainer, warmup_lr
+from dpdm.core.train.engine import DeviceBatches, Trainer, warmup_lr
 from dpdm.core.errors import DpdmError
 from dpdm.core.losses import EDMLoss
-from dpdm.core.precision import Precision
+from dpdm.core.train.precision import Precision
 from dpdm.core.sigmas import SigmaDist
-from dpdm.core.snapshots import Snapshots
-from dpdm.core.teacher import TeacherJob, TeacherTrainer
-from dpdm.core.tracking import SampleGrid, Tracker
+from dpdm.core.train.snapshots import Snapshots
+from dpdm.core.train.teacher import TeacherJob, TeacherTrainer
+from dpdm.core.train.tracking import SampleGrid, Tracker
 from dpdm.data.loader import Loader
 
 torch.set_num_threads(1)
@@ -261,7 +261,7 @@ def test_precision_rejects_unknown_modes():
 def test_networks_with_fp16_parts_get_a_loss_scaler_whatever_the_mode():
     """EDM's ADM body runs in float16 on CUDA by itself (``use_fp16``): its gradients need loss scaling even when
     the engine's precision is fp32 (the ImageNet-64 recipe). bfloat16 bodies and CPU runs need none."""
-    from dpdm.core.precision import runs_fp16
+    from dpdm.core.train.precision import runs_fp16
     from dpdm.nets.edm.dhariwal import DhariwalUNet
 
     def adm(**kw):
@@ -341,7 +341,7 @@ def test_tensorboard_when_installed(tmp_path, monkeypatch):
 
 def test_sample_grid_hook_keeps_training_exact(tmp_path):
     """Sampling every step at a fixed seed draws nothing from the training's random streams."""
-    from dpdm.core.registry import get
+    from dpdm.core.plugins.registry import get
 
     plain = trainer_for(teacher_job(accum=1))
     plain.fit(3)
@@ -374,7 +374,7 @@ def counted_batches(n: int = 3):
 def test_fake_first_order_is_algorithm_1():
     """Algorithm 1's order (the default): the fake score's update on the student's outputs for one batch, then the
     student's update on another batch against the *updated* fake score."""
-    from dpdm.core.distill import fake_score_loss, student_loss
+    from dpdm.core.train.distill import fake_score_loss, student_loss
 
     def job_():
         return one_fake_update_job("fake-first")
@@ -441,7 +441,7 @@ def test_first_fake_update_reuses_the_student_steps_outputs():
     g = torch.Generator().manual_seed(0)
     outputs = []
     with torch.no_grad():
-        from dpdm.core.distill import student_loss
+        from dpdm.core.train.distill import student_loss
 
         student_loss(replay.student.module, replay.teacher, replay.fake.module, replay.divergence, batches[0],
                      None, g, outputs)
@@ -457,7 +457,7 @@ def test_first_fake_update_reuses_the_student_steps_outputs():
 
 
 def test_frozen_call_turns_off_the_autocast_weight_cache():
-    from dpdm.core.precision import frozen_call
+    from dpdm.core.train.precision import frozen_call
 
     with frozen_call():
         assert torch.is_autocast_cache_enabled()  # outside autocast: nothing changes

@@ -16,11 +16,11 @@ import torch
 from typer.testing import CliRunner
 
 from dpdm.cli.main import app, join_list_options
-from dpdm.core import detectors, fid, generation, scoring
-from dpdm.core.checkpoint import build_denoiser, network_spec, save_denoiser
+from dpdm.core.eval import detectors, fid, generation, scoring
+from dpdm.core.io.checkpoint import build_denoiser, network_spec, save_denoiser
 from dpdm.core.datasets import from_model, to_model
 from dpdm.core.errors import DpdmError
-from dpdm.core.registry import get
+from dpdm.core.plugins.registry import get
 
 WIDE = {"COLUMNS": "1000"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,7 +245,7 @@ def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
 @pytest.mark.parametrize("extra", [None, {"role": "teacher"}, {"role": "fake"}])
 def test_eval_fid_of_a_teacher_checkpoint_defaults_to_heun_and_karras(small_detector, tmp_path, extra):
     """A checkpoint that is not a student (no role, a teacher's, an EDM .pkl) samples as EDM does: Heun, Karras."""
-    from dpdm.core.checkpoint import checkpoint_role
+    from dpdm.core.io.checkpoint import checkpoint_role
 
     net, spec = tiny_denoiser(seed=1)
     ckpt = tmp_path / "teacher.safetensors"
@@ -276,7 +276,7 @@ def test_eval_fid_of_a_teacher_checkpoint_defaults_to_heun_and_karras(small_dete
 
 
 def test_checkpoint_role_of_an_edm_pickle(tmp_path):
-    from dpdm.core.checkpoint import checkpoint_role
+    from dpdm.core.io.checkpoint import checkpoint_role
 
     pkl = tmp_path / "network-snapshot.pkl"
     pkl.write_bytes(b"\x80\x04\x95" + b"\x00" * 20)  # a pickle's opening bytes: EDM's format, a teacher
@@ -324,9 +324,9 @@ def test_eval_ref_errors(small_detector, tmp_path):
 
 GEN_SCRIPT = """
 import sys, torch
-from dpdm.core import generation
-from dpdm.core.distributed import init_dist
-from dpdm.core.registry import get
+from dpdm.core.eval import generation
+from dpdm.core.train.distributed import init_dist
+from dpdm.core.plugins.registry import get
 sys.path.insert(0, {tests!r})
 from test_eval import tiny_denoiser, SmallDetector
 dist = init_dist("cpu")
@@ -449,7 +449,7 @@ def test_whole_pipeline_through_pytorch_fid_weights(tmp_path, monkeypatch):
 
 
 def test_sweeps_and_recovery_keep_only_what_figures_need():
-    from dpdm.core import evaluate as ev
+    from dpdm.core.eval import evaluate as ev
 
     net, _ = tiny_denoiser()
     energy = get("metric", "energy")()
@@ -469,7 +469,7 @@ def test_sweeps_and_recovery_keep_only_what_figures_need():
 
 
 def test_recovery_noise_is_seeded_by_sigma_not_by_its_position():
-    from dpdm.core import evaluate as ev
+    from dpdm.core.eval import evaluate as ev
 
     net, _ = tiny_denoiser()
     energy = get("metric", "energy")()
@@ -485,8 +485,8 @@ def test_recovery_noise_is_seeded_by_sigma_not_by_its_position():
 def test_recovery_of_dataset_items_streams_feature_statistics(small_detector):
     """``Items`` read a dataset batch by batch; with a feature metric only statistics are kept, and the values are
     those of the whole sets."""
-    from dpdm.core import evaluate as ev
-    from dpdm.core import recovery as rec
+    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import recovery as rec
 
     net, _ = tiny_denoiser()
     train = get("dataset", "digits")(split="train")
@@ -511,8 +511,8 @@ def test_recovery_of_dataset_items_streams_feature_statistics(small_detector):
 def test_paper_protocol_reference_is_the_training_set(small_detector, tmp_path):
     """Section 5.1 compares with the full training set: eval.ref when set, else the train split's statistics
     (cached); for data metrics the train split's items."""
-    from dpdm.core import recovery as rec
-    from dpdm.core.config import load_recipe
+    from dpdm.core.eval import recovery as rec
+    from dpdm.core.config.recipe import load_recipe
 
     recipe = load_recipe(str(ROOT / "recipes" / "digits.yaml"))
     train = get("dataset", "digits")(split="train")
@@ -552,8 +552,8 @@ def test_paper_protocol_reference_is_the_training_set(small_detector, tmp_path):
 def test_a_run_evaluates_with_fd_and_caches_its_reference(tmp_path, monkeypatch):
     """`dpdm run` of an image recipe with eval.metric fd-digits: the report names the metric, the detector and its
     accuracy; the test split's statistics land in the cache; the figures are written."""
-    from dpdm.core.config import load_recipe
-    from dpdm.core.run import run
+    from dpdm.core.config.recipe import load_recipe
+    from dpdm.core.pipeline.run import run
 
     monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(str(ROOT / "recipes" / "digits.yaml"), [
@@ -575,8 +575,8 @@ def test_a_run_evaluates_with_fd_and_caches_its_reference(tmp_path, monkeypatch)
 
 def test_a_runs_eval_ref_is_the_default_reference(small_detector, tmp_path):
     from dpdm.cli.evaluation import _reference
-    from dpdm.core.config import load_recipe
-    from dpdm.core.distributed import Dist
+    from dpdm.core.config.recipe import load_recipe
+    from dpdm.core.train.distributed import Dist
     from dpdm.core.progress import Progress
 
     ref = tmp_path / "published.npz"

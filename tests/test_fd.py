@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from dpdm.core import classifier, metrics, registry
+from dpdm.core.eval import classifier, metrics
+
+from dpdm.core.plugins import registry
 from dpdm.core.datasets import to_model
 from dpdm.core.errors import DpdmError, UnknownComponentError
 

@@ -11,9 +11,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from dpdm.core import detectors, fid
+from dpdm.core.eval import detectors, fid
 from dpdm.core.errors import DpdmError
-from dpdm.core.inception import FIDInceptionV3
+from dpdm.core.eval.inception import FIDInceptionV3
 
 
 # ---------------------------------------------------------------- the Fréchet distance

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from dpdm.core import get
-from dpdm.core.config import load_recipe
+from dpdm.core.config.recipe import load_recipe
 from dpdm.core.errors import DpdmError
-from dpdm.core.engine import DeviceBatches
-from dpdm.core.run import preflight
+from dpdm.core.train.engine import DeviceBatches
+from dpdm.core.pipeline.run import preflight
 from dpdm.data.image_folder import image_folder, image_zip
 from dpdm.data.loader import Loader
 

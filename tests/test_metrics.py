@@ -1,4 +1,4 @@
-"""Distribution distances (dpdm.core.metrics) against closed forms and brute force."""
+"""Distribution distances (dpdm.core.eval.metrics) against closed forms and brute force."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from dpdm.core import get, metrics, names
+from dpdm.core import get, names
+
+from dpdm.core.eval import metrics
 
 
 def _normal(n, dim, seed, shift=0.0):

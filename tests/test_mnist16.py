@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpdm.core.config import load_recipe
+from dpdm.core.config.recipe import load_recipe
 from dpdm.core.errors import ConfigError
-from dpdm.core.report import PAPER_RECOVERY, checks, cross_order
+from dpdm.core.eval.report import PAPER_RECOVERY, checks, cross_order
 from dpdm.data import mnist as mn
 
 torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def test_mnist_resolution_is_data_prepares_lanczos(tmp_path):
     ({"resolution": 16, "pad_to_32": True}, "give resolution or pad_to_32, not both"),
 ])
 def test_mnist_resolution_errors_reach_the_recipe_check(tmp_path, options, message):
-    from dpdm.core.run import preflight
+    from dpdm.core.pipeline.run import preflight
 
     folder = write_idx(tmp_path / "mnist", 4, 4)
     with pytest.raises(ValueError, match=message):
@@ -78,8 +78,8 @@ def test_mnist_resolution_errors_reach_the_recipe_check(tmp_path, options, messa
 
 
 def test_mnist16_recipe_is_what_the_results_page_says(tmp_path):
-    from dpdm.core.checkpoint import build_denoiser
-    from dpdm.core.run import preflight
+    from dpdm.core.io.checkpoint import build_denoiser
+    from dpdm.core.pipeline.run import preflight
 
     recipe = load_recipe(str(RECIPE), [f"data.path={write_idx(tmp_path / 'mnist', 4, 4)}"])
     train_set, _, spec = preflight(recipe)
@@ -102,8 +102,8 @@ def test_the_committed_results_are_the_committed_runs_report():
     """docs/results/mnist16 holds one run's report: its checks are what ``report.checks`` computes from its own
     numbers, report.md is rendered from it, its config is the recipe's, and the README's headline row shows its
     numbers (so a re-run that changes a number cannot leave the published pages behind)."""
-    from dpdm.core.report import markdown
-    from dpdm.core.structure import unstructure
+    from dpdm.core.eval.report import markdown
+    from dpdm.core.config.structure import unstructure
 
     docs = ROOT / "docs" / "results" / "mnist16"
     report = json.loads((docs / "report.json").read_text())
@@ -182,7 +182,7 @@ def test_cross_use_order_is_figure_6s(values, holds):
 
 
 def test_report_markdown_shows_noise_paper_ratios_gap_and_cross():
-    from dpdm.core.report import markdown
+    from dpdm.core.eval.report import markdown
 
     cells = {"student": {"dpdm": {"value": 1.0, "nfe": 7}, "heun": {"value": 5.0, "nfe": 7}},
              "teacher": {"dpdm": {"value": 4.0, "nfe": 7}, "heun": {"value": 2.0, "nfe": 7}}}
@@ -197,9 +197,9 @@ def test_report_markdown_shows_noise_paper_ratios_gap_and_cross():
 
 
 def test_real_data_noise_scores_two_disjoint_seeded_halves():
-    from dpdm.core import evaluate as ev
+    from dpdm.core.eval import evaluate as ev
     from dpdm.core.datasets import TensorDataset, to_model
-    from dpdm.core.registry import get
+    from dpdm.core.plugins.registry import get
 
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (40, 1, 4, 4), generator=g, dtype=torch.uint8)
@@ -229,8 +229,8 @@ DI = ("baselines={di: {train: {divergence: {name: ikl, generator_sigma: 2.5}, st
 
 
 def test_a_baseline_is_distilled_from_the_same_teacher_and_reported(tmp_path):
-    from dpdm.core.checkpoint import load_denoiser
-    from dpdm.core.run import run
+    from dpdm.core.io.checkpoint import load_denoiser
+    from dpdm.core.pipeline.run import run
 
     recipe = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), TINY + [DI, "eval.cross_nfe=7", "eval.noise_seeds=2"])
     report = run(recipe, tmp_path / "run")
@@ -252,7 +252,7 @@ def test_a_baseline_is_distilled_from_the_same_teacher_and_reported(tmp_path):
 
 
 def test_baselines_are_part_of_the_training_config_only_when_present():
-    from dpdm.core.run import config_changes, config_hash, training_config
+    from dpdm.core.pipeline.run import config_changes, config_hash, training_config
 
     plain = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"))
     assert "baselines" not in training_config(plain)  # older runs' snapshots keep their hash
@@ -263,7 +263,7 @@ def test_baselines_are_part_of_the_training_config_only_when_present():
 
 
 def test_bad_baselines_fail_the_recipe_check():
-    from dpdm.core.run import preflight
+    from dpdm.core.pipeline.run import preflight
 
     bad = "baselines={'a/b': {train: {steps: -1, batch_size: 7}, steps: []}, ok: {sigma_max: -1.0}}"
     recipe = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), [bad, "engine.accum=2"])
@@ -292,7 +292,7 @@ SHORT = ["teacher.train.steps=40", "train.steps=6", "baselines.diff-instruct.tra
 def test_mnist16_recipe_end_to_end_shortened(tmp_path, monkeypatch):
     """The recipe's every phase, shortened: the report holds every table docs/results.md shows, the figures are
     written, and a killed-and-resumed run (here: resumed after it finished) evaluates to the same numbers."""
-    from dpdm.core.run import run
+    from dpdm.core.pipeline.run import run
 
     monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "cache"))
     data = REAL_MNIST if REAL_MNIST.is_dir() else write_idx(tmp_path / "mnist", 600, 300)
@@ -321,7 +321,7 @@ def test_mnist16_recipe_end_to_end_shortened(tmp_path, monkeypatch):
 
 
 def test_eval_batch_size_and_noise_seeds_are_checked_before_any_work():
-    from dpdm.core.run import preflight
+    from dpdm.core.pipeline.run import preflight
 
     recipe = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), ["eval.batch_size=0", "eval.noise_seeds=0"])
     with pytest.raises(ConfigError) as info:

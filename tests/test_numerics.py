@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpdm.core import evaluate, generation, scoring
+from dpdm.core.eval import evaluate, generation, scoring
 from dpdm.core.precond import EDMPrecond, VEPrecond, VPPrecond
-from dpdm.core.registry import get
+from dpdm.core.plugins.registry import get
 from dpdm.core.samplers import SAMPLERS, noise_like
 
 torch.set_num_threads(1)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dpdm.core.config import load_recipe
-from dpdm.core.run import run
+from dpdm.core.config.recipe import load_recipe
+from dpdm.core.pipeline.run import run
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

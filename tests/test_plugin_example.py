@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dpdm.core import plugin_manager
-from dpdm.core.registry import entry, get
+from dpdm.core.plugins.registry import entry, get
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "dpdm-plugin-example"

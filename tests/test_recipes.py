@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from dpdm.core import ConfigError
-from dpdm.core.config import EvalConfig, Recipe, load_recipe
-from dpdm.core.structure import Component, dump_yaml, load_yaml_text, structure, unstructure
+from dpdm.core.config.recipe import EvalConfig, Recipe, load_recipe
+from dpdm.core.config.structure import Component, dump_yaml, load_yaml_text, structure, unstructure
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -245,7 +245,7 @@ def test_paper_recipes_follow_appendix_b(name):
 @pytest.mark.parametrize("name", ["cifar10.yaml", "cifar10-cond.yaml", "imagenet64.yaml"])
 def test_paper_recipes_resolve_to_the_papers_algorithm(name):
     """What a paper recipe resolves to, component by component, and what those components then do."""
-    from dpdm.core.run import build_divergence
+    from dpdm.core.pipeline.run import build_divergence
     from dpdm.core.schedules import dpdm
 
     r = load_recipe(str(RECIPES_DIR / name))
@@ -265,8 +265,8 @@ def test_library_and_schema_defaults_agree():
     """One algorithm for a Python user and a YAML user: TrainConfig's defaults are DistillJob's."""
     import inspect
 
-    from dpdm.core.config import TrainConfig
-    from dpdm.core.distill import DPDM, DistillJob
+    from dpdm.core.config.recipe import TrainConfig
+    from dpdm.core.train.distill import DPDM, DistillJob
 
     cfg = TrainConfig()
     for cls in (DistillJob, DPDM):
@@ -282,7 +282,7 @@ def test_diff_instruct_recipe_is_diff_instructs_settings():
     import torch
 
     from dpdm.core.divergences import IKL
-    from dpdm.core.run import build_divergence
+    from dpdm.core.pipeline.run import build_divergence
 
     r = load_recipe(str(RECIPES_DIR / "diff-instruct.yaml"))
     div = build_divergence(r, sigma_data=0.5)

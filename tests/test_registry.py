@@ -13,7 +13,7 @@ import pytest
 
 import dpdm.core
 from dpdm.core import DpdmError, DuplicateComponentError, UnknownComponentError, get, hookimpl, names, plugin_manager
-from dpdm.core import registry
+from dpdm.core.plugins import registry
 
 KINDS = ["backbone", "preconditioning", "schedule", "sampler", "divergence", "dataset", "metric"]
 PLUGIN = "test-registry-plugin"

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpdm.cli.main import app
-from dpdm.core import report as rep
+from dpdm.core.eval import report as rep
 
 TOY2D = str(Path(__file__).resolve().parent.parent / "recipes" / "toy2d.yaml")
 TINY = ["teacher.train.steps=40", "train.steps=10", "train.fake_updates=1", "eval.num_samples=200",

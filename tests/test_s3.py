@@ -33,7 +33,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dpdm.cli.main import app
-from dpdm.core.checkpoint import (StorageError, build_denoiser, load_checkpoint, network_spec, read_checkpoint,
+from dpdm.core.io.checkpoint import (StorageError, build_denoiser, load_checkpoint, network_spec, read_checkpoint,
                                   save_denoiser, write_bytes_atomic)
 from dpdm.core.errors import DpdmError
 from dpdm.data.image_folder import image_zip

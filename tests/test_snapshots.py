@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import dpdm.core.snapshots as snapshots_module
-from dpdm.core.checkpoint import StorageError, build_denoiser, network_spec
+import dpdm.core.train.snapshots as snapshots_module
+from dpdm.core.io.checkpoint import StorageError, build_denoiser, network_spec
 from dpdm.core.errors import DpdmError
-from dpdm.core.snapshots import MARKER, Snapshots, load_snapshot
+from dpdm.core.train.snapshots import MARKER, Snapshots, load_snapshot
 
 torch.set_num_threads(1)
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from dpdm.core import ConfigError, hookimpl, plugin_manager
-from dpdm.core import registry
+from dpdm.core.plugins import registry
 from dpdm.core.errors import UnknownComponentError
-from dpdm.core.structure import (
+from dpdm.core.config.structure import (
     Component,
     apply_overrides,
     component,

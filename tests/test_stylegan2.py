@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 import dpdm.core
-from dpdm.core.distill import DPDM
+from dpdm.core.train.distill import DPDM
 from dpdm.core.divergences import SmoothedKL
 from dpdm.core.losses import EDMLoss
 from dpdm.core.precond import EDMPrecond

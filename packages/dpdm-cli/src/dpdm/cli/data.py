@@ -107,7 +107,7 @@ def info(
 
     --grid OUT.png writes a grid of --num images spread evenly over the dataset."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.structure import parse_value
+    from dpdm.core.config.structure import parse_value
     from dpdm.data import info as di
 
     options = {}

@@ -2,7 +2,7 @@
 the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4), and the cross-use of models and
 samplers at one NFE (``cross``, Section 5.2 / Figure 6).
 
-The work happens in ``dpdm.core.scoring``. Every command runs under torchrun (or ``--nproc N``): each rank
+The work happens in ``dpdm.core.eval.scoring``. Every command runs under torchrun (or ``--nproc N``): each rank
 generates or featurises its share of the items, statistics are summed over the ranks, rank 0 writes.
 Numbers carry their metric's name: ``fid`` (the standard Inception-v3 detector) or a substitute such as
 ``fd-mnist`` (a small classifier; not comparable with published FIDs).
@@ -50,7 +50,7 @@ def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, 
     """``(name, metric fn)``: ``--detector`` alone means ``fid`` with that detector; ``--metric NAME`` any metric
     (``fid`` takes ``--detector``); neither: the run's ``eval.metric``."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.metrics import make_metric
+    from dpdm.core.eval.metrics import make_metric
 
     data = (recipe.data.name, recipe.data.options) if recipe is not None else None
     if metric is None and detector is None:
@@ -90,8 +90,8 @@ def _reference(ref: Optional[str], metric, recipe, dist, progress):
     """The reference: ``--ref`` statistics, else (for a run) the recipe's ``eval.ref``, else its test split (feature
     statistics cached)."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.fid import load_stats
-    from dpdm.core.scoring import cached_dataset_stats, is_feature_metric
+    from dpdm.core.eval.fid import load_stats
+    from dpdm.core.eval.scoring import cached_dataset_stats, is_feature_metric
 
     if ref is None and recipe is not None and recipe.eval.ref and is_feature_metric(metric):
         ref = recipe.eval.ref  # the run's own reference statistics (e.g. EDM's published ones)
@@ -108,7 +108,7 @@ def _reference(ref: Optional[str], metric, recipe, dist, progress):
     if recipe is None:
         raise DpdmError("no reference: give --ref REF.npz (make one with `dpdm eval ref DATASET REF.npz`, or use "
                         "EDM's published https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/<dataset>.npz)")
-    from dpdm.core.run import dataset_key, make_dataset, references
+    from dpdm.core.pipeline.run import dataset_key, make_dataset, references
 
     test_set = make_dataset(recipe, "test")
     if is_feature_metric(metric):
@@ -122,7 +122,7 @@ def _reference(ref: Optional[str], metric, recipe, dist, progress):
 def _run_models(run_dir: Path, recipe, dist, metric, detector, ref, progress):
     """A run's student and teacher on the rank's device, its metric and reference: ``(student, teacher, spec,
     metric name, metric fn, reference, reference name)`` (``eval sweep`` and ``eval cross``)."""
-    from dpdm.core.checkpoint import load_checkpoint
+    from dpdm.core.io.checkpoint import load_checkpoint
 
     student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
     teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
@@ -139,13 +139,13 @@ def _model(run: Optional[Path], checkpoint: Optional[str], model: str, device):
         raise DpdmError("give --run DIR or --checkpoint PATH, not both")
     if model not in ("student", "teacher"):
         raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
-    from dpdm.core.checkpoint import load_checkpoint
+    from dpdm.core.io.checkpoint import load_checkpoint
 
     if checkpoint is not None:
         net, spec = load_checkpoint(checkpoint, device=device)
         return net, spec, None, checkpoint
-    from dpdm.core.config import load_recipe
-    from dpdm.core.rundir import resolve_run
+    from dpdm.core.config.recipe import load_recipe
+    from dpdm.core.pipeline.rundir import resolve_run
 
     run_dir = resolve_run(run)
     recipe = load_recipe(str(run_dir / "config.yaml"))
@@ -154,7 +154,7 @@ def _model(run: Optional[Path], checkpoint: Optional[str], model: str, device):
 
 
 def _dist(device: str):
-    from dpdm.core.distributed import init_dist
+    from dpdm.core.train.distributed import init_dist
     from dpdm.core.progress import Progress, RichProgress
 
     dist = init_dist(device)
@@ -179,8 +179,8 @@ def ref_cmd(
     """Feature statistics of a dataset (EDM's `fid.py ref`): the reference of `dpdm eval fid --ref`."""
     if nproc is not None:
         _launch(nproc)
-    from dpdm.core.fid import save_stats
-    from dpdm.core.scoring import dataset_stats, is_feature_metric
+    from dpdm.core.eval.fid import save_stats
+    from dpdm.core.eval.scoring import dataset_stats, is_feature_metric
 
     ds = _open_dataset(dataset, data or [], split)
     dist, progress = _dist(device)
@@ -209,7 +209,7 @@ def _open_dataset(dataset: str, data: list[str], split: str):
     import yaml
 
     from dpdm.core.errors import DpdmError
-    from dpdm.core.registry import entries, get
+    from dpdm.core.plugins.registry import entries, get
 
     options = {}
     for item in data:
@@ -264,7 +264,7 @@ def fid_cmd(
     dist, progress = _dist(device)
     finished = False
     try:
-        from dpdm.core.checkpoint import checkpoint_role
+        from dpdm.core.io.checkpoint import checkpoint_role
 
         net, spec, recipe, source = _model(run, checkpoint, model, dist.device)
         if not step_list:
@@ -272,7 +272,7 @@ def fid_cmd(
         role = model if recipe is not None else checkpoint_role(checkpoint)  # a teacher by default: heun + karras
         sampler_spec, schedule_spec = _sampling(recipe, role, sampler, schedule, sigma_max)
         name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
-        from dpdm.core.scoring import fid_at_steps, is_feature_metric
+        from dpdm.core.eval.scoring import fid_at_steps, is_feature_metric
 
         if len(spec["shape"]) != 3:
             raise DpdmError(f"dpdm eval fid is for images; this model makes vectors of shape {spec['shape']} "
@@ -327,7 +327,7 @@ def _sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str
     schedule_spec = {"name": name, **(dict(own.options) if own is not None and own.name == name else {})}
     if sigma_max is not None:
         schedule_spec["sigma_max"] = sigma_max
-    from dpdm.core.registry import entry
+    from dpdm.core.plugins.registry import entry
 
     entry("sampler", sampler_spec["name"])
     entry("schedule", schedule_spec["name"])
@@ -343,7 +343,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _grids(folder: Path, stem: str, grids: dict) -> None:
     """One PNG per entry (``<stem>-<key>.png``): images tiled, vectors scattered (needs matplotlib for vectors)."""
-    from dpdm.core import figures
+    from dpdm.core.eval import figures
 
     for key, x in grids.items():
         if len(x):
@@ -387,9 +387,9 @@ def sweep_cmd(
     35 (Heun: odd NFEs only); writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
     if nproc is not None:
         _launch(nproc)
-    from dpdm.core.config import load_recipe
-    from dpdm.core.rundir import resolve_run
-    from dpdm.core.scoring import nfe_sweep
+    from dpdm.core.config.recipe import load_recipe
+    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.eval.scoring import nfe_sweep
 
     s_nfe = ints(student_nfe, "--student-nfe") or list(DEFAULT_STUDENT_NFE)
     t_nfe = ints(teacher_nfe, "--teacher-nfe") or list(DEFAULT_TEACHER_NFE)
@@ -398,7 +398,7 @@ def sweep_cmd(
     cfg = recipe.eval
     names = [x.strip() for v in (teacher_sampler or []) for x in v.split(",") if x.strip()]
     samplers = [{"name": s} for s in (names or ["heun", "euler", "dpmpp-2m"])]
-    from dpdm.core.registry import entry
+    from dpdm.core.plugins.registry import entry
 
     for s in samplers:
         entry("sampler", s["name"])
@@ -429,7 +429,7 @@ def sweep_cmd(
                 result["detector"] = det.key
                 if getattr(det, "accuracy", None) is not None:
                     result["detector_test_accuracy"] = det.accuracy
-            from dpdm.core.report import checks, sweep_markdown
+            from dpdm.core.eval.report import checks, sweep_markdown
 
             found = checks({"sweep": sweep}) if sweep.get("student") else None
             if found is not None:  # the paper's sampling claims (Table 2, Section 5.2); recovery is `dpdm recover`
@@ -437,7 +437,7 @@ def sweep_cmd(
             _write_json(folder / "sweep.json", result)
 
             (folder / "sweep.md").write_text(sweep_markdown(result))
-            from dpdm.core import figures
+            from dpdm.core.eval import figures
 
             figures.curve_figure(sweep, name, folder / "nfe_curve.png")
             for role, by_sampler in grids.items():
@@ -476,9 +476,9 @@ def cross_cmd(
 
     if nfe < 1:
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
-    from dpdm.core.config import load_recipe
-    from dpdm.core.rundir import resolve_run
-    from dpdm.core.scoring import cross_samplings, cross_use
+    from dpdm.core.config.recipe import load_recipe
+    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.eval.scoring import cross_samplings, cross_use
 
     run_dir = resolve_run(run)
     recipe = load_recipe(str(run_dir / "config.yaml"))
@@ -508,7 +508,7 @@ def cross_cmd(
             _write_json(folder / "cross.json", result)
             figure = folder / "cross.png"
             try:
-                from dpdm.core import figures
+                from dpdm.core.eval import figures
 
                 panels = {m: {c: (f"{m}, {c} sampler, NFE {cell['nfe']}", grids[m][c]) for c, cell in row.items()}
                           for m, row in cells.items()}

@@ -105,10 +105,10 @@ def run(
     every rank trains, rank 0 prints, writes and evaluates."""
     if nproc is not None:
         _launch(nproc)
-    from dpdm.core.config import load_recipe
-    from dpdm.core.structure import dump_yaml, unstructure
+    from dpdm.core.config.recipe import load_recipe
+    from dpdm.core.config.structure import dump_yaml, unstructure
 
-    from dpdm.core.run import preflight
+    from dpdm.core.pipeline.run import preflight
 
     resolved = load_recipe(str(recipe), list(set_ or []))
     preflight(resolved, str(recipe))  # build data, nets, divergence, metric, schedules: fail now, not mid-run
@@ -116,9 +116,9 @@ def run(
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
         err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
         return
-    from dpdm.core.distributed import init_dist
+    from dpdm.core.train.distributed import init_dist
     from dpdm.core.progress import RichProgress
-    from dpdm.core.run import run as run_recipe
+    from dpdm.core.pipeline.run import run as run_recipe
 
     dist = init_dist(resolved.device)
     finished = False
@@ -142,7 +142,7 @@ def _run_dir(recipe, out: Optional[Path], resume: Optional[str]) -> Path:
     """The run directory: a new one, ``--out``, or for ``--resume`` an existing one whose training settings
     match ``recipe`` (the keys that differ are named)."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.rundir import new_run_dir, resolve_run, update_latest
+    from dpdm.core.pipeline.rundir import new_run_dir, resolve_run, update_latest
 
     if resume is None:
         if out is not None:
@@ -156,8 +156,8 @@ def _run_dir(recipe, out: Optional[Path], resume: Optional[str]) -> Path:
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise DpdmError(f"--resume {resume} and --out {out} name different directories; give one of them")
         path = resolve_run(Path(resume))
-    from dpdm.core.config import load_recipe
-    from dpdm.core.run import config_changes, training_config
+    from dpdm.core.config.recipe import load_recipe
+    from dpdm.core.pipeline.run import config_changes, training_config
 
     saved = load_recipe(str(path / "config.yaml"))
     changed = config_changes(training_config(saved), training_config(recipe))
@@ -235,8 +235,8 @@ def recover(
     each recovered set's distance to real data; a table (σ in columns), JSON, and a Figure-4-style panel (rows
     clean / noisy / teacher / student)."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.recovery import check_protocol
-    from dpdm.core.rundir import resolve_run
+    from dpdm.core.eval.recovery import check_protocol
+    from dpdm.core.pipeline.rundir import resolve_run
 
     check_protocol(protocol)
     sigmas = _floats(sigma, "--sigma") if sigma else list(PAPER_SIGMAS)
@@ -250,9 +250,9 @@ def recover(
 
     import torch
 
-    from dpdm.core import evaluate as ev
-    from dpdm.core import recovery as rec
-    from dpdm.core.run import load_run, make_dataset, recovery_setup, resolve_device
+    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import recovery as rec
+    from dpdm.core.pipeline.run import load_run, make_dataset, recovery_setup, resolve_device
 
     from .evaluation import resolve_metric
 
@@ -279,7 +279,7 @@ def recover(
     clean = rec.first(items, keep if keep is not None else len(items))
     fig_path = figure or run_dir / "figures" / "recover.png"
     try:
-        from dpdm.core import figures
+        from dpdm.core.eval import figures
 
         Path(fig_path).parent.mkdir(parents=True, exist_ok=True)
         m = min(8, len(clean)) if kind == "image" else len(clean)
@@ -349,15 +349,15 @@ def sample(
 ):
     """Draw samples from a run's student (or teacher) and save them as a PNG grid or scatter."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.rundir import resolve_run
+    from dpdm.core.pipeline.rundir import resolve_run
 
     if model not in ("student", "teacher"):
         raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
     run_dir = resolve_run(run)
-    from dpdm.core import evaluate as ev
-    from dpdm.core import figures
-    from dpdm.core.run import load_run, make_dataset
-    from dpdm.core.scoring import sampler_and_schedule
+    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import figures
+    from dpdm.core.pipeline.run import load_run, make_dataset
+    from dpdm.core.eval.scoring import sampler_and_schedule
 
     from .evaluation import _sampling
 
@@ -384,7 +384,7 @@ def sample(
 @user_errors
 def plugins(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
     """List every registered component by kind, with the distribution (and version) that provided it."""
-    from dpdm.core.registry import KINDS, entries
+    from dpdm.core.plugins.registry import KINDS, entries
 
     data = {kind: [{"name": e.name, "distribution": e.distribution, "version": e.version, "plugin": e.plugin}
                    for e in sorted(entries(kind).values(), key=lambda e: e.name)] for kind in KINDS}
@@ -414,7 +414,7 @@ def convert_edm_pkl(
 ):
     """Import an official EDM network-snapshot-*.pkl without running its embedded code, and save it as a
     dpdm checkpoint (safetensors weights + network spec) that `load_denoiser` and recipes can use."""
-    from dpdm.core.checkpoint import convert_edm_pickle
+    from dpdm.core.io.checkpoint import convert_edm_pickle
 
     spec, snapshot, notes = convert_edm_pickle(src, dst)
     backbone = {k: v for k, v in spec["backbone"].items() if k != "name"}

@@ -11,8 +11,11 @@ from __future__ import annotations
 import importlib
 
 from .errors import ConfigError, DpdmError, DuplicateComponentError, UnknownComponentError
-from .hookspecs import hookimpl
-from .registry import get, names, plugin_manager
+from .plugins.hookspecs import hookimpl
+from .plugins.registry import get, names, plugin_manager
+from ._moved import install as _install_moved
+
+_install_moved()
 
 _LAZY = {
     "EDMPrecond": "precond",
@@ -22,18 +25,18 @@ _LAZY = {
     "SigmaDist": "sigmas",
     "SmoothedKL": "divergences",
     "IKL": "divergences",
-    "DPDM": "distill",
-    "TeacherTrainer": "teacher",
-    "TeacherJob": "teacher",
-    "DistillJob": "distill",
-    "Trainer": "engine",
-    "DeviceBatches": "engine",
-    "Snapshots": "snapshots",
-    "Precision": "precision",
-    "init_dist": "distributed",
-    "EMA": "ema",
-    "load_denoiser": "checkpoint",
-    "load_checkpoint": "checkpoint",
+    "DPDM": "train.distill",
+    "TeacherTrainer": "train.teacher",
+    "TeacherJob": "train.teacher",
+    "DistillJob": "train.distill",
+    "Trainer": "train.engine",
+    "DeviceBatches": "train.engine",
+    "Snapshots": "train.snapshots",
+    "Precision": "train.precision",
+    "init_dist": "train.distributed",
+    "EMA": "train.ema",
+    "load_denoiser": "io.checkpoint",
+    "load_checkpoint": "io.checkpoint",
 }
 
 __all__ = [

@@ -96,7 +96,7 @@ def clamp_to_network(schedule, denoiser, *, takes_range: bool | None = None):
         return schedule
     lo, hi = rng
     if takes_range is None:
-        from .registry import accepts
+        from .plugins.registry import accepts
 
         takes_range = accepts(schedule, "sigma_min", "sigma_max", var_keyword=True)
 

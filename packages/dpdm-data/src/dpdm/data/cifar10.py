@@ -36,7 +36,7 @@ import torch
 
 from dpdm.core.datasets import TensorDataset, with_xflip
 from dpdm.core.errors import DpdmError
-from dpdm.core.storage import first_line
+from dpdm.core.io.storage import first_line
 
 from .storage import locate
 

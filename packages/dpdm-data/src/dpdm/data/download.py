@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from dpdm.core.cache import open_url
+from dpdm.core.io.cache import open_url
 from dpdm.core.errors import DpdmError, did_you_mean
 
 from . import cifar10, mnist

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpdm.core import storage
+from dpdm.core.io import storage
 from dpdm.core.errors import DpdmError
-from dpdm.core.storage import first_line
+from dpdm.core.io.storage import first_line
 
 from .sources import LABELS_FILE, is_image
 from .storage import locate

@@ -33,7 +33,7 @@ KNOWN_CLASSES = {"cifar10": CIFAR10_CLASSES, "mnist": MNIST_CLASSES, "fashion-mn
 def open_dataset(path: str | None, name: str | None = None, split: str = "train", options: dict | None = None):
     """``(name, dataset)``: the registered dataset ``name`` (default: the one that reads ``path``) built with
     ``split``, ``path`` and ``options``; wrong options are a ``DpdmError`` listing the accepted ones."""
-    from dpdm.core.registry import get
+    from dpdm.core.plugins.registry import get
 
     if name is None:
         if not path:
@@ -111,7 +111,7 @@ def sample_grid(dataset, num: int = 64) -> np.ndarray:
     import torch
 
     from dpdm.core.datasets import to_model
-    from dpdm.core.figures import image_grid
+    from dpdm.core.eval.figures import image_grid
 
     if dataset.kind != "image":
         raise DpdmError(f"--grid: the dataset holds {dataset.kind} data, not images; leave --grid out")

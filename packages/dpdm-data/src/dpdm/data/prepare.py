@@ -50,7 +50,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from dpdm.core.errors import DpdmError
-from dpdm.core.storage import first_line
+from dpdm.core.io.storage import first_line
 
 from .sources import LABELS_FILE, Source, open_source
 from .transforms import Spec, convert_chunk, parse_resolution

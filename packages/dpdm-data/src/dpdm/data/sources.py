@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from dpdm.core.errors import DpdmError, did_you_mean
-from dpdm.core.storage import first_line
+from dpdm.core.io.storage import first_line
 
 from .storage import locate
 

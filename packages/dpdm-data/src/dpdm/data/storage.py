@@ -1,7 +1,7 @@
 """Locating a dataset's ``data.path`` on any fsspec storage, with one clear error for storage
 that cannot be reached (unknown protocol, missing backend or bucket, network failure).
 
-Remote paths take their credentials and endpoint from the environment (``dpdm.core.storage``):
+Remote paths take their credentials and endpoint from the environment (``dpdm.core.io.storage``):
 e.g. ``AWS_ENDPOINT_URL=http://127.0.0.1:9000`` for an S3-compatible server. ``simplecache::`` or
 ``filecache::`` in front of a URL keeps a local copy of the file (fsspec URL chaining).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fsspec
 
-from dpdm.core import storage
+from dpdm.core.io import storage
 from dpdm.core.errors import DpdmError
 
 

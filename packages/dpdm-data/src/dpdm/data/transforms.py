@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dpdm.core.errors import DpdmError, did_you_mean
-from dpdm.core.storage import first_line
+from dpdm.core.io.storage import first_line
 
 TRANSFORMS = ("none", "center-crop", "center-crop-wide", "center-crop-adm")
 GRAY_MODES = ("1", "L", "LA", "La")

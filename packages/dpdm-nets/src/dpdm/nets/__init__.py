@@ -5,7 +5,7 @@ Importing this package is cheap (no torch); the networks load on first use::
     from dpdm.core import get
     net = get("backbone", "mlp")(shape=(2,), label_dim=0, hidden=256)
 
-Backbones follow the contract of ``dpdm.core.hookspecs``: ``forward(x, noise_labels,
+Backbones follow the contract of ``dpdm.core.plugins.hookspecs``: ``forward(x, noise_labels,
 class_labels=None)`` returns a tensor shaped like ``x``.
 """
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import fsspec
 
-from .errors import DpdmError
+from ..errors import DpdmError
 
 TIMEOUT_S = 60.0  # per network operation, not for the whole download
 

@@ -102,7 +102,7 @@ class SampleGrid:
     def __call__(self, trainer, stats: dict) -> None:
         if self.every <= 0 or trainer.step % self.every or not trainer.dist.is_main:
             return
-        from .evaluate import generate
+        from ..eval.evaluate import generate
 
         model = trainer.job.model
         was_training = model.training
@@ -115,7 +115,7 @@ class SampleGrid:
         phase = trainer.job.phase
         if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - the [plots] extra is not installed
             return
-        from .figures import image_grid, samples_figure
+        from ..eval.figures import image_grid, samples_figure
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         samples_figure({f"step {trainer.step}": x}, self.kind, self.out_dir / f"{phase}-{trainer.step:09d}.png",

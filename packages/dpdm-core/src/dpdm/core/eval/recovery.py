@@ -25,9 +25,9 @@ from typing import Iterator, Sequence
 import torch
 
 from . import generation
-from .datasets import from_model, to_model
-from .distributed import derive_seed
-from .errors import DpdmError
+from ..datasets import from_model, to_model
+from ..train.distributed import derive_seed
+from ..errors import DpdmError
 from .fid import StatsAccumulator
 
 PROTOCOLS = ("paper", "heldout")
@@ -211,7 +211,7 @@ def training_reference(recipe, train_set, metric, *, num_samples: int, exclude: 
     the split), the whole split is used and the description says the estimate is biased.
     """
     from .fid import load_stats
-    from .run import dataset_key
+    from ..pipeline.run import dataset_key
     from .scoring import cached_dataset_stats, is_feature_metric
 
     if is_feature_metric(metric):

@@ -13,7 +13,7 @@ from torch import nn
 from .distributed import Dist
 from .ema import EMA
 from .engine import Trainable, job_state, load_job_state
-from .losses import EDMLoss
+from ..losses import EDMLoss
 from .precision import Precision
 
 

@@ -37,10 +37,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import storage
-from .checkpoint import StorageError, write_bytes_atomic
+from ..io import storage
+from ..io.checkpoint import StorageError, write_bytes_atomic
 from .distributed import Dist
-from .errors import DpdmError
+from ..errors import DpdmError
 
 FORMAT = "dpdm-snapshot/1"
 MARKER = "COMPLETE"

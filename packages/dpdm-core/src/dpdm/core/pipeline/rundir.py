@@ -6,7 +6,7 @@ import datetime
 import os
 from pathlib import Path
 
-from .errors import DpdmError
+from ..errors import DpdmError
 
 DEFAULT_ROOT = "runs"
 

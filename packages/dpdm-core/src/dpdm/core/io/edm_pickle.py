@@ -32,7 +32,7 @@ import attrs
 import numpy as np
 import torch
 
-from .errors import DpdmError
+from ..errors import DpdmError
 
 # Preconditioning and backbone classes we can map, with the names they get in our registry.
 PRECONDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}

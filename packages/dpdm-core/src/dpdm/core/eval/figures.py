@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .datasets import from_model
+from ..datasets import from_model
 
 
 def _plt():

@@ -25,8 +25,8 @@ import fsspec
 import numpy as np
 import torch
 
-from .cache import cache_dir, local_copy
-from .errors import DpdmError
+from ..io.cache import cache_dir, local_copy
+from ..errors import DpdmError
 
 
 @attrs.frozen
@@ -176,7 +176,7 @@ def feature_metric(detector, *, batch_size: int = 100):
         raise DpdmError(f"batch_size must be at least 1, got {batch_size}")
 
     def stats_of(images) -> FeatureStats:
-        from .datasets import from_model
+        from ..datasets import from_model
 
         images = torch.as_tensor(images)
         if images.ndim != 4:

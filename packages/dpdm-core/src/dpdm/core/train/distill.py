@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from .distributed import Dist
-from .divergences import Divergence
+from ..divergences import Divergence
 from .ema import EMA
 from .engine import Trainable, job_state, load_job_state
-from .losses import EDMLoss
+from ..losses import EDMLoss
 from .precision import Precision, frozen_call
 from .teacher import device_of
 

@@ -26,8 +26,8 @@ import attrs
 import fsspec
 import yaml
 
-from . import registry
-from .errors import ConfigError, UnknownComponentError, did_you_mean
+from ..plugins import registry
+from ..errors import ConfigError, UnknownComponentError, did_you_mean
 
 __all__ = [
     "Component", "Dumper", "Loader", "RESERVED_OPTIONS", "apply_overrides", "component", "dump_yaml",
@@ -294,7 +294,7 @@ def _check_component(kind: str, name: str, options: dict, path: str, problems: l
     """Check ``name`` against the registry and ``options`` against the registered factory's signature."""
     try:
         if kind == "metric":  # metrics include the fd-<dataset> family, which is not registered name by name
-            from .metrics import metric_factory
+            from ..eval.metrics import metric_factory
 
             obj = metric_factory(name)
         else:

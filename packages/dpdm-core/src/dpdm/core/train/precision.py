@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import DpdmError
+from ..errors import DpdmError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

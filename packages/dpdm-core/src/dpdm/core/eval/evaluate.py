@@ -8,13 +8,14 @@ from typing import Callable
 
 import torch
 
-from . import generation, schedules
+from . import generation
+from .. import schedules
 from . import recovery as rec
-from .datasets import to_model
-from .distributed import derive_seed
-from .registry import accepts, get
+from ..datasets import to_model
+from ..train.distributed import derive_seed
+from ..plugins.registry import accepts, get
 from .recovery import recovery  # noqa: F401  (Section 5.1, part of this module's API)
-from .samplers import steps_for_nfe
+from ..samplers import steps_for_nfe
 
 
 def generate(denoiser, sampler, sigmas: torch.Tensor, num: int, shape, *, label_dim: int = 0, seed: int = 0,

@@ -16,7 +16,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import DuplicateComponentError, UnknownComponentError
+from ..errors import DuplicateComponentError, UnknownComponentError
 
 KINDS = {
     "backbone": "register_backbones",
@@ -60,7 +60,7 @@ def plugin_manager() -> pluggy.PluginManager:
         if _pm is None:
             pm = pluggy.PluginManager(hookspecs.PROJECT)
             pm.add_hookspecs(hookspecs)
-            from . import _builtins
+            from . import builtins as _builtins
 
             pm.register(_builtins, name="dpdm.core")
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)

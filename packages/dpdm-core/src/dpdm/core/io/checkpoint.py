@@ -31,8 +31,8 @@ from torch import nn
 
 from . import storage
 from .cache import import_cache_path, local_copy
-from .errors import DpdmError, UnknownComponentError
-from .registry import get
+from ..errors import DpdmError, UnknownComponentError
+from ..plugins.registry import get
 
 FORMAT = "dpdm-denoiser/1"
 IMPORTER = "edm-pkl/1"  # version of the EDM snapshot conversion: part of the import cache key

@@ -130,8 +130,8 @@ def metric_factory(name: str):
     """The factory of metric ``name``: a registered metric, or for ``fd-<dataset>`` (any registered dataset) the
     Fréchet distance in the features of a small classifier trained once on that dataset
     (``classifier.fd_metric`` with ``dataset`` bound). Unknown names raise ``UnknownComponentError``."""
-    from .errors import UnknownComponentError
-    from .registry import entries, names
+    from ..errors import UnknownComponentError
+    from ..plugins.registry import entries, names
 
     table = entries("metric")
     if name in table:
@@ -164,7 +164,7 @@ def make_metric(name: str, options: dict | None = None, *, data=None, progress=N
     becomes true: the classifier learns the labels, the images are the same) unless the metric's own ``data``
     option says otherwise.
     """
-    from .registry import entries
+    from ..plugins.registry import entries
 
     options = dict(options or {})
     if (name.startswith(FD_PREFIX) and data is not None and data[0] == name[len(FD_PREFIX):]

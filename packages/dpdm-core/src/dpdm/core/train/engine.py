@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .datasets import to_model
+from ..datasets import to_model
 from .distributed import Dist
-from .errors import DpdmError
+from ..errors import DpdmError
 from .precision import Precision, backward, guarded_step
-from .progress import Progress
+from ..progress import Progress
 
 STATE_FORMAT = "dpdm-training-state/1"
 MicroLoss = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]

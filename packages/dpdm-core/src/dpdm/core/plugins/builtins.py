@@ -7,7 +7,7 @@ from .hookspecs import hookimpl
 
 @hookimpl
 def register_preconditionings(register):
-    from .precond import EDMPrecond, VEPrecond, VPPrecond
+    from ..precond import EDMPrecond, VEPrecond, VPPrecond
 
     register("edm", EDMPrecond)
     register("vp", VPPrecond)
@@ -16,7 +16,7 @@ def register_preconditionings(register):
 
 @hookimpl
 def register_schedules(register):
-    from .schedules import dpdm, karras
+    from ..schedules import dpdm, karras
 
     register("karras", karras)
     register("dpdm", dpdm)
@@ -24,7 +24,7 @@ def register_schedules(register):
 
 @hookimpl
 def register_samplers(register):
-    from .samplers import SAMPLERS
+    from ..samplers import SAMPLERS
 
     for name, fn in SAMPLERS.items():
         register(name, fn)
@@ -32,7 +32,7 @@ def register_samplers(register):
 
 @hookimpl
 def register_divergences(register):
-    from .divergences import IKL, SmoothedKL
+    from ..divergences import IKL, SmoothedKL
 
     register("smoothed-kl", SmoothedKL)
     register("ikl", IKL)
@@ -40,10 +40,10 @@ def register_divergences(register):
 
 @hookimpl
 def register_metrics(register):
-    from .metrics import METRICS
+    from ..eval.metrics import METRICS
 
     for name, factory in METRICS.items():
         register(name, factory)
-    from .fid import fid_metric
+    from ..eval.fid import fid_metric
 
     register("fid", fid_metric)

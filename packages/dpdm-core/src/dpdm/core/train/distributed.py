@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .errors import DpdmError
+from ..errors import DpdmError
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

@@ -20,9 +20,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .distributed import Dist, derive_seed
+from ..train.distributed import Dist, derive_seed
 from .fid import FeatureStats, StatsAccumulator
-from .progress import Progress
+from ..progress import Progress
 
 
 class ItemGenerators:
@@ -140,7 +140,7 @@ def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num:
     ``on_batch(indices, x)`` sees every model-space batch in float32 (e.g. to keep a grid). Every rank returns the
     statistics of all ``num`` items. ``dtype``: the sampler state (``generate_items``; float64 by default).
     """
-    from .datasets import from_model
+    from ..datasets import from_model
 
     dist = dist or Dist()
     progress = progress or Progress()

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import cache_dir
-from .datasets import to_model
+from ..io.cache import cache_dir
+from ..datasets import to_model
 from .detectors import FeatureDetector
-from .errors import DpdmError
+from ..errors import DpdmError
 from .fid import _slug, feature_metric
-from .progress import Progress
+from ..progress import Progress
 
 RECIPE_VERSION = 1  # bump when the network or the training recipe changes: cached classifiers are then retrained
 EPOCHS = 3  # at least this many epochs...
@@ -193,7 +193,7 @@ def cache_path(dataset: str, data: dict | None = None, *, seed: int = 0, epochs:
 
 
 def _build(dataset: str, split: str, data: dict):
-    from . import registry
+    from ..plugins import registry
 
     factory = registry.get("dataset", dataset)  # UnknownComponentError (a DpdmError) lists the registered ones
     try:

@@ -22,12 +22,13 @@ from typing import Callable
 
 import torch
 
-from . import evaluate, generation
-from .distributed import Dist
-from .errors import DpdmError
+from . import evaluate
+from . import generation
+from ..train.distributed import Dist
+from ..errors import DpdmError
 from .fid import FeatureStats, StatsAccumulator, load_stats, save_stats, stats_cache_path
-from .progress import Progress
-from .samplers import steps_for_nfe
+from ..progress import Progress
+from ..samplers import steps_for_nfe
 
 
 def is_feature_metric(metric) -> bool:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import attrs
 
-from .sigmas import SigmaDist
+from ..sigmas import SigmaDist
 from .structure import Component, apply_overrides, component, load_yaml, structure
 
 

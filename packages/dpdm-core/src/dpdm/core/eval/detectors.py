@@ -32,9 +32,9 @@ import zipfile
 import fsspec
 import torch
 
-from .cache import local_copy
-from .edm_pickle import TORCH_MAGIC, _latin1_bytes
-from .errors import DpdmError
+from ..io.cache import local_copy
+from ..io.edm_pickle import TORCH_MAGIC, _latin1_bytes
+from ..errors import DpdmError
 from .inception import FEATURE_DIM, FIDInceptionV3
 
 EDM_DETECTOR_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/"

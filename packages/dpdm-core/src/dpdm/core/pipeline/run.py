@@ -30,28 +30,28 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate as ev
-from . import recovery as rec
-from .checkpoint import build_denoiser, load_checkpoint, load_denoiser, network_spec, save_denoiser
-from .config import Recipe
-from .datasets import to_model
-from .distill import DistillJob
-from .distributed import Dist, derive_seed, init_dist
-from .engine import DeviceBatches, Trainer
-from .errors import ConfigError, DpdmError
-from .losses import EDMLoss
-from .precision import Precision
-from .progress import Progress
-from .cache import local_copy, needs_download
-from .fid import load_stats
-from .metrics import FD_PREFIX, make_metric, metric_factory
-from .registry import accepts, entries, entry, get
-from .scoring import cached_dataset_stats, cross_samplings, cross_use, is_feature_metric
-from .report import NFE_FACTOR, best_teacher, write_report
-from .structure import dump_yaml, unstructure
-from .snapshots import Snapshots
-from .teacher import TeacherJob
-from .tracking import SampleGrid, Tracker
+from ..eval import evaluate as ev
+from ..eval import recovery as rec
+from ..io.checkpoint import build_denoiser, load_checkpoint, load_denoiser, network_spec, save_denoiser
+from ..config.recipe import Recipe
+from ..datasets import to_model
+from ..train.distill import DistillJob
+from ..train.distributed import Dist, derive_seed, init_dist
+from ..train.engine import DeviceBatches, Trainer
+from ..errors import ConfigError, DpdmError
+from ..losses import EDMLoss
+from ..train.precision import Precision
+from ..progress import Progress
+from ..io.cache import local_copy, needs_download
+from ..eval.fid import load_stats
+from ..eval.metrics import FD_PREFIX, make_metric, metric_factory
+from ..plugins.registry import accepts, entries, entry, get
+from ..eval.scoring import cached_dataset_stats, cross_samplings, cross_use, is_feature_metric
+from ..eval.report import NFE_FACTOR, best_teacher, write_report
+from ..config.structure import dump_yaml, unstructure
+from ..train.snapshots import Snapshots
+from ..train.teacher import TeacherJob
+from ..train.tracking import SampleGrid, Tracker
 
 TEACHER_STREAM, STUDENT_STREAM = 1, 2  # seeds of the two phases derive from (recipe.seed, stream)
 BASELINE_STREAM = 100  # baseline i (recipe.baselines, in order) trains with stream BASELINE_STREAM + i
@@ -578,7 +578,7 @@ def seed_spread(recipe, student, teacher, metric_fn, reference, s_vals, u_vals, 
 def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, clean, rec_examples, sweep, metric,
              progress, *, noise: dict | None = None, cross=None, title: str = ""):
     try:
-        from . import figures
+        from ..eval import figures
     except ImportError:  # pragma: no cover - matplotlib missing
         progress.log("matplotlib is not installed; skipping figures (pip install dpdm-core[plots])")
         return
@@ -678,7 +678,7 @@ def run(recipe: Recipe, out: str | Path, progress: Progress | None = None, *, di
 
 def load_run(run_dir: str | Path, device="cpu"):
     """``(recipe, teacher, student)`` of a finished run, from its config and checkpoints."""
-    from .config import load_recipe
+    from ..config.recipe import load_recipe
 
     run_dir = Path(run_dir)
     recipe = load_recipe(str(run_dir / "config.yaml"))
