@@ -19,14 +19,15 @@ def scoring_setup(run: Path, num: int):
     """``(recipe, teacher, student, metric, reference, common)`` of a finished run: its fd metric, the test split's
     cached reference statistics, and the keyword arguments the sweeps share (CPU, generation batch 128)."""
     from dpdm.core.eval.metrics import make_metric
-    from dpdm.core.pipeline.run import dataset_key, load_run, make_dataset
+    from dpdm.core.eval.scoring import dataset_key
+    from dpdm.core.pipeline.run import load_run, make_dataset
     from dpdm.core.eval.scoring import cached_dataset_stats
 
     recipe, teacher, student = load_run(run)
-    test = make_dataset(recipe, "test")
+    test = make_dataset(recipe.data, "test")
     metric = make_metric(recipe.eval.metric.name, dict(recipe.eval.metric.options),
                          data=(recipe.data.name, recipe.data.options))
-    reference = cached_dataset_stats(dataset_key(recipe, "test"), test, metric.detector)
+    reference = cached_dataset_stats(dataset_key(recipe.data, "test"), test, metric.detector)
     common = dict(num=num, shape=tuple(test.shape), label_dim=0, device="cpu", batch_size=128)
     return recipe, teacher, student, metric, reference, common
 

@@ -30,7 +30,7 @@ def main():
     values = {rho: {n: [] for n in args.steps} for rho in args.rho}
     for run_dir in args.runs:
         recipe, _, student = load_run(run_dir)
-        train, test = make_dataset(recipe, "train"), make_dataset(recipe, "test")
+        train, test = make_dataset(recipe.data, "train"), make_dataset(recipe.data, "test")
         reference, _ = references(recipe, train, test, recipe.eval.num_samples)
         metric = make_metric(recipe.eval.metric.name, dict(recipe.eval.metric.options),
                              data=(recipe.data.name, recipe.data.options))

@@ -320,7 +320,8 @@ def test_recipes_preflight(tmp_path, monkeypatch, name, label_dim):
                                    f"data.path to DEST/cifar-10-python.tar.gz (or to its extracted {c10.FOLDER}/ "
                                    f"folder)"]
     _archive(tmp_path)  # now it is
-    train_set, test_set, spec = preflight(load_recipe(recipe), recipe)
+    plan = preflight(load_recipe(recipe), recipe)
+    train_set, test_set, spec = plan.train_set, plan.test_set, plan.spec
     assert (len(train_set), len(test_set), train_set.label_dim) == (12, 5, label_dim)
     assert spec["shape"] == [3, 32, 32] and spec["label_dim"] == label_dim
 

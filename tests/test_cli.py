@@ -438,7 +438,7 @@ def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
     assert data["recovery_protocol"] == "paper" and data["num"] == 50 and data["seed"] == 3
     assert "training split" in data["protocol"] and data["ref"] == "gaussian-ring fresh samples (300)"
     recipe, teacher, student = load_run(tiny_run["run"])
-    train = make_dataset(recipe, "train")
+    train = make_dataset(recipe.data, "train")
     ids = sorted(torch.randperm(len(train), generator=torch.Generator().manual_seed(
         derive_seed(3, SUBSET_STREAM)))[:50].tolist())
     x0 = to_model(train.tensors()[0][ids])
@@ -461,8 +461,8 @@ def test_recover_heldout_protocol_is_unchanged(tiny_run):
     data = json.loads(r.stdout)
     assert data["recovery_protocol"] == "heldout" and data["num"] == 40 and "test" in data["protocol"]
     recipe, teacher, student = load_run(tiny_run["run"])
-    test = make_dataset(recipe, "test")
-    _, validation = references(recipe, make_dataset(recipe, "train"), test, recipe.eval.num_samples)
+    test = make_dataset(recipe.data, "test")
+    _, validation = references(recipe, make_dataset(recipe.data, "train"), test, recipe.eval.num_samples)
     want = _direct_recovery(teacher, student, to_model(test.tensors()[0][:40]), range(40), None, 2.0, 0, validation)
     for k, v in want.items():
         assert data["recovery"]["2"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
@@ -481,7 +481,7 @@ def test_recover_num_beyond_the_split_uses_all_of_it(tiny_run):
     from dpdm.core.pipeline.run import load_run, make_dataset
 
     recipe, _, _ = load_run(tiny_run["run"])
-    size = len(make_dataset(recipe, "test"))
+    size = len(make_dataset(recipe.data, "test"))
     r = ok(invoke("recover", "--protocol", "heldout", "--sigma", "5", "--num", size + 5, "--json", "--run",
                   tiny_run["run"]))
     data = json.loads(r.stdout)
@@ -675,7 +675,7 @@ def test_eval_sweep_on_a_run(tiny_run, tmp_path):
     from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     recipe, teacher, student = load_run(tiny_run["run"])
-    reference, _ = references(recipe, make_dataset(recipe, "train"), make_dataset(recipe, "test"),
+    reference, _ = references(recipe, make_dataset(recipe.data, "train"), make_dataset(recipe.data, "test"),
                               recipe.eval.num_samples)
     x = ev.generate(student, get("sampler", "dpdm"), get("schedule", "dpdm")(2), 200, (2,), seed=0)
     assert data["sweep"]["student"]["dpdm"]["2"] == pytest.approx(get("metric", "energy")()(x, reference), rel=1e-9)
@@ -739,7 +739,7 @@ def test_eval_cross_is_direct_generation_and_metric(tiny_run, tmp_path):
     assert {m: list(row) for m, row in data["cells"].items()} == {"student": ["dpdm", "heun"],
                                                                  "teacher": ["dpdm", "heun"]}
     recipe, teacher, student = load_run(tiny_run["run"])
-    reference, _ = references(recipe, make_dataset(recipe, "train"), make_dataset(recipe, "test"),
+    reference, _ = references(recipe, make_dataset(recipe.data, "train"), make_dataset(recipe.data, "test"),
                               recipe.eval.num_samples)
     energy = get("metric", "energy")()
     plan = {"dpdm": (get("sampler", "dpdm"), get("schedule", "dpdm")(4), 4),

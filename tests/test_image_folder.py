@@ -279,6 +279,7 @@ def test_cifar10_recipe_preflights_on_an_edm_zip(tmp_path):
     recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "cifar10-cond.yaml")
     path = _zip(tmp_path / "cifar10-32x32.zip", _members(_images(4, size=32), labels=[0, 9, 3, 9]))
     overrides = ["data.name=image-zip", f"data.path={path}", "data.xflip=true", "data.max_size=3"]
-    train_set, test_set, spec = preflight(load_recipe(recipe, overrides), recipe)
+    plan = preflight(load_recipe(recipe, overrides), recipe)
+    train_set, test_set, spec = plan.train_set, plan.test_set, plan.spec
     assert (len(train_set), len(test_set), train_set.label_dim) == (6, 3, 10)
     assert spec["shape"] == [3, 32, 32] and spec["label_dim"] == 10

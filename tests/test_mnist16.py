@@ -82,7 +82,8 @@ def test_mnist16_recipe_is_what_the_results_page_says(tmp_path):
     from dpdm.core.pipeline.run import preflight
 
     recipe = load_recipe(str(RECIPE), [f"data.path={write_idx(tmp_path / 'mnist', 4, 4)}"])
-    train_set, _, spec = preflight(recipe)
+    plan = preflight(recipe)
+    train_set, _, spec = plan.train_set, plan.test_set, plan.spec
     assert spec["shape"] == [1, 16, 16] or tuple(spec["shape"]) == (1, 16, 16)
     params = sum(p.numel() for p in build_denoiser(spec).parameters())
     assert 0.70e6 < params < 0.74e6  # the 0.72M-parameter SongUNet of the issue
@@ -252,7 +253,7 @@ def test_a_baseline_is_distilled_from_the_same_teacher_and_reported(tmp_path):
 
 
 def test_baselines_are_part_of_the_training_config_only_when_present():
-    from dpdm.core.pipeline.run import config_changes, config_hash, training_config
+    from dpdm.core.config.identity import config_changes, config_hash, training_config
 
     plain = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"))
     assert "baselines" not in training_config(plain)  # older runs' snapshots keep their hash

@@ -108,13 +108,14 @@ def _reference(ref: Optional[str], metric, recipe, dist, progress):
     if recipe is None:
         raise DpdmError("no reference: give --ref REF.npz (make one with `dpdm eval ref DATASET REF.npz`, or use "
                         "EDM's published https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/<dataset>.npz)")
-    from dpdm.core.pipeline.run import dataset_key, make_dataset, references
+    from dpdm.core.eval.scoring import dataset_key
+    from dpdm.core.pipeline.run import make_dataset, references
 
-    test_set = make_dataset(recipe, "test")
+    test_set = make_dataset(recipe.data, "test")
     if is_feature_metric(metric):
-        return (cached_dataset_stats(dataset_key(recipe, "test"), test_set, metric.detector, dist=dist,
+        return (cached_dataset_stats(dataset_key(recipe.data, "test"), test_set, metric.detector, dist=dist,
                                      progress=progress), f"{recipe.data.name} test split ({len(test_set)} items)")
-    reference, _ = references(recipe, make_dataset(recipe, "train"), test_set, recipe.eval.num_samples)
+    reference, _ = references(recipe, make_dataset(recipe.data, "train"), test_set, recipe.eval.num_samples)
     what = "fresh samples" if hasattr(test_set, "sample") else "test split"
     return reference, f"{recipe.data.name} {what} ({len(reference)} items)"
 

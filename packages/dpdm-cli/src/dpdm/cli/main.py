@@ -111,7 +111,7 @@ def run(
     from dpdm.core.pipeline.run import preflight
 
     resolved = load_recipe(str(recipe), list(set_ or []))
-    preflight(resolved, str(recipe))  # build data, nets, divergence, metric, schedules: fail now, not mid-run
+    plan = preflight(resolved, str(recipe))  # build data, nets, divergence, metric, schedules: fail now, not mid-run
     if dry_run:
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
         err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
@@ -127,7 +127,7 @@ def run(
         if dist.is_main:
             err.print(f"{'resuming' if resume else 'run directory'}: [bold]{escape(str(out_dir))}[/]"
                       + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))
-        run_recipe(resolved, out_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
+        run_recipe(plan, out_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
         if dist.is_main:
             from rich.markdown import Markdown
 
@@ -157,7 +157,7 @@ def _run_dir(recipe, out: Optional[Path], resume: Optional[str]) -> Path:
             raise DpdmError(f"--resume {resume} and --out {out} name different directories; give one of them")
         path = resolve_run(Path(resume))
     from dpdm.core.config.recipe import load_recipe
-    from dpdm.core.pipeline.run import config_changes, training_config
+    from dpdm.core.config.identity import config_changes, training_config
 
     saved = load_recipe(str(path / "config.yaml"))
     changed = config_changes(training_config(saved), training_config(recipe))
@@ -258,7 +258,7 @@ def recover(
 
     dev = resolve_device(device)
     recipe, teacher, student = load_run(run_dir, device=dev)
-    train_set, test_set = make_dataset(recipe, "train"), make_dataset(recipe, "test")
+    train_set, test_set = make_dataset(recipe.data, "train"), make_dataset(recipe.data, "test")
     n = num or recipe.eval.recovery_num
     seed = recipe.seed if seed is None else seed
     if n < 2:
@@ -371,7 +371,7 @@ def sample(
     except ValueError as exc:
         given = f" and --sigma-max {sigma_max:g}" if sigma_max is not None else ""
         raise DpdmError(f"--schedule {schedule_spec['name']} with --steps {steps}{given}: {exc}") from None
-    ds = make_dataset(recipe, "test")
+    ds = make_dataset(recipe.data, "test")
     n = num or (64 if ds.kind == "image" else 2000)
     x = ev.generate(net, sample_fn, sigmas, n, tuple(ds.shape), label_dim=ds.label_dim, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)

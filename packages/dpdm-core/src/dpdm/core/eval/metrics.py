@@ -156,15 +156,16 @@ def _fd_factory(dataset: str):
     return fd
 
 
-def make_metric(name: str, options: dict | None = None, *, data=None, progress=None):
+def make_metric(name: str, options: dict | None = None, *, data=None, progress=None, device=None):
     """The metric ``name`` built with ``options`` (see ``metric_factory``).
 
     ``data``: the recipe's dataset as ``(name, options)``; ``fd-<that name>`` then trains its classifier on the
     recipe's data (same options, except that ``labels: false``, which makes a recipe's generator unconditional,
     becomes true: the classifier learns the labels, the images are the same) unless the metric's own ``data``
-    option says otherwise.
+    option says otherwise. ``progress`` and ``device`` (the run's) go to every factory that declares a parameter of
+    that name and whose options do not set it: a plugin's detector metric runs on the run's device like ``fid``.
     """
-    from ..plugins.registry import entries
+    from ..plugins.registry import accepts
 
     options = dict(options or {})
     if (name.startswith(FD_PREFIX) and data is not None and data[0] == name[len(FD_PREFIX):]
@@ -172,6 +173,8 @@ def make_metric(name: str, options: dict | None = None, *, data=None, progress=N
         options["data"] = dict(data[1])
         if options["data"].get("labels") is False:
             options["data"]["labels"] = True
-    if name.startswith(FD_PREFIX) and progress is not None and name not in entries("metric"):
-        options["progress"] = progress
-    return metric_factory(name)(**options)
+    factory = metric_factory(name)
+    for key, value in (("progress", progress), ("device", None if device is None else str(device))):
+        if value is not None and key not in options and accepts(factory, key):
+            options[key] = value
+    return factory(**options)

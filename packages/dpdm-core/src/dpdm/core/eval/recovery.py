@@ -211,13 +211,12 @@ def training_reference(recipe, train_set, metric, *, num_samples: int, exclude: 
     the split), the whole split is used and the description says the estimate is biased.
     """
     from .fid import load_stats
-    from ..pipeline.run import dataset_key
-    from .scoring import cached_dataset_stats, is_feature_metric
+    from .scoring import cached_dataset_stats, dataset_key, is_feature_metric
 
     if is_feature_metric(metric):
         if recipe.eval.ref:
             return load_stats(recipe.eval.ref), recipe.eval.ref
-        stats = cached_dataset_stats(dataset_key(recipe, "train"), train_set, metric.detector, dist=dist,
+        stats = cached_dataset_stats(dataset_key(recipe.data, "train"), train_set, metric.detector, dist=dist,
                                      progress=progress)
         return stats, f"{recipe.data.name} training split ({len(train_set)} items, feature statistics)"
     if hasattr(train_set, "sample"):

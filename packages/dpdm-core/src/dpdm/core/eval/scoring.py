@@ -17,6 +17,8 @@ batch size and the number of processes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Callable
 
@@ -41,6 +43,13 @@ def _items(dataset, indices) -> torch.Tensor:
     if hasattr(dataset, "__getitems__"):
         return dataset.__getitems__(list(indices))[0]
     return torch.stack([dataset[i][0] for i in indices])
+
+
+def dataset_key(data, split: str) -> str:
+    """A name for a recipe's data split in caches, ``<dataset>-<hash of its options>-<split>`` (``data``: the
+    recipe's ``data`` component, or anything with ``name`` and ``options``)."""
+    options = json.dumps(data.options, sort_keys=True, default=str)
+    return f"{data.name}-{hashlib.sha256(options.encode()).hexdigest()[:8]}-{split}"
 
 
 @torch.no_grad()

@@ -1,0 +1,33 @@
+"""The identity of a recipe's training: the fields that decide the trained weights, their hash (stored in
+every training snapshot) and the dotted keys that differ between two recipes (what ``--resume`` refuses)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .recipe import Recipe
+from .structure import unstructure
+
+
+def training_config(recipe: Recipe) -> dict:
+    """The parts of a recipe that decide the trained weights (a resumed run must share them)."""
+    data = unstructure(recipe)
+    engine = data["engine"]
+    config = {"data": data["data"], "model": data["model"], "teacher": data["teacher"], "train": data["train"],
+              "seed": data["seed"], "engine": {"precision": engine["precision"], "accum": engine["accum"]}}
+    if data.get("baselines"):  # only when there are some: older runs' snapshots keep their hash
+        config["baselines"] = data["baselines"]
+    return config
+
+
+def config_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(training_config(recipe), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_changes(old: dict, new: dict, prefix: str = "recipe") -> list[str]:
+    """Dotted keys whose values differ between two unstructured recipes."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in config_changes(old.get(key), new.get(key), f"{prefix}.{key}")]
+    return [] if old == new else [prefix]
