@@ -169,7 +169,7 @@ def test_plugins_json():
     assert list(data) == ["backbone", "preconditioning", "schedule", "sampler", "divergence", "dataset", "metric"]
     core, nets = importlib.metadata.version("dpdm-core"), importlib.metadata.version("dpdm-nets")
     samplers = {e["name"]: e for e in data["sampler"]}
-    assert samplers["heun"] == {"name": "heun", "distribution": "dpdm-core", "version": core, "plugin": "dpdm.core"}
+    assert samplers["heun"] == {"name": "heun", "distribution": "dpdm-core", "version": core, "plugin": "core"}
     backbones = {e["name"]: e for e in data["backbone"]}
     assert backbones["mlp"] == {"name": "mlp", "distribution": "dpdm-nets", "version": nets, "plugin": "nets"}
     assert {e["name"]: e["distribution"] for e in data["dataset"]}["gaussian-ring"] == "dpdm-data"
@@ -180,7 +180,7 @@ def test_plugins_table():
     r = ok(invoke("plugins"))
     rows = [squash(line.replace("│", " ")) for line in r.stdout.splitlines()]
     core = importlib.metadata.version("dpdm-core")
-    assert f"sampler heun dpdm-core {core} dpdm.core" in rows
+    assert f"sampler heun dpdm-core {core} core" in rows
     assert f"backbone mlp dpdm-nets {importlib.metadata.version('dpdm-nets')} nets" in rows
     assert f"dataset gaussian-ring dpdm-data {importlib.metadata.version('dpdm-data')} data" in rows
 

@@ -69,7 +69,7 @@ def test_components_are_registered(acme):
     assert get("backbone", "acme-mlp") is acme.acme_mlp
     assert get("sampler", "acme-midpoint") is acme.sample_midpoint
     assert entry("sampler", "acme-midpoint").plugin == PLUGIN_NAME
-    assert [acme.sample_midpoint.nfe(n) for n in (1, 2, 5)] == [1, 3, 9]  # like Heun
+    assert [entry("sampler", "acme-midpoint").meta["nfe"](n) for n in (1, 2, 5)] == [1, 3, 9]  # like Heun
 
 
 @pytest.mark.parametrize("shape,label_dim", [((2,), 0), ((1, 8, 8), 0), ((3,), 4)])
@@ -170,7 +170,7 @@ def test_midpoint_nfe_dtype_and_callback(acme):
     sigmas = _schedule(6)
     x = torch.randn(4, 2, dtype=torch.float32) * 10
     out = acme.sample_midpoint(gaussian_denoiser(calls), x, sigmas, callback=steps.append)
-    assert len(calls) == acme.sample_midpoint.nfe(6) == 11
+    assert len(calls) == entry("sampler", "acme-midpoint").meta["nfe"](6) == 11
     assert out.dtype == torch.float32 and out.shape == x.shape
     assert [s["i"] for s in steps] == list(range(6))
     assert torch.is_grad_enabled()  # grad mode is restored after the sampler's no_grad block

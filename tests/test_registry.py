@@ -150,7 +150,7 @@ def test_duplicate_name_names_both_sources(duplicate):
     with pytest.raises(DuplicateComponentError) as info:
         get("sampler", "heun")
     assert str(info.value) == (
-        f"sampler 'heun' is registered twice: by dpdm-core {core} (plugin dpdm.core) and by an unregistered "
+        f"sampler 'heun' is registered twice: by dpdm-core {core} (plugin core) and by an unregistered "
         "distribution (plugin test-duplicate-heun). Uninstall one of the packages or rename the component in one "
         "plugin."
     )
@@ -192,7 +192,7 @@ def test_unknown_name_without_close_match():
     with pytest.raises(KeyError) as info:  # catchable as a KeyError
         get("metric", "zzzzzz")
     assert str(info.value) == (
-        "unknown metric 'zzzzzz'. Registered metrics: energy, fid, sliced-wasserstein. "
+        "unknown metric 'zzzzzz'. Registered metrics: energy, fd, fd-<dataset>, fid, sliced-wasserstein. "
         "Run `dpdm plugins` to see every component and the package that provides it."
     )
     assert "Did you mean" not in str(info.value)
@@ -218,11 +218,11 @@ def test_unknown_kind():
 @pytest.mark.parametrize(
     "kind, name, dist, plugin",
     [
-        ("sampler", "heun", "dpdm-core", "dpdm.core"),
-        ("schedule", "karras", "dpdm-core", "dpdm.core"),
-        ("preconditioning", "edm", "dpdm-core", "dpdm.core"),
-        ("divergence", "smoothed-kl", "dpdm-core", "dpdm.core"),
-        ("metric", "energy", "dpdm-core", "dpdm.core"),
+        ("sampler", "heun", "dpdm-core", "core"),  # dpdm-core's own entry points, as any plugin's
+        ("schedule", "karras", "dpdm-core", "core"),
+        ("preconditioning", "edm", "dpdm-core", "core"),
+        ("divergence", "smoothed-kl", "dpdm-core", "core"),
+        ("metric", "energy", "dpdm-core", "core-eval"),
         ("backbone", "mlp", "dpdm-nets", "nets"),
         ("dataset", "gaussian-ring", "dpdm-data", "data"),
     ],
@@ -240,7 +240,7 @@ def test_builtin_names():
     assert names("schedule") == ["dpdm", "karras"]
     assert names("preconditioning") == ["edm", "ve", "vp"]
     assert names("divergence") == ["ikl", "smoothed-kl"]
-    assert names("metric") == ["energy", "fid", "sliced-wasserstein"]
+    assert names("metric") == ["energy", "fd", "fid", "sliced-wasserstein"]
     assert {"mlp", "unet-small"} <= set(names("backbone"))
     assert {"gaussian-ring", "digits"} <= set(names("dataset"))
 

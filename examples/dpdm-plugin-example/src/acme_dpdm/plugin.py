@@ -84,9 +84,6 @@ def sample_midpoint(denoiser, x, sigmas, *, generator=None, callback=None, class
         return x
 
 
-sample_midpoint.nfe = lambda n: 2 * n - 1
-
-
 @hookimpl
 def register_backbones(register):
     register("acme-mlp", acme_mlp)
@@ -94,4 +91,4 @@ def register_backbones(register):
 
 @hookimpl
 def register_samplers(register):
-    register("acme-midpoint", sample_midpoint)
+    register("acme-midpoint", sample_midpoint, nfe=lambda steps: 2 * steps - 1)  # network evaluations per steps

@@ -69,10 +69,7 @@ def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, 
         if "detector" not in options:
             raise DpdmError("metric fid needs the FID Inception-v3: give --detector PATH or URL "
                             "(inception-2015-12-05.pkl/.pt, or pytorch-fid's pt_inception-2015-12-05-*.pth)")
-        options.setdefault("device", str(device))
-    elif name.startswith("fd-"):
-        options.setdefault("device", str(device))
-    return name, make_metric(name, options, data=data, progress=progress)
+    return name, make_metric(name, options, data=data, progress=progress, device=device)
 
 
 def _metric_on_ranks(dist, metric, detector, recipe, progress):
@@ -373,7 +370,8 @@ def sweep_cmd(
                                     "reaches that NFE exactly: Heun reaches only odd NFEs (2 steps − 1), so its even "
                                     "entries are skipped"),
     teacher_sampler: Optional[List[str]] = typer.Option(None, "--teacher-sampler",
-                                                        help="Default: heun euler dpmpp-2m"),
+                                                        help="Default: heun euler dpmpp-2m (with the recipe's "
+                                                             "options for a sampler its eval.teacher_samplers set)"),
     num: Optional[int] = typer.Option(None, "--num", min=2, help="Samples per point (default: eval.num_samples)"),
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (fid / fd-<dataset>)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
@@ -398,7 +396,8 @@ def sweep_cmd(
     recipe = load_recipe(str(run_dir / "config.yaml"))
     cfg = recipe.eval
     names = [x.strip() for v in (teacher_sampler or []) for x in v.split(",") if x.strip()]
-    samplers = [{"name": s} for s in (names or ["heun", "euler", "dpmpp-2m"])]
+    recipe_options = {c.name: c.options for c in cfg.teacher_samplers}  # a sampler the recipe sets keeps its options
+    samplers = [{"name": s, **recipe_options.get(s, {})} for s in (names or ["heun", "euler", "dpmpp-2m"])]
     from dpdm.core.plugins.registry import entry
 
     for s in samplers:

@@ -293,12 +293,7 @@ def _option_types(param: inspect.Parameter) -> tuple[type, ...] | None:
 def _check_component(kind: str, name: str, options: dict, path: str, problems: list[str], reserved) -> None:
     """Check ``name`` against the registry and ``options`` against the registered factory's signature."""
     try:
-        if kind == "metric":  # metrics include the fd-<dataset> family, which is not registered name by name
-            from ..eval.metrics import metric_factory
-
-            obj = metric_factory(name)
-        else:
-            obj = registry.entry(kind, name).obj
+        obj = registry.entry(kind, name).obj  # a family member (fd-<dataset>) comes with its option bound
     except UnknownComponentError as exc:
         problems.append(f"{path}.name: {exc}")
         return

@@ -265,10 +265,11 @@ def fd_detector(dataset: str, *, data: dict | None = None, seed: int = 0, epochs
 
 
 def fd_metric(*, dataset: str, data: dict | None = None, seed: int = 0, epochs: int | None = None,
-              batch_size: int = 100, device: str = "cpu"):
-    """The metric ``fd-<dataset>``: ``fid.feature_metric`` with the ``fd_detector`` of ``dataset`` (trained once and
-    cached; see the module docstring). The returned ``fn(samples, reference) -> float`` carries ``.detector``."""
+              batch_size: int = 100, device: str = "cpu", progress: Progress | None = None):
+    """The metric ``fd-<dataset>`` (the registered family ``fd``): ``fid.feature_metric`` with the ``fd_detector`` of
+    ``dataset`` (trained once and cached, with ``progress`` shown; see the module docstring). The returned
+    ``fn(samples, reference) -> float`` carries ``.detector``."""
     if batch_size < 1:
         raise DpdmError(f"fd-{dataset}: batch_size must be at least 1, got {batch_size}")
-    return feature_metric(fd_detector(dataset, data=data, seed=seed, epochs=epochs, device=device),
+    return feature_metric(fd_detector(dataset, data=data, seed=seed, epochs=epochs, device=device, progress=progress),
                           batch_size=batch_size)

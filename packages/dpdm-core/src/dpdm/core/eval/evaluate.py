@@ -13,7 +13,7 @@ from .. import schedules
 from . import recovery as rec
 from ..datasets import to_model
 from ..train.distributed import derive_seed
-from ..plugins.registry import accepts, get
+from ..plugins.registry import accepts, build
 from .recovery import recovery  # noqa: F401  (Section 5.1, part of this module's API)
 from ..samplers import steps_for_nfe
 
@@ -34,20 +34,26 @@ def prepare_reference(metric, reference):
     return prepare(reference) if prepare is not None else reference
 
 
-def _schedule(spec: dict, denoiser=None) -> Callable:
-    """``(n, **overrides) -> sigmas`` from a ``{"name": ..., **options}`` spec; with ``denoiser``, clamped to its
+def _parts(spec) -> tuple[str, dict]:
+    """``(name, options)`` of a component: a recipe ``Component`` or a ``{"name": ..., **options}`` dict."""
+    if isinstance(spec, dict):
+        options = dict(spec)
+        return options.pop("name"), options
+    return spec.name, dict(spec.options)
+
+
+def _schedule(spec, denoiser=None) -> Callable:
+    """``(n, **overrides) -> sigmas`` from a schedule component (``_parts``); with ``denoiser``, clamped to its
     σ range (``schedule_for``)."""
-    opts = dict(spec)
-    fn = get("schedule", opts.pop("name"))
-    build = lambda n, **kw: fn(n, **{**opts, **kw})  # noqa: E731
+    fn = build("schedule", *_parts(spec))
     if denoiser is None:
-        return build
-    return schedules.clamp_to_network(build, denoiser,
-                                      takes_range=accepts(fn, "sigma_min", "sigma_max", var_keyword=True))
+        return fn
+    return schedules.clamp_to_network(fn, denoiser,
+                                      takes_range=accepts(fn.func, "sigma_min", "sigma_max", var_keyword=True))
 
 
-def schedule_for(denoiser, spec: dict) -> Callable:
-    """The schedule every evaluation route samples ``denoiser`` with: ``spec`` (``{"name": ..., **options}``)
+def schedule_for(denoiser, spec) -> Callable:
+    """The schedule every route samples ``denoiser`` with: ``spec`` (a schedule component or ``{"name": ..., **options}``)
     with its ends clamped to the network's σ range as EDM's ``generate.py`` does (``schedules.clamp_to_network``;
     no clamp for a denoiser that declares no ``sigma_min``/``sigma_max``). Returns ``(n, **overrides) -> sigmas``."""
     return _schedule(spec, denoiser)
@@ -58,15 +64,10 @@ def sigmas_for(denoiser, spec: dict, n: int, **overrides) -> torch.Tensor:
     return schedule_for(denoiser, spec)(n, **overrides)
 
 
-def _sampler(spec: dict) -> tuple[str, Callable, Callable]:
-    opts = dict(spec)
-    name = opts.pop("name")
-    fn = get("sampler", name)
-
-    def sampler(denoiser, x, sigmas, **kw):
-        return fn(denoiser, x, sigmas, **kw, **opts)
-
-    return name, sampler, fn.nfe
+def _sampler(spec) -> tuple[str, Callable, Callable]:
+    """``(name, sampler with the component's options bound, nfe)`` (``registry.build``)."""
+    sampler = build("sampler", *_parts(spec))
+    return sampler.name, sampler, sampler.nfe
 
 
 def sweep_student(student, metric, reference, *, sampler: dict, schedule: dict, steps: list[int], num: int, shape,

@@ -120,61 +120,23 @@ def sliced(*, num_projections: int = 256, seed: int = 0):
     return functools.partial(sliced_wasserstein, num_projections=num_projections, seed=seed)
 
 
-METRICS = {"energy": energy, "sliced-wasserstein": sliced}
-
-
-FD_PREFIX = "fd-"
-
-
-def metric_factory(name: str):
-    """The factory of metric ``name``: a registered metric, or for ``fd-<dataset>`` (any registered dataset) the
-    Fréchet distance in the features of a small classifier trained once on that dataset
-    (``classifier.fd_metric`` with ``dataset`` bound). Unknown names raise ``UnknownComponentError``."""
-    from ..errors import UnknownComponentError
-    from ..plugins.registry import entries, names
-
-    table = entries("metric")
-    if name in table:
-        return table[name].obj
-    if name.startswith(FD_PREFIX) and name[len(FD_PREFIX):] in entries("dataset"):
-        return _fd_factory(name[len(FD_PREFIX):])
-    raise UnknownComponentError("metric", name, names("metric") + [f"{FD_PREFIX}<dataset>"])
-
-
-def _fd_factory(dataset: str):
-    """``classifier.fd_metric`` for one dataset, with the options a recipe may set (``dataset`` is the name's)."""
-
-    def fd(*, data: dict | None = None, seed: int = 0, epochs: int | None = None, batch_size: int = 100,
-           device: str = "cpu", progress=None):
-        from .classifier import fd_detector, fd_metric
-
-        if progress is not None:  # train (or load) the classifier with progress shown; fd_metric then loads it
-            fd_detector(dataset, data=data, seed=seed, epochs=epochs, progress=progress)
-        return fd_metric(dataset=dataset, data=data, seed=seed, epochs=epochs, batch_size=batch_size, device=device)
-
-    fd.__name__ = fd.__qualname__ = f"fd_{dataset}"
-    return fd
-
-
 def make_metric(name: str, options: dict | None = None, *, data=None, progress=None, device=None):
-    """The metric ``name`` built with ``options`` (see ``metric_factory``).
+    """The registered metric ``name`` (or a member of a registered family, ``fd-<dataset>``) built with ``options``.
 
-    ``data``: the recipe's dataset as ``(name, options)``; ``fd-<that name>`` then trains its classifier on the
-    recipe's data (same options, except that ``labels: false``, which makes a recipe's generator unconditional,
-    becomes true: the classifier learns the labels, the images are the same) unless the metric's own ``data``
-    option says otherwise. ``progress`` and ``device`` (the run's) go to every factory that declares a parameter of
-    that name and whose options do not set it: a plugin's detector metric runs on the run's device like ``fid``.
+    ``data``: the recipe's dataset as ``(name, options)``; a family metric over that very dataset (``fd-<that
+    name>``) then trains its classifier on the recipe's data (same options, except that ``labels: false``, which
+    makes a recipe's generator unconditional, becomes true: the classifier learns the labels, the images are the
+    same) unless the metric's own ``data`` option says otherwise. ``progress`` and ``device`` (the run's) go to every
+    factory that declares a parameter of that name and whose options do not set it: a plugin's detector metric runs
+    on the run's device like ``fid``.
     """
-    from ..plugins.registry import accepts
+    from ..plugins.registry import build, entry
 
     options = dict(options or {})
-    if (name.startswith(FD_PREFIX) and data is not None and data[0] == name[len(FD_PREFIX):]
-            and "data" not in options):
+    if data is not None and entry("metric", name).meta.get("family_option") == ("dataset", data[0]) \
+            and "data" not in options:
         options["data"] = dict(data[1])
         if options["data"].get("labels") is False:
             options["data"]["labels"] = True
-    factory = metric_factory(name)
-    for key, value in (("progress", progress), ("device", None if device is None else str(device))):
-        if value is not None and key not in options and accepts(factory, key):
-            options[key] = value
-    return factory(**options)
+    return build("metric", name, options, optional={"progress": progress,
+                                                    "device": None if device is None else str(device)})

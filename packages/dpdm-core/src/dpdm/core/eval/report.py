@@ -32,23 +32,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import DpdmError
 from .recovery import PROTOCOL_TEXT
 
-METRIC_NOTES = {
-    "energy": "squared energy distance (Székely & Rizzo), U-statistic estimate, in model space; lower is better",
-    "sliced-wasserstein": "sliced 2-Wasserstein distance over random projections, in model space; lower is better",
-    "fid": "Fréchet Inception Distance (Inception-v3 pool features, as EDM computes it); lower is better",
-}
-
-
 def metric_note(metric: str) -> str:
-    """What a metric's numbers are, for report headers."""
-    if metric in METRIC_NOTES:
-        return METRIC_NOTES[metric]
-    if metric.startswith("fd-"):
-        return (f"Fréchet distance in the features of a small classifier trained on {metric[3:]} (a substitute for FID, "
-                f"not comparable with published FIDs); lower is better")
-    return "see the metric plugin"
+    """What a metric's numbers are, for report headers: the ``note`` it was registered with."""
+    from ..plugins.registry import entry
+
+    try:
+        e = entry("metric", metric)
+    except DpdmError:
+        return "a metric no installed plugin registers"
+    note = e.meta.get("note")
+    if note and "family_option" in e.meta:
+        option, value = e.meta["family_option"]
+        note = note.replace("{" + option + "}", value)
+    return note or "see the metric plugin"
 
 
 ROLE_ORDER = ("student", "undistilled", "teacher")

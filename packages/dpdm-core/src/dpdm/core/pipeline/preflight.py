@@ -13,10 +13,10 @@ import torch
 from ..config.recipe import Recipe
 from ..errors import ConfigError, DpdmError
 from ..eval.fid import load_stats
-from ..eval.metrics import FD_PREFIX, make_metric, metric_factory
+from ..eval.metrics import make_metric
 from ..io.cache import local_copy, needs_download
 from ..io.checkpoint import build_denoiser
-from ..plugins.registry import entries
+from ..plugins.registry import entry
 from ..progress import Progress
 from .build import build_divergence, make_dataset, resolve_device, schedule_fn, spec_of, student_spec
 
@@ -151,13 +151,12 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
 
 
 def _check_metric(plan: Plan) -> None:
-    """Build the metric (a missing FID detector fails here), except ``fd-<dataset>``, whose classifier may need
-    training (that happens at evaluation, once, and is cached), and a detector URL not downloaded yet (a real run
+    """Build the metric (a missing FID detector fails here), except one registered as ``deferred`` (``fd-<dataset>``,
+    whose classifier may need training: that happens at evaluation, once, and is cached), and a detector URL not downloaded yet (a real run
     fetches it before training, ``prefetch``; ``--dry-run`` does not download)."""
     name, options = plan.recipe.eval.metric.name, plan.recipe.eval.metric.options
-    if name.startswith(FD_PREFIX) and name not in entries("metric"):
-        metric_factory(name)
-        return
+    if entry("metric", name).meta.get("deferred"):
+        return  # e.g. an fd classifier: trained (or loaded from the cache) at evaluation, with progress shown
     if isinstance(options.get("detector"), str) and needs_download(options["detector"]):
         return
     plan.metric()

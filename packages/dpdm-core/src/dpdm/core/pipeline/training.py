@@ -12,7 +12,8 @@ from ..config.recipe import Recipe
 from ..errors import DpdmError
 from ..io.checkpoint import build_denoiser
 from ..losses import EDMLoss
-from ..plugins.registry import entry, get
+from ..eval import evaluate as ev
+from ..eval.scoring import reachable_steps
 from ..progress import Progress
 from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
@@ -57,12 +58,15 @@ class RunContext:
                                 f"with --resume, or give another --out / engine.checkpoint.dir")
         return trainer
 
-    def sample_grid(self, sampler: str, sigmas, shape, kind: str, label_dim: int):
+    def sample_grid(self, model, sampler, schedule, steps: int, shape, kind: str, label_dim: int):
+        """A ``SampleGrid`` hook every ``engine.sample_every`` steps: ``sampler`` and ``schedule`` (recipe components,
+        their options honoured) at ``steps`` steps, the schedule clamped to ``model``'s σ range as in evaluation."""
         every = self.recipe.engine.sample_every
         if not every:
             return None
-        return SampleGrid(every, self.out / "figures" / "progress", sampler=entry("sampler", sampler).obj,
-                          sigmas=sigmas, shape=shape, kind=kind, label_dim=label_dim,
+        _, sample_fn, _ = ev._sampler(sampler)
+        return SampleGrid(every, self.out / "figures" / "progress", sampler=sample_fn,
+                          sigmas=ev.schedule_for(model, schedule)(steps), shape=shape, kind=kind, label_dim=label_dim,
                           num=self.recipe.eval.figure_samples if kind == "image" else 2000, seed=self.recipe.seed,
                           tracker=self.tracker)
 
@@ -78,9 +82,13 @@ def train_teacher(recipe: Recipe, spec: dict, train_set, phase: RunContext):
                      lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
                      ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
                      precision=phase.precision, dist=dist)
-    sched = recipe.eval.teacher_schedule
-    grid = phase.sample_grid("heun", get("schedule", sched.name)(18, **sched.options), spec["shape"],
-                             train_set.kind, spec["label_dim"])
+    grid = None
+    if recipe.eval.teacher_samplers:  # the first teacher sampler at the largest teacher NFE it reaches
+        sampler = recipe.eval.teacher_samplers[0]
+        reached = reachable_steps(ev._sampler(sampler)[2], max(recipe.eval.teacher_nfe))
+        if reached is not None:
+            grid = phase.sample_grid(denoiser, sampler, recipe.eval.teacher_schedule, reached[0], spec["shape"],
+                                     train_set.kind, spec["label_dim"])
     seed = derive_seed(recipe.seed, TEACHER_STREAM)
     trainer = phase.trainer(job, batches(recipe.engine, train_set, cfg.batch_size, dist, seed), seed,
                             {"model": spec, **({"ema": spec} if cfg.ema_halflife_nimg else {})}, grid)
@@ -110,11 +118,9 @@ def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: RunContext, s
     if name is not None:
         job.phase = name
     ev_cfg = recipe.eval
-    sched = ev_cfg.student_schedule
     grid = None
-    if name is None:  # progress grids of the student only
-        grid = phase.sample_grid(ev_cfg.student_sampler.name,
-                                 get("schedule", sched.name)(max(ev_cfg.student_steps), **sched.options),
+    if name is None:  # progress grids of the student only, with its sampler and schedule at its most steps
+        grid = phase.sample_grid(job.model, ev_cfg.student_sampler, ev_cfg.student_schedule, max(ev_cfg.student_steps),
                                  spec["shape"], train_set.kind, spec["label_dim"])
     seed = derive_seed(recipe.seed, stream)
     specs = {"student": s_spec, "fake": spec, **({"ema": s_spec} if cfg.ema_halflife_nimg else {})}

@@ -1,4 +1,5 @@
-"""dpdm-core's own components, registered through the same hooks as any plugin."""
+"""dpdm-core's own components, registered through the same hooks and the same ``dpdm`` entry point as any plugin
+(``dpdm-core``'s pyproject declares it). The metrics register from ``dpdm.core.eval.plugin``."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def register_samplers(register):
     from ..samplers import SAMPLERS
 
     for name, fn in SAMPLERS.items():
-        register(name, fn)
+        register(name, fn, nfe=fn.nfe)
 
 
 @hookimpl
@@ -36,14 +37,3 @@ def register_divergences(register):
 
     register("smoothed-kl", SmoothedKL)
     register("ikl", IKL)
-
-
-@hookimpl
-def register_metrics(register):
-    from ..eval.metrics import METRICS
-
-    for name, factory in METRICS.items():
-        register(name, factory)
-    from ..eval.fid import fid_metric
-
-    register("fid", fid_metric)

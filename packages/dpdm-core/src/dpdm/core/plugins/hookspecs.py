@@ -1,9 +1,8 @@
 """The plugin API of dpdm: one hook per component kind.
 
-Each hook receives a ``register(name, obj)`` callback. Built-in components are
-registered through exactly these hooks, so a third-party package is a peer of
-``dpdm-nets`` and ``dpdm-data``. Plugins are discovered through the ``dpdm``
-entry-point group::
+Each hook receives a ``register(name, obj, **metadata)`` callback. Built-in components (dpdm-core's own
+included) are registered through exactly these hooks and the same entry-point group, so a third-party package
+is a peer of ``dpdm-nets`` and ``dpdm-data``. Plugins are discovered through the ``dpdm`` entry-point group::
 
     [project.entry-points.dpdm]
     acme = "acme_dpdm.plugin"
@@ -14,13 +13,17 @@ What each kind's object must be:
   ``forward(x, noise_labels, class_labels=None)`` returning a tensor shaped like ``x``.
 - ``preconditioning``: ``factory(backbone, **options) -> Denoiser`` (see ``dpdm.core.precond``).
 - ``schedule``: ``fn(n, **options) -> sigmas`` (float64, descending, ending in 0).
-- ``sampler``: ``fn(denoiser, x, sigmas, *, generator=None, callback=None, class_labels=None, **options) -> x``
-  with an ``nfe(num_steps) -> int`` attribute.
+- ``sampler``: ``fn(denoiser, x, sigmas, *, generator=None, callback=None, class_labels=None, **options) -> x``,
+  registered with ``nfe=`` (``register("midpoint", fn, nfe=lambda steps: 2 * steps - 1)``: network evaluations for a
+  number of steps; an ``nfe`` attribute on ``fn`` is read too).
 - ``divergence``: ``factory(**options) -> Divergence`` (see ``dpdm.core.divergences``).
 - ``dataset``: ``factory(split="train", **options) -> Dataset`` (see ``dpdm.core.datasets``).
-- ``metric``: ``factory(**options) -> fn(samples, reference) -> float``. A metric on detector features
-  (like ``fid``) is best built with ``dpdm.core.fid.feature_metric(detector)``: it then streams under
-  ``dpdm eval`` (statistics summed over ranks) and featurises each reference once.
+- ``metric``: ``factory(**options) -> fn(samples, reference) -> float``, registered with ``note=`` (what its
+  numbers are, printed in reports). A factory that declares ``device`` gets the run's device, one that declares
+  ``progress`` a progress display. ``family="fd-{dataset}"`` registers a family of names that carry an option
+  (``fd-mnist`` is the factory with ``dataset="mnist"``). A metric on detector features (like ``fid``) is best
+  built with ``dpdm.core.eval.fid.feature_metric(detector)``: it then streams (statistics summed over ranks) and
+  featurises each reference once.
 """
 
 from __future__ import annotations
