@@ -38,7 +38,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..io import storage
-from ..io.checkpoint import StorageError, write_bytes_atomic
+from ..io.checkpoint import StorageError
+from ..io.storage import write_atomic
 from .distributed import Dist
 from ..errors import DpdmError
 
@@ -197,7 +198,7 @@ class Snapshots:
                                f"{storage.hint(self.root)}") from None
 
     def _write(self, folder: str, name: str, data: bytes) -> int:
-        write_bytes_atomic(self._url_of(f"{folder}/{name}"), data)
+        write_atomic(self._url_of(f"{folder}/{name}"), data)
         return len(data)
 
     def _clear(self, folder: str) -> None:
