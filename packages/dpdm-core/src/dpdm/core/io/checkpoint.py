@@ -108,7 +108,7 @@ def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
 def _parse(data: bytes, url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     try:
         state = st_load(data)
-        meta = _metadata(data)
+        meta = safetensors_metadata(data)
     except Exception as exc:  # safetensors raises its own SafetensorError, or ValueError/JSON errors
         raise DpdmError(f"checkpoint {url!r} is not a valid safetensors file ({exc}); "
                         "was it truncated or written by another program?") from None
@@ -124,7 +124,9 @@ def _parse(data: bytes, url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return state, spec, extra
 
 
-def _metadata(data: bytes) -> dict:
+def safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file (``{}`` if it has none) from its first bytes: the header's
+    length (8 bytes, little-endian), then the JSON header. Raises ``ValueError`` if the header is not JSON."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     return header.get("__metadata__", {}) or {}
@@ -226,7 +228,7 @@ def checkpoint_role(url: str) -> str:
         head = _read(f, url, 8)
         try:
             header = head + _read(f, url, int.from_bytes(head, "little"))
-            extra = json.loads(_metadata(header).get("extra", "{}"))
+            extra = json.loads(safetensors_metadata(header).get("extra", "{}"))
         except (ValueError, TypeError, OverflowError, MemoryError) as exc:
             raise DpdmError(f"checkpoint {url!r} is not a valid safetensors file ({exc}); "
                             "was it truncated or written by another program?") from None
