@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..io.cache import cache_dir
-from ..io.storage import write_atomic
+from ..io.storage import first_line, write_atomic
 from ..datasets import to_model
 from .detectors import FeatureDetector
 from ..errors import DpdmError
@@ -212,7 +212,7 @@ def _load_cached(path: Path, name: str, device) -> ClassifierDetector:
         net = FDClassifier(info["shape"], info["num_classes"], info["feature_dim"])
         net.load_state_dict(st_load(blob))
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = first_line(exc)[:200]
         raise DpdmError(f"{name}: the cached classifier {str(path)!r} (with {sidecar.name}) is unreadable "
                         f"({type(exc).__name__}: {reason}); delete {str(path)!r} and {str(sidecar)!r} to retrain "
                         f"it") from None
