@@ -17,6 +17,7 @@ import pluggy
 
 from . import hookspecs
 from ..errors import DuplicateComponentError, UnknownComponentError
+from ..utils import accepts  # noqa: F401  (its home is dpdm.core.utils; importers of this module keep it)
 
 KINDS = {
     "backbone": "register_backbones",
@@ -143,18 +144,3 @@ def get(kind: str, name: str) -> Any:
 
 def names(kind: str) -> list[str]:
     return sorted(entries(kind))
-
-
-def accepts(fn, *names: str, var_keyword: bool = False) -> bool:
-    """Whether a component factory (or any callable) takes every keyword in ``names``: as named parameters, or,
-    with ``var_keyword``, through ``**options`` too. False when its signature cannot be read."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    if var_keyword and any(p.kind is p.VAR_KEYWORD for p in params):
-        return True
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return all(n in named for n in names)

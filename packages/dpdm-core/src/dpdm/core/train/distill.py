@@ -40,12 +40,9 @@ from .engine import Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision, frozen_call
 from .teacher import device_of
+from ..utils import append_dims
 
 ORDERS = ("fake-first", "student-first")
-
-
-def _bcast(sigma, like):
-    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def student_outputs(student: nn.Module, divergence: Divergence, x0: torch.Tensor, class_labels=None,
@@ -81,7 +78,7 @@ def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, diverg
         outputs.append((x0_hat.detach(), sigma_in.detach(), class_labels))
     sigma = divergence.renoise_sigma(sigma_in, generator)
     noise = torch.randn(x0_hat.shape, generator=generator, device=x0_hat.device, dtype=x0_hat.dtype)
-    x_t_hat = x0_hat.detach() + _bcast(sigma, x0_hat) * noise  # only x̂0 carries the gradient
+    x_t_hat = x0_hat.detach() + append_dims(sigma, x0_hat.ndim) * noise  # only x̂0 carries the gradient
     with torch.no_grad(), frozen_call():
         d_teacher = teacher(x_t_hat, sigma, class_labels=class_labels)
         d_fake = fake(x_t_hat, sigma, class_labels=class_labels)
