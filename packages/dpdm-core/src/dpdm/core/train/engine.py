@@ -52,6 +52,9 @@ from .precision import Precision, backward, guarded_step
 from ..progress import Progress
 
 STATE_FORMAT = "dpdm-training-state/1"
+# Defaults of Trainer that the recipe schema (config/recipe.py, EngineConfig) takes from here
+MAX_NONFINITE = 10  # consecutive skipped (NaN/Inf) optimizer steps of one model that stop the run
+LOG_EVERY = 50  # iterations between records
 MicroLoss = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -277,8 +280,8 @@ class Trainer:
     """
 
     def __init__(self, job: Job, batches: Iterator, *, dist: Dist | None = None, seed: int = 0,
-                 max_nonfinite: int = 20, snapshots=None, save_every: int = 0, specs: dict | None = None,
-                 config_hash: str = "", tracker=None, log_every: int = 50, progress: Progress | None = None,
+                 max_nonfinite: int = MAX_NONFINITE, snapshots=None, save_every: int = 0, specs: dict | None = None,
+                 config_hash: str = "", tracker=None, log_every: int = LOG_EVERY, progress: Progress | None = None,
                  hooks=()):
         if max_nonfinite < 1:
             raise DpdmError(f"max_nonfinite must be at least 1, got {max_nonfinite}")
