@@ -62,9 +62,6 @@ class Precond(nn.Module):
     def coefficients(self, sigma: torch.Tensor):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
         param = next(self.model.parameters(), None)
         return param.dtype if param is not None else x.dtype

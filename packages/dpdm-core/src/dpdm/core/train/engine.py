@@ -37,6 +37,7 @@ Usage (``run.py`` drives both phases this way)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from typing import Callable, Iterator, Protocol
@@ -297,9 +298,6 @@ class Trainer:
         self.step = 0  # iterations done
         self.last_saved: str | None = None  # URL of the newest snapshot this trainer saved or resumed from
 
-    def next_batch(self) -> tuple:
-        return next(self.batches)
-
     def fit(self, steps: int) -> dict:
         """Run iterations until ``self.step == steps``; returns the last iteration's stats."""
         stats: dict = {}
@@ -308,10 +306,11 @@ class Trainer:
         start = self.step
         title = f"{self.job.phase}" + (f" (from step {start})" if start else "")
         clock, images = time.perf_counter(), 0
+        next_batch = functools.partial(next, self.batches)
         with self.progress.task(title, steps - start) as bar:
             while self.step < steps:
                 before = {name: part.skipped for name, part in self.job.parts.items()}
-                stats = self.job.iteration(self.next_batch, self.generator)
+                stats = self.job.iteration(next_batch, self.generator)
                 self.step += 1
                 images += int(stats.get("images", 0))
                 skipped = {name: part.skipped - before[name] for name, part in self.job.parts.items()
