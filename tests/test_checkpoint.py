@@ -9,7 +9,6 @@ import os
 import fsspec
 import pytest
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from safetensors import safe_open
 
@@ -210,8 +209,12 @@ def _failing_mv(self, *args, **kwargs):
     raise Boom("disk full")
 
 
+def _failing_replace(*args, **kwargs):
+    raise Boom("disk full")
+
+
 def test_failed_write_leaves_nothing_local(tmp_path, monkeypatch):
-    monkeypatch.setattr(LocalFileSystem, "mv", _failing_mv)
+    monkeypatch.setattr(os, "replace", _failing_replace)  # the rename of a local temporary file
     spec = small_spec()
     target = tmp_path / "d.safetensors"
     with pytest.raises(Boom):
@@ -225,7 +228,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     old = random_denoiser(spec, seed=0)
     save_denoiser(str(target), old, spec)
     before = target.read_bytes()
-    monkeypatch.setattr(LocalFileSystem, "mv", _failing_mv)
+    monkeypatch.setattr(os, "replace", _failing_replace)
     with pytest.raises(Boom):
         save_denoiser(str(target), random_denoiser(spec, seed=1), spec)
     assert os.listdir(tmp_path) == ["d.safetensors"]

@@ -27,12 +27,11 @@ from dpdm.core import get
 from dpdm.core.precond import EDMPrecond
 from dpdm.nets import plugin
 from dpdm.nets.edm.dhariwal import DhariwalUNet
+from dpdm.nets.edm import FourierEmbedding, PositionalEmbedding
 from dpdm.nets.edm.layers import (
     Conv2d,
-    FourierEmbedding,
     GroupNorm,
     Linear,
-    PositionalEmbedding,
     UNetBlock,
     attention_weights,
     make_resample_filter,

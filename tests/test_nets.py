@@ -151,12 +151,37 @@ def test_unet_rejects_indivisible_sizes_with_a_clear_message():
 
 
 def test_positional_embedding_matches_edm_songunet():
-    emb = PositionalEmbedding(8)
+    emb = PositionalEmbedding(8, endpoint=True)
     x = torch.tensor([-2.0, 0.0, 1.2])
     freqs = torch.tensor([(1 / 10000) ** (i / 3) for i in range(4)])  # endpoint=True: i / (C/2 - 1)
     expected = torch.cat([torch.outer(x, freqs).cos(), torch.outer(x, freqs).sin()], dim=1)
     torch.testing.assert_close(emb(x), expected)
     assert emb(x).shape == (3, 8)
+
+
+def test_one_embedding_implementation_for_our_backbones_and_the_edm_networks():
+    import dpdm.nets
+    import dpdm.nets.edm
+
+    assert dpdm.nets.PositionalEmbedding is dpdm.nets.edm.PositionalEmbedding is PositionalEmbedding
+    assert dpdm.nets.FourierEmbedding is dpdm.nets.edm.FourierEmbedding is FourierEmbedding
+
+
+def test_positional_embedding_frequency_dtype():
+    """EDM computes the frequencies in float32 (``freq_dtype=torch.float32``); our backbones' mapping in the
+    input's dtype (``None``): the same numbers for float32 input, EDM's rounded ones for float64 input."""
+    x = torch.tensor([-2.0, 0.0, 1.2], dtype=torch.float64)
+    for freq_dtype in (None, torch.float32):
+        freqs = ((1 / 10000) ** (torch.arange(4, dtype=freq_dtype or torch.float64) / 3)).double()
+        got = PositionalEmbedding(8, endpoint=True, freq_dtype=freq_dtype)(x)
+        assert got.dtype == torch.float64
+        assert torch.equal(got, torch.cat([torch.outer(x, freqs).cos(), torch.outer(x, freqs).sin()], 1))
+    assert not torch.equal(PositionalEmbedding(8, endpoint=True, freq_dtype=None)(x),
+                           PositionalEmbedding(8, endpoint=True, freq_dtype=torch.float32)(x))
+    x32 = x.float()
+    assert torch.equal(PositionalEmbedding(8, endpoint=True, freq_dtype=None)(x32),
+                       PositionalEmbedding(8, endpoint=True, freq_dtype=torch.float32)(x32))
+    assert PositionalEmbedding(8, endpoint=True)(torch.tensor([3])).dtype == torch.float32  # integer labels
 
 
 def test_fourier_embedding_keeps_its_frequencies_in_the_state_dict():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import re
 import socket
@@ -34,7 +35,8 @@ from typer.testing import CliRunner
 
 from dpdm.cli.main import app
 from dpdm.core.io.checkpoint import (StorageError, build_denoiser, load_checkpoint, network_spec, read_checkpoint,
-                                  save_denoiser, write_bytes_atomic)
+                                  save_denoiser)
+from dpdm.core.io.storage import AtomicPath, write_atomic
 from dpdm.core.errors import DpdmError
 from dpdm.data.image_folder import image_zip
 
@@ -267,12 +269,29 @@ def test_failed_multipart_upload_leaves_nothing_behind(s3, monkeypatch):
         return await call_s3(method, *args, **kwargs)
 
     monkeypatch.setattr(fs, "_call_s3", flaky)
-    with pytest.raises(StorageError, match=r"^cannot write checkpoint '.*': connection reset by peer; check "):
-        write_bytes_atomic(url, bytes(11 << 20))  # three 5 MiB parts: a multipart upload
+    with pytest.raises(ConnectionResetError, match=r"^connection reset by peer$"):
+        write_atomic(url, bytes(11 << 20))  # three 5 MiB parts: a multipart upload
     monkeypatch.undo()
     assert 2 in parts
     assert _keys(s3, "atomic") == [key] and s3.cat_file(key) == b"the previous checkpoint"
     assert s3.call_s3("list_multipart_uploads", Bucket=BUCKET).get("Uploads", []) == []
+
+
+def test_streamed_write_is_one_upload_or_nothing(s3):
+    """``AtomicPath`` stages the file locally and uploads it straight to its key (no temporary key, no move);
+    a writer that fails leaves the earlier object as it was."""
+    url = f"s3://{BUCKET}/streamed/data.zip"
+    key = url.removeprefix("s3://")
+    s3.pipe_file(key, b"the previous archive")
+    with pytest.raises(ConnectionResetError):
+        with AtomicPath(url) as tmp, open(tmp, "wb") as f:
+            f.write(b"half of it")
+            raise ConnectionResetError("the source went away")
+    assert _keys(s3, "streamed") == [key] and s3.cat_file(key) == b"the previous archive"
+    with AtomicPath(url) as tmp, open(tmp, "wb") as f:
+        f.write(b"the new archive")
+    assert not os.path.exists(tmp)
+    assert _keys(s3, "streamed") == [key] and s3.cat_file(key) == b"the new archive"
 
 
 def test_failed_rename_leaves_nothing_behind_on_a_filesystem(monkeypatch):
@@ -285,7 +304,7 @@ def test_failed_rename_leaves_nothing_behind_on_a_filesystem(monkeypatch):
 
     monkeypatch.setattr(fs, "mv", broken_mv)
     with pytest.raises(StorageError, match=r"^cannot write checkpoint 'memory://.*': read-only file system$"):
-        write_bytes_atomic(url, b"weights")
+        save_denoiser(url, _model(), _spec())
     assert fs.find("/test-s3-rename") == []
 
 

@@ -97,14 +97,14 @@ class Crash(RuntimeError):
 
 def crash_on_write(monkeypatch, name: str):
     """Make the write of file ``name`` die, as a killed process or a full disk would."""
-    real = snapshots_module.write_bytes_atomic
+    real = snapshots_module.write_atomic
 
     def write(url, data):
         if url.endswith(name):
             raise Crash(f"died writing {url}")
         real(url, data)
 
-    monkeypatch.setattr(snapshots_module, "write_bytes_atomic", write)
+    monkeypatch.setattr(snapshots_module, "write_atomic", write)
 
 
 @pytest.mark.parametrize("dying", ["rank-00000.pt", MARKER])

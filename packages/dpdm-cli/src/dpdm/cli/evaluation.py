@@ -333,10 +333,9 @@ def _sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    from dpdm.core.io.storage import write_atomic
+
+    write_atomic(str(path), json.dumps(data, indent=2).encode())
 
 
 def _grids(folder: Path, stem: str, grids: dict) -> None:

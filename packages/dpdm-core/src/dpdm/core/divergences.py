@@ -21,12 +21,9 @@ import torch
 
 from .losses import sum_per_sample
 from .sigmas import SigmaDist
+from .utils import append_dims
 
 WEIGHTINGS = ("diffusion", "edm", "score")
-
-
-def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 class Divergence:
@@ -71,8 +68,8 @@ class Divergence:
     def gradient(self, x0_hat, sigma, d_teacher, d_fake) -> torch.Tensor:
         """g = w(σ)·(s_fake − s_teacher) at x̂_t, optionally normalised; detached, shaped like x̂0."""
         with torch.no_grad():
-            s = _bcast(sigma, x0_hat)
-            g = _bcast(self.weight(sigma), x0_hat) * (d_fake - d_teacher) / s**2
+            s = append_dims(sigma, x0_hat.ndim)
+            g = append_dims(self.weight(sigma), x0_hat.ndim) * (d_fake - d_teacher) / s**2
             if self.normalize:
                 dims = tuple(range(1, x0_hat.ndim))
                 g = g / ((x0_hat - d_teacher).abs().mean(dim=dims, keepdim=True) + self.eps)
@@ -113,7 +110,7 @@ class SmoothedKL(Divergence):
         """x_t = x0 + σε with σ ~ ``sigma``; returns ``(x_t, σ)``."""
         sigma = self.sigma.draw(x0.shape[0], generator, x0.device, x0.dtype)  # (B,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return x0 + _bcast(sigma, x0) * noise, sigma
+        return x0 + append_dims(sigma, x0.ndim) * noise, sigma
 
     def renoise_sigma(self, sigma: torch.Tensor, generator=None) -> torch.Tensor:
         if self.renoise == "independent":
@@ -138,7 +135,7 @@ class IKL(Divergence):
         """Pure noise ``generator_sigma·ε`` shaped like the data batch (the data values are unused)."""
         sigma = torch.full((x0.shape[0],), self.generator_sigma, device=x0.device, dtype=x0.dtype)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return _bcast(sigma, x0) * noise, sigma
+        return append_dims(sigma, x0.ndim) * noise, sigma
 
     def renoise_sigma(self, sigma: torch.Tensor, generator=None) -> torch.Tensor:
         return self.sigma.draw(sigma.shape[0], generator, sigma.device, sigma.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .sigmas import SigmaDist
+from .utils import append_dims
 
 
 def sum_per_sample(t: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ class EDMLoss:
         """Per-sample loss ``(B,)``; ``sigma`` (B,) fixes the noise levels instead of drawing them."""
         if sigma is None:
             sigma = self.sigma.draw(y.shape[0], generator, y.device, y.dtype)  # (B,)
-        sigma_b = sigma.reshape(-1, *([1] * (y.ndim - 1)))
+        sigma_b = append_dims(sigma, y.ndim)  # (B, 1, ..., 1)
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype) * sigma_b
         denoised = denoiser(y + noise, sigma, class_labels=class_labels)
         return self.weight(sigma) * sum_per_sample((denoised - y) ** 2)  # (B,)

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .utils import append_dims
+
 
 def as_sigma(sigma, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sigma as a ``(B, 1, ..., 1)`` tensor broadcastable against ``x`` (a scalar, ``(B,)`` or ``(B, 1, ...)``)."""
@@ -20,7 +22,7 @@ def as_sigma(sigma, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0])
     if sigma.numel() != x.shape[0]:
         raise ValueError(f"sigma has {sigma.numel()} values for a batch of {x.shape[0]}")
-    return sigma.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
+    return append_dims(sigma, x.ndim)  # (B, 1, ..., 1)
 
 
 def one_hot_labels(class_labels, batch: int, label_dim: int, device, dtype) -> torch.Tensor | None:
@@ -59,9 +61,6 @@ class Precond(nn.Module):
 
     def coefficients(self, sigma: torch.Tensor):  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
         param = next(self.model.parameters(), None)

@@ -35,9 +35,6 @@ def noise_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
 
-_noise = noise_like
-
-
 def _denoise(denoiser, x, sigma, class_labels):
     return denoiser(x, sigma, class_labels=class_labels).to(x.dtype)
 
@@ -59,7 +56,7 @@ def sample_dpdm(denoiser, x, sigmas, *, generator=None, callback=None, class_lab
     positive = [s for s in sigmas if s > 0]
     out = x
     for i, sigma in enumerate(positive):
-        noisy = x if i == 0 else out + sigma.to(x.dtype) * _noise(x, generator)
+        noisy = x if i == 0 else out + sigma.to(x.dtype) * noise_like(x, generator)
         out = _denoise(denoiser, noisy, sigma.to(x.dtype), class_labels)
         _report(callback, i, noisy, sigma, out)
     return out
@@ -85,7 +82,7 @@ def _churn(x, sigma, n, generator, s_churn, s_min, s_max, s_noise):
     """
     gamma = min(s_churn / n, math.sqrt(2) - 1) if s_min <= float(sigma) <= s_max else 0.0
     sigma_hat = sigma + gamma * sigma
-    eps = _noise(x, generator)
+    eps = noise_like(x, generator)
     x_hat = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * eps
     return x_hat, sigma_hat
 

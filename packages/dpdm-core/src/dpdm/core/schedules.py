@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .utils import accepts
+
 # sigma_min per number of steps, Table 7 of the DPDM paper (10 or more steps: 1e-4).
 DPDM_SIGMA_MIN = {4: 0.3, 5: 0.2, 6: 0.1, 7: 0.015, 8: 0.0035, 9: 0.00055}
 DPDM_SIGMA_MIN_MANY = 0.0001
@@ -96,8 +98,6 @@ def clamp_to_network(schedule, denoiser, *, takes_range: bool | None = None):
         return schedule
     lo, hi = rng
     if takes_range is None:
-        from .plugins.registry import accepts
-
         takes_range = accepts(schedule, "sigma_min", "sigma_max", var_keyword=True)
 
     def clamped(n, **options) -> torch.Tensor:

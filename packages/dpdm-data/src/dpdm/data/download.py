@@ -7,10 +7,11 @@
 For each file:
 
 - a file already in ``dest`` with the right md5 is kept (downloading twice costs nothing);
-- otherwise it is streamed to ``<file>.part-<random>`` beside its final name while its md5 is computed;
-  a cut-short transfer (fewer bytes than ``Content-Length``), a network error or an md5 that differs
-  from the published one removes the partial file and raises one ``DpdmError`` naming the URL (and both
-  sums), so nothing that looks complete is ever left behind; only a verified file is renamed into place.
+- otherwise it is streamed to a temporary file (``dpdm.core.io.storage.AtomicPath``: a hidden sibling on a local
+  disk, a local file uploaded once verified elsewhere) while its md5 is computed; a cut-short transfer (fewer
+  bytes than ``Content-Length``), a network error or an md5 that differs from the published one removes the
+  partial file and raises one ``DpdmError`` naming the URL (and both sums), so nothing that looks complete is
+  ever left behind; only a verified file takes its final name.
 
 ``mirror`` replaces each file's base URL (the part before its file name) for users behind a mirror or
 with a local copy: an http(s) URL, a local folder or any fsspec URL. http(s) goes through the standard
@@ -24,12 +25,12 @@ import hashlib
 import http.client
 import posixpath
 import urllib.error
-import uuid
 from dataclasses import dataclass
 
 import fsspec
 
 from dpdm.core.io.cache import open_url
+from dpdm.core.io.storage import AtomicPath
 from dpdm.core.errors import DpdmError, did_you_mean
 
 from . import cifar10, mnist
@@ -90,7 +91,7 @@ def download(name: str, dest: str, *, mirror: str | None = None, progress=None) 
         if fs.exists(target) and _md5_of(fs, target) == remote.md5:
             written.append(shown)
             continue
-        _fetch(url, fs, target, remote.md5, progress)
+        _fetch(url, shown, remote.md5, progress)
         written.append(shown)
     return written
 
@@ -120,29 +121,27 @@ def _open_source(url: str):
         raise DpdmError(f"cannot download {url!r}: {exc}; {hints['network_hint']}") from None
 
 
-def _fetch(url: str, fs, target: str, md5: str, progress) -> None:
-    """Stream ``url`` into ``target`` through a temporary name, checking its length and md5."""
-    tmp = f"{target}.part-{uuid.uuid4().hex[:8]}"
+def _fetch(url: str, dest: str, md5: str, progress) -> None:
+    """Stream ``url`` into ``dest`` (a path or URL) through a temporary file (``storage.AtomicPath``), checking its
+    length and md5 before it takes the final name."""
     source, size = _open_source(url)
     digest, got = hashlib.md5(usedforsecurity=False), 0
-    bar = progress.task(f"download {posixpath.basename(target)}", size or 0) if progress else contextlib.nullcontext()
+    bar = progress.task(f"download {posixpath.basename(dest)}", size or 0) if progress else contextlib.nullcontext()
     try:
-        with source, fs.open(tmp, "wb") as out, bar as task:
-            while chunk := source.read(CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-                got += len(chunk)
-                if task is not None:
-                    task.advance(len(chunk))
-        if size is not None and got != size:
-            raise DpdmError(f"download of {url!r} was cut short ({got} of {size} bytes); nothing was kept, try again")
-        if digest.hexdigest() != md5:
-            raise DpdmError(f"{url!r} has md5 {digest.hexdigest()}, not the published {md5}: the download is "
-                            f"damaged or the file has changed; nothing was kept, try again or use another --mirror")
-        fs.mv(tmp, target)
+        with source, AtomicPath(dest) as tmp:
+            with open(tmp, "wb") as out, bar as task:
+                while chunk := source.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                    if task is not None:
+                        task.advance(len(chunk))
+            if size is not None and got != size:
+                raise DpdmError(f"download of {url!r} was cut short ({got} of {size} bytes); nothing was kept, try "
+                                "again")
+            if digest.hexdigest() != md5:
+                raise DpdmError(f"{url!r} has md5 {digest.hexdigest()}, not the published {md5}: the download is "
+                                "damaged or the file has changed; nothing was kept, try again or use another --mirror")
     except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
-        raise DpdmError(f"cannot download {url!r} to {fs.unstrip_protocol(target)!r}: "
-                        f"{getattr(exc, 'reason', None) or exc}; check the network and the folder") from None
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        raise DpdmError(f"cannot download {url!r} to {dest!r}: {getattr(exc, 'reason', None) or exc}; check the "
+                        "network and the folder") from None

@@ -22,10 +22,11 @@ threads), so a script calling ``prepare`` with several workers needs the usual `
 guard. The results are written in index order with a fixed timestamp (``DATE_TIME``) and fixed attributes, so the
 ZIP is the same, byte for byte, for any number of workers.
 
-Writing: ``dst`` is a local path or any fsspec URL ending in ``.zip``. A local ZIP is written to a temporary
-``.<name>.<random>.tmp`` beside ``dst`` and renamed over it at the end; other filesystems get a local temporary file
-that is uploaded beside ``dst`` and then moved onto it. Any failure (or Ctrl-C) removes the temporary files, so
-``dst`` is either complete or untouched.
+Writing: ``dst`` is a local path or any fsspec URL ending in ``.zip``, written through
+``dpdm.core.io.storage.AtomicPath``: a local ZIP goes to a hidden temporary sibling of ``dst`` renamed over it at the
+end; other storage gets a local temporary file uploaded at the end (to ``dst`` itself on object stores, whose uploads
+are atomic, else beside it and then moved onto it). Any failure (or Ctrl-C) removes the temporary files, so ``dst`` is
+either complete or untouched.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import contextlib
 import json
 import os
 import posixpath
-import tempfile
-import uuid
 import zipfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -50,7 +49,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from dpdm.core.errors import DpdmError
-from dpdm.core.io.storage import first_line
+from dpdm.core.io.storage import AtomicPath, first_line
 
 from .sources import LABELS_FILE, Source, open_source
 from .transforms import Spec, convert_chunk, parse_resolution
@@ -78,27 +77,24 @@ class ZipWriter:
             raise DpdmError(f"{dst!r}: the destination must be a .zip file (EDM's dataset format is an uncompressed "
                             f"zip), e.g. {posixpath.splitext(dst.rstrip('/'))[0] or 'dataset'}.zip")
         try:
-            self.fs, self.target = fsspec.core.url_to_fs(dst)
-            exists = self.fs.exists(self.target)
+            fs, target = fsspec.core.url_to_fs(dst)
+            exists = fs.exists(target)
         except Exception as exc:  # unknown protocol, missing backend, unreachable storage
             raise DpdmError(f"cannot write to {dst!r}: {exc}") from None
-        self.dst, self.local = dst, isinstance(self.fs, LocalFileSystem)
-        if exists and self.fs.isdir(self.target):
+        self.dst = dst
+        if exists and fs.isdir(target):
             raise DpdmError(f"{dst!r} is a folder; give the name of a .zip file to write")
         if exists and not overwrite:
             raise DpdmError(f"{dst!r} already exists; pass --overwrite to replace it, or choose another name")
-        split = os.path.split if self.local else posixpath.split
-        parent, base = split(self.target)
-        if self.local and not os.path.isdir(parent):
+        parent = os.path.dirname(target)
+        if isinstance(fs, LocalFileSystem) and not os.path.isdir(parent):
             raise DpdmError(f"cannot write {dst!r}: the folder {parent!r} does not exist; create it first")
-        token = uuid.uuid4().hex[:12]
-        self.remote_tmp = None if self.local else posixpath.join(parent, f".{base}.{token}.tmp")
-        if self.local:
-            self.tmp = os.path.join(parent, f".{base}.{token}.tmp")
-            self.file = open(self.tmp, "xb")  # not mkstemp: the archive gets the umask's permissions, not 0600
-        else:
-            fd, self.tmp = tempfile.mkstemp(prefix="dpdm-prepare-", suffix=".zip")
-            self.file = os.fdopen(fd, "wb")
+        self.staged = AtomicPath(dst)  # a hidden sibling of a local dst, else a local file uploaded by commit
+        try:
+            self.file = open(self.staged.path, "xb")  # not mkstemp: the archive gets the umask's permissions, not 0600
+        except BaseException:
+            self.staged.discard()
+            raise
         self.zip = zipfile.ZipFile(self.file, "w", compression=zipfile.ZIP_STORED)
         self.done = False
 
@@ -114,30 +110,19 @@ class ZipWriter:
         """Finish the archive and move it onto ``dst``."""
         self.zip.close()
         self.file.close()
-        if self.local:
-            os.replace(self.tmp, self.target)
-        else:
-            try:
-                self.fs.put_file(self.tmp, self.remote_tmp)
-                self.fs.mv(self.remote_tmp, self.target)
-            except Exception as exc:  # storage failures: permissions, network
-                raise DpdmError(f"cannot write {self.dst!r}: {exc}") from None
-            finally:
-                os.remove(self.tmp)
+        try:
+            self.staged.commit()
+        except Exception as exc:  # storage failures: permissions, network
+            raise DpdmError(f"cannot write {self.dst!r}: {exc}") from None
         self.done = True
 
     def abort(self) -> None:
-        """Remove the temporary files (local and, for fsspec destinations, the uploaded one)."""
+        """Remove the temporary file."""
         with contextlib.suppress(Exception):
             self.zip.close()
         with contextlib.suppress(Exception):
             self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.tmp)
-        if self.remote_tmp is not None:
-            with contextlib.suppress(Exception):
-                if self.fs.exists(self.remote_tmp):
-                    self.fs.rm(self.remote_tmp)
+        self.staged.discard()
 
     def __enter__(self):
         return self

@@ -13,6 +13,9 @@ from typing import Literal
 import attrs
 
 from ..sigmas import SigmaDist
+from ..train.distill import FAKE_UPDATES, STUDENT_BETAS, STUDENT_LR
+from ..train.engine import LOG_EVERY, MAX_NONFINITE
+from ..train.teacher import TEACHER_BETAS, TEACHER_LR
 from .structure import Component, apply_overrides, component, load_yaml, structure
 
 
@@ -38,8 +41,8 @@ class TeacherTrainConfig:
 
     steps: int = 4000
     batch_size: int = 512
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = TEACHER_LR
+    betas: tuple[float, float] = TEACHER_BETAS
     sigma: SigmaDist = attrs.field(factory=_lognormal)  # EDM: ln σ ~ N(-1.2, 1.2²)
     ema_halflife_nimg: float | None = None  # EMA half-life in images; null: no EMA
     lr_warmup_nimg: float = 0.0  # linear learning-rate warm-up, in images
@@ -57,16 +60,16 @@ class TeacherConfig:
 @attrs.define
 class TrainConfig:
     """DPDM distillation (Algorithm 1). Defaults are the paper's (Table 8, Appendix B) where it states them; the
-    library's ``DistillJob`` has the same defaults."""
+    library's ``DistillJob`` has the same defaults (those it shares are taken from ``train/distill.py``)."""
 
     divergence: Component = component("divergence", default={"name": "smoothed-kl"}, reserved=("sigma", "sigma_data"))
     sigma: SigmaDist = attrs.field(factory=_log_uniform)  # the student's σ distribution
     steps: int = 1000  # student updates (the paper: 100k on CIFAR-10, 50k on ImageNet-64)
     batch_size: int = 128  # Table 8 (CIFAR-10; ImageNet-64: 96)
-    lr: float = 1e-5  # the student's learning rate (Table 8)
-    betas: tuple[float, float] = (0.0, 0.99)  # Table 8
+    lr: float = STUDENT_LR  # the student's learning rate (Table 8)
+    betas: tuple[float, float] = STUDENT_BETAS  # Table 8
     fake_lr: float | None = None  # default: lr (Table 8 uses the same)
-    fake_updates: int = 1  # fake-score updates per student update (Algorithm 1 alternates one and one)
+    fake_updates: int = FAKE_UPDATES  # fake-score updates per student update (Algorithm 1 alternates one and one)
     order: Literal["fake-first", "student-first"] = "fake-first"  # Algorithm 1: the fake score first
     student_dropout: bool = False  # dropout in the student's forward during distillation (off: eval mode)
     ema_halflife_nimg: float | None = None  # EMA of the student, half-life in images
@@ -145,9 +148,9 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 adds a grad scaler)
     accum: int = 1  # micro-batches per optimizer step on each rank (gradient accumulation)
     num_workers: int = 0  # data-loading worker processes per rank
-    log_every: int = 50  # steps between lines in metrics.jsonl (and TensorBoard)
+    log_every: int = LOG_EVERY  # steps between lines in metrics.jsonl (and TensorBoard)
     sample_every: int = 0  # steps between sample grids of the student at a fixed seed (0: off)
-    max_nonfinite: int = 10  # consecutive non-finite steps that stop the run (the last checkpoint is kept)
+    max_nonfinite: int = MAX_NONFINITE  # consecutive non-finite steps that stop the run (the last checkpoint is kept)
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
 
 

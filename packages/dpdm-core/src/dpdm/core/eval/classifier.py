@@ -23,14 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..io.cache import cache_dir
+from ..io.storage import first_line, write_atomic
 from ..datasets import to_model
 from .detectors import FeatureDetector
 from ..errors import DpdmError
@@ -203,15 +202,6 @@ def _build(dataset: str, split: str, data: dict):
                         f"{type(exc).__name__}: {exc}") from None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _load_cached(path: Path, name: str, device) -> ClassifierDetector:
     from safetensors.torch import load as st_load
 
@@ -222,7 +212,7 @@ def _load_cached(path: Path, name: str, device) -> ClassifierDetector:
         net = FDClassifier(info["shape"], info["num_classes"], info["feature_dim"])
         net.load_state_dict(st_load(blob))
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = first_line(exc)[:200]
         raise DpdmError(f"{name}: the cached classifier {str(path)!r} (with {sidecar.name}) is unreadable "
                         f"({type(exc).__name__}: {reason}); delete {str(path)!r} and {str(sidecar)!r} to retrain "
                         f"it") from None
@@ -257,9 +247,8 @@ def fd_detector(dataset: str, *, data: dict | None = None, seed: int = 0, epochs
     from safetensors.torch import save as st_save
 
     blob = st_save({k: v.contiguous() for k, v in net.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path.with_suffix(".json"), json.dumps(info, indent=2, default=str).encode())
-    _write_atomic(path, blob)  # last: its presence marks a complete cache entry
+    write_atomic(str(path.with_suffix(".json")), json.dumps(info, indent=2, default=str).encode())
+    write_atomic(str(path), blob)  # last: its presence marks a complete cache entry
     progress.log(f"{name}: test accuracy {test_accuracy:.2%}, saved {path}")
     return ClassifierDetector(net, name=name, digest=hashlib.sha256(blob).hexdigest()[:12], info=info, device=device)
 

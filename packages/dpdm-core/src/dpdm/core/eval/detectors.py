@@ -34,6 +34,7 @@ import torch
 
 from ..io.cache import local_copy
 from ..io.edm_pickle import TORCH_MAGIC, _latin1_bytes
+from ..io.storage import first_line
 from ..errors import DpdmError
 from .inception import FEATURE_DIM, FIDInceptionV3
 
@@ -130,7 +131,7 @@ def _jit_load(data: bytes, url: str) -> torch.nn.Module:
     try:
         return _torchscript(data)
     except Exception as exc:
-        raise DpdmError(f"{url!r}: cannot load its TorchScript archive: {str(exc).strip().splitlines()[0]}") from None
+        raise DpdmError(f"{url!r}: cannot load its TorchScript archive: {first_line(exc)}") from None
 
 
 def _is_legacy_torch_save(data: bytes) -> bool:
@@ -151,7 +152,7 @@ def _pytorch_fid(data: bytes, url: str) -> FIDInceptionV3:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DpdmError(f"{url!r} is not an FID detector: not a TorchScript archive, and not a plain state dict "
-                        f"({str(exc).strip().splitlines()[0]}); {WHERE}") from None
+                        f"({first_line(exc)}); {WHERE}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DpdmError(f"{url!r} is not pytorch-fid Inception weights (not a state dict of tensors); {WHERE}")
     net = FIDInceptionV3()
@@ -229,7 +230,7 @@ def _unpickle_torchscript(data: bytes, url: str) -> torch.nn.Module:
                         f"and only a TorchScript archive wrapped as torch.jit.load(io.BytesIO(...)) is accepted "
                         f"(nothing was executed); {WHERE}") from None
     except Exception as exc:
-        raise DpdmError(f"{url!r} is not an FID detector pickle: {str(exc).strip().splitlines()[0]}; {WHERE}") from None
+        raise DpdmError(f"{url!r} is not an FID detector pickle: {first_line(exc)}; {WHERE}") from None
     if not isinstance(net, torch.jit.ScriptModule):
         raise DpdmError(f"{url!r} unpickles to a {type(net).__name__}, not a TorchScript module; {WHERE}")
     return net

@@ -13,7 +13,8 @@ from .. import schedules
 from . import recovery as rec
 from ..datasets import to_model
 from ..train.distributed import derive_seed
-from ..plugins.registry import accepts, build
+from ..plugins.registry import build
+from ..utils import accepts
 from .recovery import recovery  # noqa: F401  (Section 5.1, part of this module's API)
 from ..samplers import steps_for_nfe
 

@@ -15,7 +15,6 @@ scipy is needed only for ``frechet_distance`` (the ``fid`` extra) and is importe
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ..io.cache import cache_dir, local_copy
+from ..io.storage import write_atomic
 from ..errors import DpdmError
 
 
@@ -108,7 +108,8 @@ def check_dims(mu, sigma, mu_ref, sigma_ref, *, ref_name: str = "the reference s
 
 
 def save_stats(url: str, stats: FeatureStats, *, detector: str | None = None) -> None:
-    """Write ``mu``/``sigma`` (EDM's keys) plus ``num_images``/``detector`` to an ``.npz`` on any fsspec URL."""
+    """Write ``mu``/``sigma`` (EDM's keys) plus ``num_images``/``detector`` to an ``.npz`` on any fsspec URL, complete
+    or not at all (``storage.write_atomic``)."""
     extra = {}
     if stats.num_images is not None:
         extra["num_images"] = np.int64(stats.num_images)
@@ -116,14 +117,7 @@ def save_stats(url: str, stats: FeatureStats, *, detector: str | None = None) ->
         extra["detector"] = np.str_(detector)
     buffer = io.BytesIO()
     np.savez(buffer, mu=stats.mu, sigma=stats.sigma, **extra)
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    fs.mv(tmp, path)
+    write_atomic(url, buffer.getvalue())
 
 
 def load_stats(url: str) -> FeatureStats:

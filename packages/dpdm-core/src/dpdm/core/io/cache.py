@@ -7,7 +7,7 @@ It lives in ``$DPDM_CACHE``, or ``~/.cache/dpdm``:
 
 http(s) downloads use the standard library (fsspec's http filesystem needs aiohttp, which dpdm-core
 does not depend on); every other URL (local paths, ``memory://``, ``s3://``...) is read through fsspec.
-Files are written under a temporary name and renamed into place when complete.
+Files are written under a temporary name and renamed into place when complete (``storage.AtomicPath``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import fsspec
 
 from ..errors import DpdmError
+from .storage import AtomicPath
 
 TIMEOUT_S = 60.0  # per network operation, not for the whole download
 
@@ -57,22 +57,18 @@ def local_copy(url: str) -> str:
     path = download_path(url)
     if path.is_file():
         return str(path)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     network_hint = ("check the URL and the network, or download the file yourself and give its local path "
                     f"(downloads are cached in {cache_dir()})")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        response, expected = open_url(url, http_hint="check the URL", network_hint=network_hint)
-        with response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-            got = f.tell()
-        if expected is not None and got != expected:
-            raise DpdmError(f"download of {url!r} was cut short ({got} of {expected} bytes); try again")
-        os.replace(tmp, path)
+        with AtomicPath(str(path)) as tmp:
+            response, expected = open_url(url, http_hint="check the URL", network_hint=network_hint)
+            with response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+                got = f.tell()
+            if expected is not None and got != expected:
+                raise DpdmError(f"download of {url!r} was cut short ({got} of {expected} bytes); try again")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # while reading the response
         raise DpdmError(f"cannot download {url!r}: {getattr(exc, 'reason', None) or exc}; {network_hint}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(path)
 
 

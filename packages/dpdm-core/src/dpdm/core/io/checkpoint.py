@@ -19,7 +19,6 @@ content decides, not the name): they are imported without running their code
 from __future__ import annotations
 
 import json
-import uuid
 import warnings
 from typing import Any
 
@@ -58,50 +57,17 @@ class StorageError(DpdmError, OSError):
     naming the URL; an ``OSError`` too, so callers that tolerate I/O failures (the import cache) still do."""
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` so that it appears complete or not at all; a ``StorageError`` naming ``url``
-    if the URL cannot be resolved or the storage fails (other exceptions pass through unchanged).
-
-    Object stores (S3, GCS, Azure) get one upload, which they publish atomically (s3fs aborts a failed
-    multipart upload), and a missing bucket is an error, never created; other filesystems get a
-    temporary sibling renamed into place, after creating the parent folders.
-    """
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-    except Exception as exc:  # an unknown protocol (ValueError), a backend that is not installed (ImportError)
-        raise StorageError(f"cannot write checkpoint {url!r}: {storage.first_line(exc)}") from None
-    fs = storage.target(fs)  # write through caching layers (simplecache::s3://...) to the storage itself
-    try:
-        if storage.is_object_store(fs):
-            fs.pipe_file(path, data)
-        else:
-            _write_renamed(fs, path, data)
-    except storage.errors() as exc:  # FileNotFoundError (no bucket), PermissionError, connection errors, ...
-        raise StorageError(f"cannot write checkpoint {url!r}: {storage.first_line(exc)}{storage.hint(url)}") from None
-
-
-def _write_renamed(fs, path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling of ``path`` and rename it into place; the sibling never outlives
-    a failure."""
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-
-
 def save_denoiser(url: str, model: nn.Module, spec: dict, extra: dict[str, Any] | None = None) -> None:
     """Save weights and the network spec (plus JSON-able ``extra`` info) to one safetensors file."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "network": json.dumps(spec), "extra": json.dumps(extra or {})}
-    write_bytes_atomic(url, st_save(tensors, metadata=meta))
+    data = st_save(tensors, metadata=meta)
+    try:
+        storage.write_atomic(url, data)  # complete or not at all (see the module docstring)
+    except storage.errors() as exc:  # FileNotFoundError (no bucket), PermissionError, connection errors, ...
+        raise StorageError(f"cannot write checkpoint {url!r}: {storage.first_line(exc)}{storage.hint(url)}") from None
+    except (ValueError, ImportError) as exc:  # an unknown protocol, a backend that is not installed
+        raise StorageError(f"cannot write checkpoint {url!r}: {storage.first_line(exc)}") from None
 
 
 def _open(local: str, name: str):
@@ -142,7 +108,7 @@ def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
 def _parse(data: bytes, url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     try:
         state = st_load(data)
-        meta = _metadata(data)
+        meta = safetensors_metadata(data)
     except Exception as exc:  # safetensors raises its own SafetensorError, or ValueError/JSON errors
         raise DpdmError(f"checkpoint {url!r} is not a valid safetensors file ({exc}); "
                         "was it truncated or written by another program?") from None
@@ -158,7 +124,9 @@ def _parse(data: bytes, url: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return state, spec, extra
 
 
-def _metadata(data: bytes) -> dict:
+def safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file (``{}`` if it has none) from its first bytes: the header's
+    length (8 bytes, little-endian), then the JSON header. Raises ``ValueError`` if the header is not JSON."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     return header.get("__metadata__", {}) or {}
@@ -260,7 +228,7 @@ def checkpoint_role(url: str) -> str:
         head = _read(f, url, 8)
         try:
             header = head + _read(f, url, int.from_bytes(head, "little"))
-            extra = json.loads(_metadata(header).get("extra", "{}"))
+            extra = json.loads(safetensors_metadata(header).get("extra", "{}"))
         except (ValueError, TypeError, OverflowError, MemoryError) as exc:
             raise DpdmError(f"checkpoint {url!r} is not a valid safetensors file ({exc}); "
                             "was it truncated or written by another program?") from None

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import DpdmError
+from .storage import first_line
 
 # Preconditioning and backbone classes we can map, with the names they get in our registry.
 PRECONDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
@@ -85,12 +86,7 @@ def _load_from_bytes(blob: bytes):
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UnsafeTensorBlob(_first_line(exc)) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise UnsafeTensorBlob(first_line(exc)) from None
 
 
 def _no_hooks(hooks) -> None:
@@ -278,7 +274,7 @@ def read_edm_snapshot(file, source: str) -> EDMSnapshot:
         raise DpdmError(f"refusing to load {source!r}: one of its tensors is not plain tensor data ({exc}); the "
                         "file is not an official EDM snapshot or has been tampered with") from None
     except Exception as exc:  # truncated data (EOFError, UnpicklingError), our checks on tensors
-        raise DpdmError(f"cannot read {source!r}: the pickle is truncated or corrupt ({_first_line(exc)}); "
+        raise DpdmError(f"cannot read {source!r}: the pickle is truncated or corrupt ({first_line(exc)}); "
                         "download it again or check that it is an official EDM snapshot") from None
     if not isinstance(top, dict) or not ({"ema", "net"} & set(top)):
         keys = sorted(map(str, top)) if isinstance(top, dict) else None

@@ -1,5 +1,6 @@
 """What dpdm's file I/O shares across fsspec storages: telling object stores (S3, GCS, Azure Blob)
-from filesystems, and the one-line errors for storage that cannot be reached.
+from filesystems, writing a file so that it appears complete or not at all (``write_atomic``,
+``AtomicPath``), and the one-line errors for storage that cannot be reached.
 
 dpdm passes no storage options of its own: a URL alone must work (``s3://bucket/ds.zip``,
 ``simplecache::s3://bucket/ds.zip``), so credentials, endpoints and timeouts come from the
@@ -16,9 +17,18 @@ environment, read by s3fs/botocore and by fsspec's configuration:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import posixpath
+import shutil
 import sys
+import tempfile
+import uuid
+from typing import Callable
 
+import fsspec
 from fsspec.implementations.cached import CachingFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 # protocols whose "folders" are key prefixes inside buckets: a missing bucket is an error, never created, and
 # one upload is atomic (the object appears only once complete; a failed multipart upload is aborted)
@@ -83,3 +93,108 @@ def missing_bucket(fs, path: str) -> str | None:
         return None
     bucket = path.lstrip("/").split("/", 1)[0]
     return bucket if bucket and not target(fs).exists(bucket) else None
+
+
+# --- writing: complete or not at all ----------------------------------------------------------------------------------
+
+
+def resolve(url: str):
+    """``(fs, path)`` of ``url`` (a path or fsspec URL), the filesystem taken from behind its caching layers, so
+    that writes go to the storage itself (``simplecache::s3://...``)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return target(fs), path
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` (a path or fsspec URL) so that it appears complete or not at all.
+
+    Object stores (S3, GCS, Azure) get one upload, which they publish only once complete (s3fs aborts a failed
+    multipart upload), and a missing bucket is an error, never created; filesystems get a temporary sibling
+    renamed into place, after creating the parent folders. Errors pass through as raised: ``ValueError`` for an
+    unknown protocol, ``ImportError`` for a backend that is not installed, the storage's own (``errors()``).
+    """
+    fs, path = resolve(url)
+    if isinstance(fs, LocalFileSystem):
+        with AtomicPath(url) as tmp, open(tmp, "xb") as f:
+            f.write(data)
+    else:
+        _publish(fs, path, lambda at: fs.pipe_file(at, data))
+
+
+class AtomicPath:
+    """A local temporary path whose file becomes ``url`` (a path or fsspec URL) in one step, or never: for
+    writers that stream (a download, a ZIP archive).
+
+    Write the file at ``path`` (it does not exist yet: create it, and it gets the umask's permissions like any
+    new file), then ``commit()``: on a local filesystem it is renamed onto ``url`` (a temporary sibling), on
+    other storage uploaded as ``write_atomic`` writes. ``discard()``, or a ``commit()`` that fails, removes the
+    temporary file and leaves ``url`` as it was. As a context manager it gives ``path`` and commits when the
+    block ends normally, discards when it raises. Errors pass through as ``write_atomic``'s do.
+    """
+
+    def __init__(self, url: str):
+        self.fs, self.target = resolve(url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        if self.local:
+            _make_parent(self.fs, self.target)
+            self._folder = None
+            self.path = _sibling(self.target)
+        else:  # staged on this machine, uploaded by commit
+            self._folder = tempfile.mkdtemp(prefix="dpdm-")
+            self.path = os.path.join(self._folder, posixpath.basename(self.target) or "upload")
+
+    def commit(self) -> None:
+        try:
+            if self.local:
+                os.replace(self.path, self.target)
+            else:
+                _publish(self.fs, self.target, lambda at: self.fs.put_file(self.path, at))
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _sibling(path: str) -> str:
+    """A fresh hidden name beside ``path``: ``.<name>.tmp-<random>``."""
+    parent, name = posixpath.split(path)
+    return posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _make_parent(fs, path: str) -> None:
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+
+
+def _publish(fs, path: str, put: Callable[[str], None]) -> None:
+    """Make ``put(p)`` (which writes the whole file at ``p`` on ``fs``) appear at ``path`` complete or not at all:
+    on object stores one upload straight to ``path``; elsewhere an upload to a temporary sibling, then a rename,
+    the sibling removed on any failure."""
+    if is_object_store(fs):
+        put(path)
+        return
+    _make_parent(fs, path)
+    tmp = _sibling(path)
+    try:
+        put(tmp)
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the storage may be gone: the first error is the one to report
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise

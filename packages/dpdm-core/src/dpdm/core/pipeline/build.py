@@ -11,7 +11,8 @@ from ..config.recipe import EngineConfig, Recipe
 from ..config.structure import Component
 from ..errors import DpdmError
 from ..io.checkpoint import network_spec
-from ..plugins.registry import accepts, get
+from ..plugins.registry import get
+from ..utils import accepts
 from ..train.distributed import Dist
 from ..train.engine import DeviceBatches
 

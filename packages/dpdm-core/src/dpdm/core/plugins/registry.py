@@ -24,6 +24,7 @@ import pluggy
 
 from . import hookspecs
 from ..errors import DpdmError, DuplicateComponentError, UnknownComponentError
+from ..utils import accepts  # its home is dpdm.core.utils; importers of this module keep it
 
 KINDS = {
     "backbone": "register_backbones",
@@ -221,18 +222,3 @@ def build(kind: str, name: str, options: Mapping[str, Any] | None = None, *runti
         return bound
     given = {k: v for k, v in (optional or {}).items() if v is not None and k not in options and accepts(e.obj, k)}
     return e.obj(*runtime, **reserved, **given, **options)
-
-
-def accepts(fn, *names: str, var_keyword: bool = False) -> bool:
-    """Whether a component factory (or any callable) takes every keyword in ``names``: as named parameters, or,
-    with ``var_keyword``, through ``**options`` too. False when its signature cannot be read."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    if var_keyword and any(p.kind is p.VAR_KEYWORD for p in params):
-        return True
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return all(n in named for n in names)

@@ -40,12 +40,13 @@ from .engine import Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision, frozen_call
 from .teacher import device_of
+from ..utils import append_dims
 
 ORDERS = ("fake-first", "student-first")
-
-
-def _bcast(sigma, like):
-    return sigma.reshape(-1, *([1] * (like.ndim - 1)))
+# Defaults of DistillJob and DPDM that the recipe schema (config/recipe.py, TrainConfig) takes from here
+STUDENT_LR = 1e-5  # the student's learning rate (the paper, Table 8)
+STUDENT_BETAS = (0.0, 0.99)  # Adam's (β1, β2) for the student (Table 8)
+FAKE_UPDATES = 1  # fake-score updates per student update (Algorithm 1 alternates one and one)
 
 
 def student_outputs(student: nn.Module, divergence: Divergence, x0: torch.Tensor, class_labels=None,
@@ -81,7 +82,7 @@ def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, diverg
         outputs.append((x0_hat.detach(), sigma_in.detach(), class_labels))
     sigma = divergence.renoise_sigma(sigma_in, generator)
     noise = torch.randn(x0_hat.shape, generator=generator, device=x0_hat.device, dtype=x0_hat.dtype)
-    x_t_hat = x0_hat.detach() + _bcast(sigma, x0_hat) * noise  # only x̂0 carries the gradient
+    x_t_hat = x0_hat.detach() + append_dims(sigma, x0_hat.ndim) * noise  # only x̂0 carries the gradient
     with torch.no_grad(), frozen_call():
         d_teacher = teacher(x_t_hat, sigma, class_labels=class_labels)
         d_fake = fake(x_t_hat, sigma, class_labels=class_labels)
@@ -118,8 +119,8 @@ class DistillJob:
     phase = "student"
 
     def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *,
-                 student: nn.Module | None = None, fake: nn.Module | None = None, lr: float = 1e-5,
-                 betas=(0.0, 0.99), fake_lr: float | None = None, fake_betas=None, fake_updates: int = 1,
+                 student: nn.Module | None = None, fake: nn.Module | None = None, lr: float = STUDENT_LR,
+                 betas=STUDENT_BETAS, fake_lr: float | None = None, fake_betas=None, fake_updates: int = FAKE_UPDATES,
                  order: str = "fake-first", student_dropout: bool = False,
                  lr_warmup_nimg: float = 0.0, grad_clip: float | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05, accum: int = 1,
@@ -238,8 +239,8 @@ class DPDM:
     A step with a NaN/Inf loss or gradient is skipped.
     """
 
-    def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *, lr: float = 1e-5,
-                 betas=(0.0, 0.99), fake_lr: float | None = None, fake_betas=None, fake_updates: int = 1,
+    def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *, lr: float = STUDENT_LR,
+                 betas=STUDENT_BETAS, fake_lr: float | None = None, fake_betas=None, fake_updates: int = FAKE_UPDATES,
                  order: str = "fake-first", student_dropout: bool = False,
                  student: nn.Module | None = None, fake: nn.Module | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05,

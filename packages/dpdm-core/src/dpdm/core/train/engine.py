@@ -37,6 +37,7 @@ Usage (``run.py`` drives both phases this way)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from typing import Callable, Iterator, Protocol
@@ -52,6 +53,9 @@ from .precision import Precision, backward, guarded_step
 from ..progress import Progress
 
 STATE_FORMAT = "dpdm-training-state/1"
+# Defaults of Trainer that the recipe schema (config/recipe.py, EngineConfig) takes from here
+MAX_NONFINITE = 10  # consecutive skipped (NaN/Inf) optimizer steps of one model that stop the run
+LOG_EVERY = 50  # iterations between records
 MicroLoss = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -277,8 +281,8 @@ class Trainer:
     """
 
     def __init__(self, job: Job, batches: Iterator, *, dist: Dist | None = None, seed: int = 0,
-                 max_nonfinite: int = 20, snapshots=None, save_every: int = 0, specs: dict | None = None,
-                 config_hash: str = "", tracker=None, log_every: int = 50, progress: Progress | None = None,
+                 max_nonfinite: int = MAX_NONFINITE, snapshots=None, save_every: int = 0, specs: dict | None = None,
+                 config_hash: str = "", tracker=None, log_every: int = LOG_EVERY, progress: Progress | None = None,
                  hooks=()):
         if max_nonfinite < 1:
             raise DpdmError(f"max_nonfinite must be at least 1, got {max_nonfinite}")
@@ -294,9 +298,6 @@ class Trainer:
         self.step = 0  # iterations done
         self.last_saved: str | None = None  # URL of the newest snapshot this trainer saved or resumed from
 
-    def next_batch(self) -> tuple:
-        return next(self.batches)
-
     def fit(self, steps: int) -> dict:
         """Run iterations until ``self.step == steps``; returns the last iteration's stats."""
         stats: dict = {}
@@ -305,10 +306,11 @@ class Trainer:
         start = self.step
         title = f"{self.job.phase}" + (f" (from step {start})" if start else "")
         clock, images = time.perf_counter(), 0
+        next_batch = functools.partial(next, self.batches)
         with self.progress.task(title, steps - start) as bar:
             while self.step < steps:
                 before = {name: part.skipped for name, part in self.job.parts.items()}
-                stats = self.job.iteration(self.next_batch, self.generator)
+                stats = self.job.iteration(next_batch, self.generator)
                 self.step += 1
                 images += int(stats.get("images", 0))
                 skipped = {name: part.skipped - before[name] for name, part in self.job.parts.items()

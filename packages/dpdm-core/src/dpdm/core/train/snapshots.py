@@ -38,7 +38,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..io import storage
-from ..io.checkpoint import StorageError, write_bytes_atomic
+from ..io.checkpoint import StorageError, safetensors_metadata
+from ..io.storage import write_atomic
 from .distributed import Dist
 from ..errors import DpdmError
 
@@ -197,7 +198,7 @@ class Snapshots:
                                f"{storage.hint(self.root)}") from None
 
     def _write(self, folder: str, name: str, data: bytes) -> int:
-        write_bytes_atomic(self._url_of(f"{folder}/{name}"), data)
+        write_atomic(self._url_of(f"{folder}/{name}"), data)
         return len(data)
 
     def _clear(self, folder: str) -> None:
@@ -319,8 +320,7 @@ def load_snapshot(url: str, rank: int = 0, world_size: int = 1) -> Snapshot:
     data = read(WEIGHTS)
     try:
         tensors = st_load(data)
-        n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        meta = safetensors_metadata(data)
         names, specs = json.loads(meta["models"]), json.loads(meta["specs"])
     except Exception as exc:
         raise DpdmError(f"snapshot {url!r}: {WEIGHTS} is not a valid weights file ({exc})") from None

@@ -16,6 +16,11 @@ from .engine import Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision
 
+# Defaults of TeacherJob and TeacherTrainer that the recipe schema (config/recipe.py, TeacherTrainConfig) takes
+# from here
+TEACHER_LR = 1e-3  # Adam's learning rate for the EDM loss
+TEACHER_BETAS = (0.9, 0.999)  # Adam's (β1, β2)
+
 
 def device_of(module: nn.Module) -> torch.device:
     """The device of ``module``'s first parameter (the CPU for a module without parameters)."""
@@ -34,7 +39,7 @@ class TeacherJob:
 
     phase = "teacher"
 
-    def __init__(self, denoiser: nn.Module, loss: EDMLoss, *, lr: float = 1e-3, betas=(0.9, 0.999),
+    def __init__(self, denoiser: nn.Module, loss: EDMLoss, *, lr: float = TEACHER_LR, betas=TEACHER_BETAS,
                  eps: float = 1e-8, lr_warmup_nimg: float = 0.0, grad_clip: float | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05, accum: int = 1,
                  precision: Precision | None = None, dist: Dist | None = None, find_unused_parameters: bool = False):
@@ -89,8 +94,8 @@ class TeacherTrainer:
     trains on one batch (on the denoiser's device) and returns ``{"loss": ...}``; ``model`` is the model to
     evaluate. A step with a NaN/Inf loss or gradient is skipped (``skipped`` counts them)."""
 
-    def __init__(self, denoiser: nn.Module, loss: EDMLoss, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), ema_halflife_nimg: float | None = None,
+    def __init__(self, denoiser: nn.Module, loss: EDMLoss, lr: float = TEACHER_LR,
+                 betas: tuple[float, float] = TEACHER_BETAS, ema_halflife_nimg: float | None = None,
                  ema_rampup: float | None = 0.05, grad_clip: float | None = None, lr_warmup_nimg: float = 0.0):
         self.job = TeacherJob(denoiser, loss, lr=lr, betas=betas, lr_warmup_nimg=lr_warmup_nimg, grad_clip=grad_clip,
                               ema_halflife_nimg=ema_halflife_nimg, ema_rampup=ema_rampup,

@@ -17,8 +17,8 @@ _LAZY = {
     "Conv2d": "layers",
     "Linear": "layers",
     "GroupNorm": "layers",
-    "PositionalEmbedding": "layers",
-    "FourierEmbedding": "layers",
+    "PositionalEmbedding": ".embeddings",  # dpdm.nets.embeddings: the one implementation, shared with dpdm.nets
+    "FourierEmbedding": ".embeddings",
     "attention_weights": "layers",
     "weight_init": "layers",
 }

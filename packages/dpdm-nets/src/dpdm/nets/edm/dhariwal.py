@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from ..embeddings import PositionalEmbedding
+from .layers import Conv2d, GroupNorm, Linear, UNetBlock
 
 FP16_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,7 +63,7 @@ class DhariwalUNet(nn.Module):
                             init_zero=init_zero)
 
         # Mapping: noise (+ augmentation) -> emb_channels; labels are added after map_layer1.
-        self.map_noise = PositionalEmbedding(model_channels, endpoint=False)
+        self.map_noise = PositionalEmbedding(model_channels, endpoint=False, freq_dtype=torch.float32)
         self.map_augment = (Linear(self.augment_dim, model_channels, bias=False, **init_zero)
                             if self.augment_dim else None)
         self.map_layer0 = Linear(model_channels, emb_channels, **init)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from ..embeddings import FourierEmbedding, PositionalEmbedding
+from .layers import Conv2d, GroupNorm, Linear, UNetBlock
 
 EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "skip", "residual")
@@ -84,9 +85,9 @@ class SongUNet(nn.Module):
 
         # Mapping: noise (+ labels + augmentation) -> emb_channels.
         if embedding_type == "positional":
-            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
+            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True, freq_dtype=torch.float32)
         else:
-            self.map_noise = FourierEmbedding(noise_channels)
+            self.map_noise = FourierEmbedding(noise_channels, scale=16)
         self.map_label = Linear(self.label_dim, noise_channels, **init) if self.label_dim else None
         self.map_augment = (Linear(self.augment_dim, noise_channels, bias=False, **init)
                             if self.augment_dim else None)
