@@ -1,5 +1,5 @@
-"""The recipe schema and the library agree on every default they share (one source of truth: the library's
-constants, which ``config/recipe.py`` imports)."""
+"""The recipe schema and the library agree on every default they share (one source of truth:
+``dpdm.core.defaults``, which both import)."""
 
 from __future__ import annotations
 

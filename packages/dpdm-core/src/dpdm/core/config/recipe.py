@@ -13,9 +13,7 @@ from typing import Literal
 import attrs
 
 from ..sigmas import SigmaDist
-from ..train.distill import FAKE_UPDATES, STUDENT_BETAS, STUDENT_LR
-from ..train.engine import LOG_EVERY, MAX_NONFINITE
-from ..train.teacher import TEACHER_BETAS, TEACHER_LR
+from ..defaults import FAKE_UPDATES, LOG_EVERY, MAX_NONFINITE, STUDENT_BETAS, STUDENT_LR, TEACHER_BETAS, TEACHER_LR
 from .structure import Component, apply_overrides, component, load_yaml, structure
 
 
@@ -60,7 +58,7 @@ class TeacherConfig:
 @attrs.define
 class TrainConfig:
     """DPDM distillation (Algorithm 1). Defaults are the paper's (Table 8, Appendix B) where it states them; the
-    library's ``DistillJob`` has the same defaults (those it shares are taken from ``train/distill.py``)."""
+    library's ``DistillJob`` has the same defaults (both take them from ``dpdm.core.defaults``)."""
 
     divergence: Component = component("divergence", default={"name": "smoothed-kl"}, reserved=("sigma", "sigma_data"))
     sigma: SigmaDist = attrs.field(factory=_log_uniform)  # the student's σ distribution

@@ -36,17 +36,15 @@ from torch import nn
 from .distributed import Dist
 from ..divergences import Divergence
 from .ema import EMA
-from .engine import Trainable, job_state, load_job_state
+from .trainable import Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision, frozen_call
 from .teacher import device_of
 from ..utils import append_dims
+from ..defaults import FAKE_UPDATES, STUDENT_BETAS, STUDENT_LR  # noqa: F401  (shared with the recipe schema)
 
 ORDERS = ("fake-first", "student-first")
 # Defaults of DistillJob and DPDM that the recipe schema (config/recipe.py, TrainConfig) takes from here
-STUDENT_LR = 1e-5  # the student's learning rate (the paper, Table 8)
-STUDENT_BETAS = (0.0, 0.99)  # Adam's (β1, β2) for the student (Table 8)
-FAKE_UPDATES = 1  # fake-score updates per student update (Algorithm 1 alternates one and one)
 
 
 def student_outputs(student: nn.Module, divergence: Divergence, x0: torch.Tensor, class_labels=None,
@@ -113,7 +111,7 @@ class DistillJob:
         lr_warmup_nimg: linear lr warm-up of both models, in images each has trained on (0: none).
         grad_clip: clip the student's and fake's gradient norms, or None.
         ema_halflife_nimg, ema_rampup: EMA of the student (None: no EMA).
-        accum, precision, dist, find_unused_parameters: see ``engine.Trainable``.
+        accum, precision, dist, find_unused_parameters: see ``trainable.Trainable``.
     """
 
     phase = "student"

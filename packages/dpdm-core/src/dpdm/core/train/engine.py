@@ -36,164 +36,21 @@ Usage (``run.py`` drives both phases this way)::
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import random
 import time
-from typing import Callable, Iterator, Protocol
+from typing import Iterator
 
-import numpy as np
 import torch
-from torch import nn
 
 from ..datasets import to_model
 from .distributed import Dist
 from ..errors import DpdmError
-from .precision import Precision, backward, guarded_step
 from ..progress import Progress
+from ..defaults import LOG_EVERY, MAX_NONFINITE  # noqa: F401  (shared with the recipe schema)
+from .rng import rng_state, set_rng_state
+from .trainable import Job, MicroLoss, Trainable, job_state, load_job_state, warmup_lr  # noqa: F401
 
 STATE_FORMAT = "dpdm-training-state/1"
-# Defaults of Trainer that the recipe schema (config/recipe.py, EngineConfig) takes from here
-MAX_NONFINITE = 10  # consecutive skipped (NaN/Inf) optimizer steps of one model that stop the run
-LOG_EVERY = 50  # iterations between records
-MicroLoss = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def warmup_lr(lr: float, nimg: int, warmup_nimg: float) -> float:
-    """EDM's linear learning-rate warm-up in images: lr · min(nimg / warmup_nimg, 1) (none when 0)."""
-    return lr * min(nimg / warmup_nimg, 1.0) if warmup_nimg > 0 else lr
-
-
-class Trainable:
-    """One trained model and everything one optimizer step of it needs.
-
-    Args:
-        name: the model's name in stats, logs and snapshots (``model``, ``student``, ``fake``).
-        module: the raw model; moved to ``dist.device``, set to train mode with gradients on.
-        lr, betas, eps: Adam (EDM: betas (0.9, 0.999), eps 1e-8).
-        warmup_nimg: linear learning-rate warm-up length in images (0: none).
-        grad_clip: clip the global gradient norm to this value (None: no clipping).
-        precision: forward precision and (fp16) loss scaling.
-        dist: the process group; with more than one rank the module is wrapped in its own
-            ``DistributedDataParallel`` (``wrapped``); ``module`` stays the raw model, to be called
-            without gradients by the other model's steps.
-        find_unused_parameters: DDP's option, for networks whose forward skips parameters.
-    """
-
-    def __init__(self, name: str, module: nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 warmup_nimg: float = 0.0, grad_clip: float | None = None, precision: Precision | None = None,
-                 dist: Dist | None = None, find_unused_parameters: bool = False):
-        self.name = name
-        self.dist = dist or Dist()
-        self.precision = precision or Precision("fp32", self.dist.device)
-        if self.precision.device.type != self.dist.device.type:
-            raise DpdmError(f"{name}: the precision is set up for {self.precision.device} but the model trains on "
-                            f"{self.dist.device}; build Precision(mode, dist.device)")
-        self.module = module.to(self.dist.device).train().requires_grad_(True)
-        self.wrapped = self.module
-        if self.dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(self.module, device_ids=ids,
-                                                   find_unused_parameters=find_unused_parameters)
-        self.lr = float(lr)  # base learning rate
-        self.warmup_nimg = float(warmup_nimg)
-        self.grad_clip = grad_clip
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr, betas=tuple(betas), eps=eps)
-        self.scaler = self.precision.grad_scaler(self.module)  # fp16, or a network with fp16 parts
-        self.nimg = 0  # images of the applied steps, all ranks
-        self.steps = 0  # applied optimizer steps
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient
-        self.consecutive = 0  # skipped steps since the last applied one
-
-    def step(self, micro_loss: MicroLoss, next_batch: Callable[[], tuple], accum: int = 1) -> dict:
-        """One optimizer step over ``accum`` micro-batches from ``next_batch()``.
-
-        ``micro_loss(model, x0, labels)`` returns per-sample losses ``(B,)``; ``model`` is the module to
-        differentiate (the DDP wrapper under DDP). Returns ``loss`` (mean over the micro-batches, this
-        rank), ``grad_norm`` (before clipping), ``lr``, ``images`` (all ranks) and ``applied`` (False: skipped).
-        """
-        lr = warmup_lr(self.lr, self.nimg, self.warmup_nimg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        losses, images = [], 0
-        for i in range(accum):
-            x0, labels = next_batch()
-            sync = i == accum - 1 or self.wrapped is self.module
-            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
-                with self.precision.autocast():
-                    loss = micro_loss(self.wrapped, x0, labels).mean()
-                backward(loss / accum, self.scaler)
-            losses.append(loss.detach().float())
-            images += x0.shape[0]
-            del loss  # the graph is gone after backward; drop the last reference too
-        loss = torch.stack(losses).mean()
-        applied, norm = guarded_step(self.optimizer, list(self.module.parameters()), scaler=self.scaler,
-                                     grad_clip=self.grad_clip, loss_finite=bool(torch.isfinite(loss)),
-                                     dist=self.dist)
-        images *= self.dist.world_size
-        if applied:
-            self.nimg += images
-            self.steps += 1
-            self.consecutive = 0
-        else:
-            self.skipped += 1
-            self.consecutive += 1
-        return {"loss": float(loss), "grad_norm": norm, "lr": lr, "images": images, "applied": applied}
-
-    def state_dict(self) -> dict:
-        """Optimizer, loss scaler and counters (the weights go to the snapshot's safetensors file)."""
-        return {"optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "nimg": self.nimg, "steps": self.steps, "skipped": self.skipped, "consecutive": self.consecutive}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.nimg, self.steps = int(state["nimg"]), int(state["steps"])
-        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
-
-
-class Job(Protocol):
-    """What the ``Trainer`` drives: one training iteration at a time (``teacher.TeacherJob``,
-    ``distill.DistillJob``)."""
-
-    phase: str  # "teacher" or "student": names the snapshots' phase and the log records
-    parts: dict[str, Trainable]  # the trained models, by name
-
-    @property
-    def model(self) -> nn.Module:
-        """The model to evaluate (the EMA if kept)."""
-
-    @property
-    def nimg(self) -> int:
-        """Images shown to the main model (the one the EMA follows)."""
-
-    def iteration(self, next_batch: Callable[[], tuple], generator: torch.Generator | None) -> dict:
-        """One training iteration; returns float stats."""
-
-    def weights(self) -> dict[str, nn.Module]:
-        """Every module a snapshot keeps, by name (the trained ones, their EMA)."""
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-def job_state(job: Job) -> dict:
-    """The non-weight state of a job's trained models: optimizers, loss scalers, counters."""
-    return {"parts": {name: part.state_dict() for name, part in job.parts.items()}}
-
-
-def load_job_state(job: Job, state: dict) -> None:
-    missing = sorted(set(job.parts) - set(state["parts"]))
-    if missing:
-        raise DpdmError(f"the snapshot has no optimizer state for {', '.join(missing)}; was it written by "
-                        "another kind of job?")
-    for name, part in job.parts.items():
-        part.load_state_dict(state["parts"][name])
 
 
 class DeviceBatches:
@@ -219,33 +76,6 @@ class DeviceBatches:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
         self._iter = iter(self.loader)
-
-
-def rng_state(generator: torch.Generator | None, device: torch.device) -> dict:
-    """This rank's random state: the training generator, torch's global CPU generator (and that of ``device``
-    if it is a GPU), numpy and ``random``, as tensors and plain values (``torch.load(weights_only=True)``
-    reads them)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"generator": generator.get_state() if generator is not None else None,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-
-
-def set_rng_state(state: dict, generator: torch.Generator | None, device: torch.device) -> None:
-    """Restore what ``rng_state`` saved."""
-    if generator is not None and state["generator"] is not None:
-        generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
 def peak_memory_mb(device: torch.device) -> float:

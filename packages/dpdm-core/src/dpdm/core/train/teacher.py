@@ -12,14 +12,13 @@ from torch import nn
 
 from .distributed import Dist
 from .ema import EMA
-from .engine import Trainable, job_state, load_job_state
+from .trainable import Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision
+from ..defaults import TEACHER_BETAS, TEACHER_LR  # noqa: F401  (shared with the recipe schema)
 
 # Defaults of TeacherJob and TeacherTrainer that the recipe schema (config/recipe.py, TeacherTrainConfig) takes
 # from here
-TEACHER_LR = 1e-3  # Adam's learning rate for the EDM loss
-TEACHER_BETAS = (0.9, 0.999)  # Adam's (β1, β2)
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -34,7 +33,7 @@ class TeacherJob:
 
     One iteration is one optimizer step over ``accum`` micro-batches. ``denoiser`` is a preconditioned
     denoiser ``D(x, sigma, class_labels=None)``; ``loss(D, x0, class_labels=, generator=)`` returns
-    per-sample losses (``EDMLoss``). The remaining arguments are ``engine.Trainable``'s.
+    per-sample losses (``EDMLoss``). The remaining arguments are ``trainable.Trainable``'s.
     """
 
     phase = "teacher"
