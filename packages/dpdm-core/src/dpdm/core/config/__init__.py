@@ -1,4 +1,6 @@
-"""Recipes: the attrs schema, strict structuring from YAML with every problem reported at once, and overrides.
+"""Recipes: the attrs schema (``recipe.py``), strict structuring through a cattrs converter with every problem
+reported at once (``structure.py``, ``problems.py``), components named by registry key (``components.py``), and
+YAML reading and overrides (``yaml.py``).
 
 ``from dpdm.core.config import Recipe, load_recipe`` is the public surface (as before the move into this package).
 """

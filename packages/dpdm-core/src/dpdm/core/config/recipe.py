@@ -13,7 +13,9 @@ from typing import Literal
 import attrs
 
 from ..sigmas import SigmaDist
-from .structure import Component, apply_overrides, component, load_yaml, structure
+from .components import Component, component
+from .structure import structure
+from .yaml import apply_overrides, load_yaml
 
 
 def _lognormal() -> SigmaDist:
