@@ -105,13 +105,9 @@ def run(
     every rank trains, rank 0 prints, writes and evaluates."""
     if nproc is not None:
         _launch(nproc)
-    from dpdm.core.config.recipe import load_recipe
     from dpdm.core.config.structure import dump_yaml, unstructure
 
-    from dpdm.core.pipeline.run import preflight
-
-    resolved = load_recipe(str(recipe), list(set_ or []))
-    preflight(resolved, str(recipe))  # build data, nets, divergence, metric, schedules: fail now, not mid-run
+    resolved = _checked_recipe(str(recipe), list(set_ or []))
     if dry_run:
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
         err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
@@ -136,6 +132,29 @@ def run(
         finished = True
     finally:
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
+
+
+def _checked_recipe(path: str, overrides: list[str]):
+    """The recipe, after building everything a run needs (data, nets, divergence, metric, schedules) so that bad
+    values fail now rather than mid-run; values outside their bounds are reported together with what the builds
+    find, all in one error."""
+    from dpdm.core.config.recipe import read_recipe
+    from dpdm.core.errors import ConfigError
+    from dpdm.core.pipeline.run import preflight
+
+    recipe, problems = read_recipe(path, overrides)
+    try:
+        preflight(recipe, path)
+    except ConfigError as exc:
+        problems = problems + exc.problems
+    except Exception:
+        if not problems:
+            raise
+        # a value outside its bounds broke a build in a way preflight does not catch (torch.device("gpu0") raises
+        # RuntimeError): the bounds already say what is wrong
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)), path)
+    return recipe
 
 
 def _run_dir(recipe, out: Optional[Path], resume: Optional[str]) -> Path:

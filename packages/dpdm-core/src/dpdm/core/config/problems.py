@@ -4,6 +4,7 @@ cattrs' exception groups into the project's messages, one per problem, each star
     recipe.train.lr: expected float, got 'abc'
     recipe.train.stpes: unknown key. Did you mean 'steps'? Valid keys: ...
     recipe.eval.teacher_nfe[2]: expected int, got 'x'
+    recipe.train.betas: every entry must be in [0, 1), got [1.5, 0.99]
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Mismatch(Invalid):
     @property
     def message(self) -> str:
         return f"expected {self.expected}{' or null' if self.optional else ''}, got {short(self.value)}"
+
+
+class OutOfBounds(Invalid):
+    """A value of the right type outside its field's bounds (``must be at least 1, got 0``)."""
 
 
 def short(value: Any, limit: int = 80) -> str:

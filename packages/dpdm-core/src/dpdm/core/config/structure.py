@@ -9,8 +9,8 @@
 Structuring is a cattrs ``Converter`` (unknown keys forbidden, detailed validation) with strict hooks: a bool is
 not a number, an int is accepted as a float, a string is not a list, ``Literal`` values match by type and value,
 ``X | None`` adds "or null" to X's message. Component fields are checked against the registry
-(``components.py``); :func:`problems_of` (``problems.py``) turns cattrs' exception groups into dotted-path
-messages. YAML reading and overrides are in ``yaml.py``; this module also
+(``components.py``) and bounded fields against their bounds (``bounds.py``); :func:`problems_of` turns cattrs'
+exception groups into dotted-path messages. YAML reading and overrides are in ``yaml.py``; this module also
 re-exports them, so ``from dpdm.core.config.structure import load_yaml`` keeps working.
 """
 
@@ -29,37 +29,53 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 from ..errors import ConfigError
 from . import components
 from .components import RESERVED_OPTIONS, Component, ComponentKind, component
-from .problems import Invalid, Mismatch, NoneType, problems_of, short, type_name
+from .problems import Invalid, Mismatch, NoneType, OutOfBounds, problems_of, short, type_name
 from .yaml import Dumper, Loader, apply_overrides, dump_yaml, load_yaml, load_yaml_text, parse_value
 
 __all__ = [
     "Component", "Dumper", "Loader", "RESERVED_OPTIONS", "apply_overrides", "component", "dump_yaml",
-    "load_yaml", "load_yaml_text", "parse_value", "structure", "unstructure",
+    "load_yaml", "load_yaml_text", "parse_value", "structure", "structure_deferring_bounds", "unstructure",
 ]
 
 
 def structure(cls: Any, data: Any, *, path: str = "recipe", source: str | None = None) -> Any:
     """Build ``cls`` (usually an attrs class) from plain data, strictly.
 
-    Every problem (wrong type, unknown or missing key, unknown component or option) is collected,
-    each starting with its dotted path, and raised together as one ``ConfigError(problems, source)``.
+    Every problem (wrong type, unknown or missing key, unknown component or option, a value outside its
+    field's bound) is collected, each starting with its dotted path, and raised together as one
+    ``ConfigError(problems, source)``.
     """
     try:
-        return _CONVERTER.structure(data, cls)
+        return _STRICT.structure(data, cls)
     except Exception as exc:  # noqa: BLE001 - problems_of re-raises what is not a problem with the data
         raise ConfigError(problems_of(exc, path, data), source) from None
 
 
+def structure_deferring_bounds(cls: Any, data: Any, *, path: str = "recipe",
+                               source: str | None = None) -> tuple[Any, list[str]]:
+    """Like :func:`structure`, but when the only problems are values outside their bounds, the object is built
+    anyway and returned with them, ``(obj, problems)``, so that a caller can report them together with its own
+    later checks (``dpdm run`` builds every component first). Any other problem raises, bounds included."""
+    try:
+        return structure(cls, data, path=path, source=source), []
+    except ConfigError as exc:
+        problems = exc.problems
+    try:
+        return _LENIENT.structure(data, cls), problems
+    except Exception:  # noqa: BLE001 - a type problem too: the strict pass has reported it with the rest
+        raise ConfigError(problems, source) from None
+
+
 def unstructure(obj: Any) -> Any:
     """Plain dicts, lists and scalars for ``yaml.safe_dump``; ``structure(type(x), unstructure(x)) == x``."""
-    return _CONVERTER.unstructure(obj)
+    return _STRICT.unstructure(obj)
 
 
 # --- the converter ------------------------------------------------------------------------------------------------
 
 
-def make_converter() -> cattrs.Converter:
-    """The strict converter."""
+def make_converter(*, bounds: bool = True) -> cattrs.Converter:
+    """The strict converter; ``bounds=False`` leaves the fields' bounds unchecked."""
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     for tp in (int, float, str, bool, NoneType):  # over cattrs' own (which call int(value), str(value), ...)
         conv.register_structure_hook(tp, _scalar_hook(tp))
@@ -69,7 +85,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(_is_origin(dict), lambda tp: _mapping_hook(conv, tp))
     conv.register_structure_hook_factory(lambda tp: typing.get_origin(tp) is Literal, lambda tp: _literal_hook)
     conv.register_structure_hook_factory(_is_union, lambda tp: _union_hook(conv, tp))
-    conv.register_structure_hook_factory(attrs.has, lambda cls: _attrs_hook(conv, cls))
+    conv.register_structure_hook_factory(attrs.has, lambda cls: _attrs_hook(conv, cls, bounds))
     conv.register_structure_hook_factory(lambda tp: tp is Component, lambda _: components.structure_hook(conv, None))
     conv.register_structure_hook_factory(
         lambda tp: typing.get_origin(tp) is typing.Annotated and typing.get_args(tp)[0] is Component,
@@ -197,17 +213,18 @@ def _each(conv: cattrs.Converter, tp: Any, items: list[tuple[Any, Any, Any]]) ->
     return results
 
 
-def _attrs_hook(conv: cattrs.Converter, cls: type):
+def _attrs_hook(conv: cattrs.Converter, cls: type, bounds: bool):
     """cattrs' generated hook for ``cls`` (unknown keys are errors), with component fields structured by their
-    kind, behind a check that the value is a mapping."""
+    kind and bounded fields checked, behind a check that the value is a mapping."""
     attrs.resolve_types(cls)
     overrides = {}
     for field in attrs.fields(cls):
         tp = field.type if field.type is not None else Any
         if "kind" in field.metadata:
             tp = components.with_kind(tp, ComponentKind.of(field.metadata))
-        if tp is not field.type:
-            overrides[field.name] = override(struct_hook=_field_hook(conv.get_structure_hook(tp), tp))
+        bound = field.metadata.get("bound") if bounds else None
+        if tp is not field.type or bound is not None:
+            overrides[field.name] = override(struct_hook=_field_hook(conv.get_structure_hook(tp), tp, bound))
     structure_fields = make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, _cattrs_use_alias=True,
                                               _cattrs_detailed_validation=True, **overrides)
 
@@ -219,11 +236,16 @@ def _attrs_hook(conv: cattrs.Converter, cls: type):
     return structure_attrs
 
 
-def _field_hook(hook, tp: Any):
+def _field_hook(hook, tp: Any, bound):
     def structure_field(value: Any, _) -> Any:
-        return hook(value, tp)
+        result = hook(value, tp)
+        problem = bound.problem(result) if bound is not None else None
+        if problem:
+            raise OutOfBounds(problem)
+        return result
 
     return structure_field
 
 
-_CONVERTER = make_converter()
+_STRICT = make_converter()
+_LENIENT = make_converter(bounds=False)
