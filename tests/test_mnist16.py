@@ -264,13 +264,16 @@ def test_baselines_are_part_of_the_training_config_only_when_present():
 
 
 def test_bad_baselines_fail_the_recipe_check():
+    from dpdm.core.config.recipe import read_recipe
     from dpdm.core.pipeline.run import preflight
 
     bad = "baselines={'a/b': {train: {steps: -1, batch_size: 7}, steps: []}, ok: {sigma_max: -1.0}}"
-    recipe = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), [bad, "engine.accum=2"])
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError):  # values outside their bounds: when the recipe is read
+        load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), [bad, "engine.accum=2"])
+    recipe, problems = read_recipe(str(ROOT / "recipes" / "toy2d.yaml"), [bad, "engine.accum=2"])
+    with pytest.raises(ConfigError) as info:  # names and batch splits: when the run is planned (dpdm run: both)
         preflight(recipe)
-    text = "\n".join(info.value.problems)
+    text = "\n".join(problems + info.value.problems)
     assert "recipe.baselines.a/b: a baseline's name names its checkpoint" in text
     assert "recipe.baselines.a/b.train.steps: must be at least 0, got -1" in text
     assert "recipe.baselines.a/b.train.batch_size: the global batch 7 must split evenly" in text
@@ -322,10 +325,17 @@ def test_mnist16_recipe_end_to_end_shortened(tmp_path, monkeypatch):
 
 
 def test_eval_batch_size_and_noise_seeds_are_checked_before_any_work():
+    import attrs
+
     from dpdm.core.pipeline.run import preflight
 
-    recipe = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), ["eval.batch_size=0", "eval.noise_seeds=0"])
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError) as info:  # when the recipe is read
+        load_recipe(str(ROOT / "recipes" / "toy2d.yaml"), ["eval.batch_size=0", "eval.noise_seeds=0"])
+    assert "recipe.eval.batch_size: must be at least 1, got 0" in info.value.problems
+    assert "recipe.eval.noise_seeds: must be at least 1, got 0" in info.value.problems
+    recipe = load_recipe(str(ROOT / "recipes" / "toy2d.yaml"))
+    recipe = attrs.evolve(recipe, eval=attrs.evolve(recipe.eval, batch_size=0, noise_seeds=0))
+    with pytest.raises(ConfigError) as info:  # a recipe built in code: before the run
         preflight(recipe)
     assert "recipe.eval.batch_size: must be at least 1, got 0" in info.value.problems
     assert "recipe.eval.noise_seeds: must be at least 1, got 0" in info.value.problems

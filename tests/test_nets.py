@@ -150,6 +150,57 @@ def test_unet_rejects_indivisible_sizes_with_a_clear_message():
     assert tiny_unet((1, 8, 8), channel_mult=[1, 2, 2, 2]).shape == (1, 8, 8)  # 8 -> 4 -> 2 -> 1
 
 
+# A size below its least value fails with a ValueError naming the option (preflight turns it into
+# "recipe.model: hidden must be at least 1, got -5"), not with torch's error about a negative dimension or no error.
+SMALL = {
+    "mlp": ((2,), {"hidden": 8, "depth": 1, "emb_dim": 8}),
+    "unet-small": ((1, 8, 8), {"channels": 8, "emb_dim": 8, "num_blocks": 1}),
+    "edm-songunet": ((1, 8, 8), {"model_channels": 16, "channel_mult": [1, 1], "num_blocks": 1,
+                                 "attn_resolutions": []}),
+    "edm-dhariwal": ((1, 8, 8), {"model_channels": 16, "channel_mult": [1, 1], "num_blocks": 1,
+                                 "attn_resolutions": []}),
+    "dit": ((1, 8, 8), {"hidden": 8, "depth": 1, "num_heads": 2}),
+}
+
+
+@pytest.mark.parametrize("name, option, value, message", [
+    ("mlp", "hidden", -5, "hidden must be at least 1, got -5"),
+    ("mlp", "hidden", 0, "hidden must be at least 1, got 0"),
+    ("mlp", "depth", -1, "depth must be at least 0, got -1"),
+    ("unet-small", "channels", -8, "channels must be at least 1, got -8"),
+    ("unet-small", "channels", 0, "channels must be at least 1, got 0"),
+    ("unet-small", "channel_mult", [1, -2], "channel_mult: every entry must be at least 1, got [1, -2]"),
+    ("unet-small", "num_blocks", 0, "num_blocks must be at least 1, got 0"),
+    ("edm-songunet", "model_channels", -16, "model_channels must be at least 1, got -16"),
+    ("edm-songunet", "model_channels", 0, "model_channels must be at least 1, got 0"),
+    ("edm-songunet", "channel_mult", [0, 1], "channel_mult: every entry must be at least 1, got [0, 1]"),
+    ("edm-songunet", "channel_mult_emb", 0, "channel_mult_emb must be at least 1, got 0"),
+    ("edm-songunet", "channel_mult_noise", -1, "channel_mult_noise must be at least 1, got -1"),
+    ("edm-songunet", "augment_dim", -5, "augment_dim must be at least 0, got -5"),
+    ("edm-songunet", "num_blocks", -1, "num_blocks must be at least 0, got -1"),
+    ("edm-dhariwal", "model_channels", -16, "model_channels must be at least 1, got -16"),
+    ("edm-dhariwal", "channel_mult_emb", -1, "channel_mult_emb must be at least 1, got -1"),
+    ("edm-dhariwal", "augment_dim", -5, "augment_dim must be at least 0, got -5"),
+    ("dit", "hidden", -8, "dit: hidden must be at least 0, got -8"),
+    ("dit", "depth", -1, "dit: depth must be at least 0, got -1"),
+    ("dit", "mlp_ratio", 0.0, "dit: mlp_ratio must be positive, got 0.0"),
+])
+def test_backbones_reject_sizes_below_their_least_value_naming_the_option(name, option, value, message):
+    from dpdm.core import get
+
+    shape, options = SMALL[name]
+    get("backbone", name)(shape=shape, **options)  # the small net itself is fine
+    with pytest.raises(ValueError) as info:
+        get("backbone", name)(shape=shape, **{**options, option: value})
+    assert str(info.value) == message
+
+
+def test_backbone_size_problems_are_reported_together():
+    with pytest.raises(ValueError) as info:
+        tiny_unet((1, 8, 8), channels=-1, num_blocks=0)
+    assert str(info.value) == "channels must be at least 1, got -1; num_blocks must be at least 1, got 0"
+
+
 def test_positional_embedding_matches_edm_songunet():
     emb = PositionalEmbedding(8, endpoint=True)
     x = torch.tensor([-2.0, 0.0, 1.2])

@@ -105,13 +105,14 @@ def run(
     every rank trains, rank 0 prints, writes and evaluates."""
     if nproc is not None:
         _launch(nproc)
-    from dpdm.core.config.recipe import load_recipe
     from dpdm.core.config.structure import dump_yaml, unstructure
 
-    from dpdm.core.pipeline.run import preflight
+    from dpdm.core.config.recipe import read_recipe
+    from dpdm.core.pipeline.preflight import preflight
 
-    resolved = load_recipe(str(recipe), list(set_ or []))
-    plan = preflight(resolved, str(recipe))  # build data, nets, divergence, metric, schedules: fail now, not mid-run
+    # bounds, then every build (data, nets, divergence, metric, schedules): all problems in one error, before any work
+    resolved, _ = read_recipe(str(recipe), list(set_ or []))
+    plan = preflight(resolved, str(recipe))
     if dry_run:
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji
         err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
@@ -252,7 +253,8 @@ def recover(
 
     from dpdm.core.eval import evaluate as ev
     from dpdm.core.eval import recovery as rec
-    from dpdm.core.pipeline.run import load_run, make_dataset, recovery_setup, resolve_device
+    from dpdm.core.pipeline.run import load_run, make_dataset, recovery_setup
+    from dpdm.core.train.distributed import resolve_device
 
     from .evaluation import resolve_metric
 

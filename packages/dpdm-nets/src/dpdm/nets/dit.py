@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .shapes import square_image
+from .shapes import at_least, square_image
 
 #: ``size -> (hidden, depth, num_heads)`` (Peebles & Xie 2022, Table 1).
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -195,6 +195,9 @@ class DiT(nn.Module):
         key = str(size).upper().removeprefix("DIT-")
         if key not in PRESETS:
             raise ValueError(f"dit: unknown size {size!r}; choose one of {sorted(PRESETS)}")
+        at_least(0, "dit: ", hidden=hidden or 0, depth=depth or 0, num_heads=num_heads or 0)  # 0: the preset's
+        if not mlp_ratio > 0:
+            raise ValueError(f"dit: mlp_ratio must be positive, got {mlp_ratio}")
         p_hidden, p_depth, p_heads = PRESETS[key]
         hidden, depth, num_heads = int(hidden or p_hidden), int(depth or p_depth), int(num_heads or p_heads)
         if hidden % num_heads:

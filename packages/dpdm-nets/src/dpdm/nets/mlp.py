@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .embeddings import MappingNetwork
+from .shapes import at_least
 
 ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -51,6 +52,8 @@ class MLP(nn.Module):
         self.shape = tuple(int(s) for s in shape)  # per-item shape, e.g. (2,)
         self.label_dim = int(label_dim)  # width of one-hot class labels; 0: unconditional
         dim = math.prod(self.shape)
+        at_least(1, hidden=hidden)
+        at_least(0, depth=depth)
         activation_layer(activation)  # fail early on an unknown name
         self.mapping = MappingNetwork(emb_dim, self.label_dim)
         self.linear_in = nn.Linear(dim, hidden)

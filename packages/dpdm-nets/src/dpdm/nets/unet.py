@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .embeddings import MappingNetwork
+from .shapes import at_least
 
 SKIP_SCALE = 1 / math.sqrt(2)  # residual sums are scaled to keep unit variance (as in EDM)
 
@@ -85,8 +86,7 @@ class SmallUNet(nn.Module):
         self.label_dim = int(label_dim)  # width of one-hot class labels; 0: unconditional
         mult = tuple(int(m) for m in channel_mult)  # channel multiplier per resolution level
         check_image_shape(self.shape, len(mult))
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        at_least(1, channels=channels, channel_mult=mult, num_blocks=num_blocks)
         widths = [channels * m for m in mult]  # channels per level
         self.mapping = MappingNetwork(emb_dim, self.label_dim)
         self.conv_in = nn.Conv2d(self.shape[0], widths[0], 3, padding=1)

@@ -1,9 +1,9 @@
 """Recipes: YAML structured strictly into these attrs classes (STYLE habits 8 and 9).
 
 Components are named by registry key with their options inline, e.g.
-``backbone: {name: mlp, hidden: 256}``; unknown keys, wrong types and unknown names are all
-reported at once with their dotted paths (see ``structure.py``). In every recipe
-``train.lr`` is the student's learning rate.
+``backbone: {name: mlp, hidden: 256}``; unknown keys, wrong types, unknown names and values outside the
+bounds declared next to their fields (``metadata={"bound": ...}``, see ``bounds.py``) are all reported at once
+with their dotted paths (see ``structure.py``). In every recipe ``train.lr`` is the student's learning rate.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import attrs
 
 from ..sigmas import SigmaDist
 from ..defaults import FAKE_UPDATES, LOG_EVERY, MAX_NONFINITE, STUDENT_BETAS, STUDENT_LR, TEACHER_BETAS, TEACHER_LR
-from .structure import Component, apply_overrides, component, load_yaml, structure
+from .bounds import at_least, each_at_least, each_in, each_positive, positive, step_counts, torch_device
+from .components import Component, component
+from .structure import structure, structure_deferring_bounds
+from .yaml import apply_overrides, load_yaml
 
 
 def _lognormal() -> SigmaDist:
@@ -37,14 +40,16 @@ class ModelConfig:
 class TeacherTrainConfig:
     """Teacher training with the EDM loss (Karras et al. 2022)."""
 
-    steps: int = 4000
-    batch_size: int = 512
-    lr: float = TEACHER_LR
-    betas: tuple[float, float] = TEACHER_BETAS
+    steps: int = attrs.field(default=4000, metadata={"bound": at_least(0)})
+    batch_size: int = attrs.field(default=512, metadata={"bound": at_least(1)})
+    lr: float = attrs.field(default=TEACHER_LR, metadata={"bound": positive})
+    betas: tuple[float, float] = attrs.field(default=TEACHER_BETAS, metadata={"bound": each_in(0, 1)})
     sigma: SigmaDist = attrs.field(factory=_lognormal)  # EDM: ln σ ~ N(-1.2, 1.2²)
-    ema_halflife_nimg: float | None = None  # EMA half-life in images; null: no EMA
-    lr_warmup_nimg: float = 0.0  # linear learning-rate warm-up, in images
-    grad_clip: float | None = None
+    # EMA half-life in images; null: no EMA
+    ema_halflife_nimg: float | None = attrs.field(default=None, metadata={"bound": positive})
+    # linear learning-rate warm-up, in images
+    lr_warmup_nimg: float = attrs.field(default=0.0, metadata={"bound": at_least(0)})
+    grad_clip: float | None = attrs.field(default=None, metadata={"bound": positive})
 
 
 @attrs.define
@@ -62,17 +67,21 @@ class TrainConfig:
 
     divergence: Component = component("divergence", default={"name": "smoothed-kl"}, reserved=("sigma", "sigma_data"))
     sigma: SigmaDist = attrs.field(factory=_log_uniform)  # the student's σ distribution
-    steps: int = 1000  # student updates (the paper: 100k on CIFAR-10, 50k on ImageNet-64)
-    batch_size: int = 128  # Table 8 (CIFAR-10; ImageNet-64: 96)
-    lr: float = STUDENT_LR  # the student's learning rate (Table 8)
-    betas: tuple[float, float] = STUDENT_BETAS  # Table 8
-    fake_lr: float | None = None  # default: lr (Table 8 uses the same)
-    fake_updates: int = FAKE_UPDATES  # fake-score updates per student update (Algorithm 1 alternates one and one)
+    # student updates (the paper: 100k on CIFAR-10, 50k on ImageNet-64)
+    steps: int = attrs.field(default=1000, metadata={"bound": at_least(0)})
+    batch_size: int = attrs.field(default=128, metadata={"bound": at_least(1)})  # Table 8 (CIFAR-10; ImageNet-64: 96)
+    lr: float = attrs.field(default=STUDENT_LR, metadata={"bound": positive})  # the student's learning rate (Table 8)
+    betas: tuple[float, float] = attrs.field(default=STUDENT_BETAS, metadata={"bound": each_in(0, 1)})  # Table 8
+    fake_lr: float | None = attrs.field(default=None, metadata={"bound": positive})  # default: lr (as Table 8)
+    # fake-score updates per student update (Algorithm 1 alternates one and one)
+    fake_updates: int = attrs.field(default=FAKE_UPDATES, metadata={"bound": at_least(1)})
     order: Literal["fake-first", "student-first"] = "fake-first"  # Algorithm 1: the fake score first
     student_dropout: bool = False  # dropout in the student's forward during distillation (off: eval mode)
-    ema_halflife_nimg: float | None = None  # EMA of the student, half-life in images
-    grad_clip: float | None = None
-    lr_warmup_nimg: float = 0.0  # linear learning-rate warm-up of student and fake score, in images
+    # EMA of the student, half-life in images
+    ema_halflife_nimg: float | None = attrs.field(default=None, metadata={"bound": positive})
+    grad_clip: float | None = attrs.field(default=None, metadata={"bound": positive})
+    # linear learning-rate warm-up of student and fake score, in images
+    lr_warmup_nimg: float = attrs.field(default=0.0, metadata={"bound": at_least(0)})
     # The student's own network, trained from scratch (e.g. a stylegan2 generator or a dit);
     # null: the student starts as a copy of the teacher. Teacher and fake score keep `model`.
     student: ModelConfig | None = None
@@ -85,10 +94,11 @@ class BaselineConfig:
     evaluated with the student's sampler and schedule at ``steps``."""
 
     train: TrainConfig = attrs.field(factory=TrainConfig)
-    steps: list[int] = attrs.field(factory=lambda: [1])  # sampling steps it is evaluated at
+    # sampling steps it is evaluated at
+    steps: list[int] = attrs.field(factory=lambda: [1], metadata={"bound": step_counts})
     # where sampling starts: default the divergence's generator_sigma (ikl: the σ its generator is fed), else the
     # student schedule's own σ_max
-    sigma_max: float | None = None
+    sigma_max: float | None = attrs.field(default=None, metadata={"bound": positive})
 
 
 @attrs.define
@@ -97,41 +107,48 @@ class EvalConfig:
 
     metric: Component = component("metric", default={"name": "energy"})  # fid, fd-<dataset>, energy, ...
     ref: str | None = None  # fid / fd-<dataset>: reference statistics .npz (EDM's); default: the test split, cached
-    num_samples: int = 4000  # generated samples per (model, sampler, NFE)
+    # generated samples per (model, sampler, NFE)
+    num_samples: int = attrs.field(default=4000, metadata={"bound": at_least(2)})
     student_sampler: Component = component("sampler", default={"name": "dpdm"})
     student_schedule: Component = component("schedule", default={"name": "dpdm"}, reserved=("n",))
-    student_steps: list[int] = attrs.field(factory=lambda: [1, 2, 4, 8])
+    student_steps: list[int] = attrs.field(factory=lambda: [1, 2, 4, 8], metadata={"bound": each_at_least(1)})
     teacher_samplers: list[Component] = attrs.field(
         factory=lambda: [Component("euler"), Component("heun"), Component("dpmpp-2m")],
         metadata={"kind": "sampler"},
     )
     teacher_schedule: Component = component("schedule", default={"name": "karras"}, reserved=("n",))
-    teacher_nfe: list[int] = attrs.field(factory=lambda: [1, 2, 3, 4, 5, 8, 16, 35])
-    one_step_sigma_max: list[float] = attrs.field(factory=lambda: [80.0, 10.0, 5.0, 2.5, 1.5, 1.0])
-    recovery_sigmas: list[float] = attrs.field(factory=lambda: [0.5, 1.0, 2.0, 5.0])
-    recovery_num: int = 2000  # items noised and denoised per σ (up to the split's size)
+    teacher_nfe: list[int] = attrs.field(factory=lambda: [1, 2, 3, 4, 5, 8, 16, 35],
+                                         metadata={"bound": each_at_least(1)})
+    one_step_sigma_max: list[float] = attrs.field(factory=lambda: [80.0, 10.0, 5.0, 2.5, 1.5, 1.0],
+                                                  metadata={"bound": each_positive})
+    recovery_sigmas: list[float] = attrs.field(factory=lambda: [0.5, 1.0, 2.0, 5.0],
+                                               metadata={"bound": each_positive})
+    # items noised and denoised per σ (up to the split's size)
+    recovery_num: int = attrs.field(default=2000, metadata={"bound": at_least(2)})
     # paper: Section 5.1, a random subset of the training split against the full training set (eval.ref for fid);
     # heldout: the first test items against data independent of them
     recovery_protocol: Literal["paper", "heldout"] = "paper"
     figure_samples: int = 64  # images per grid (points per scatter: num_samples)
     # items per generation batch (samples do not depend on it: per-item seeds); on CPUs a small batch is faster
     # (a 0.7M-parameter UNet at 16×16: 1.5 ms per image and NFE at 128, 3.2 ms at 1024)
-    batch_size: int = 1024
+    batch_size: int = attrs.field(default=1024, metadata={"bound": at_least(1)})
     # Section 5.2 / Figure 6: student and teacher, each with the DPDM sampler and with Heun (the ODE sampler), at
     # this NFE (the paper: 7); null: not measured
     cross_nfe: int | None = None
     # evaluation seeds: 2 or more re-score the student, the undistilled teacher and the teacher points the claims
     # compare with at seeds seed+1, ...: their spread is the estimator's noise beside every claim
-    noise_seeds: int = 1
+    noise_seeds: int = attrs.field(default=1, metadata={"bound": at_least(1)})
 
 
 @attrs.define
 class CheckpointConfig:
     """Training-state checkpoints (weights, optimizers, counters, RNG and loader states of every rank)."""
 
-    every: int = 1000  # optimizer steps between checkpoints (0: only at the end of each phase)
-    keep_last: int = 3  # keep the newest K checkpoints ...
-    keep_every: int = 0  # ... plus every one whose step is a multiple of N (0: none)
+    # optimizer steps between checkpoints (0: only at the end of each phase)
+    every: int = attrs.field(default=1000, metadata={"bound": at_least(0)})
+    keep_last: int = attrs.field(default=3, metadata={"bound": at_least(1)})  # keep the newest K checkpoints ...
+    # ... plus every one whose step is a multiple of N (0: none)
+    keep_every: int = attrs.field(default=0, metadata={"bound": at_least(0)})
     dir: str | None = None  # any fsspec URL (s3://bucket/run); default: <run dir>/checkpoints/train
 
 
@@ -144,11 +161,16 @@ class EngineConfig:
     """
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 adds a grad scaler)
-    accum: int = 1  # micro-batches per optimizer step on each rank (gradient accumulation)
-    num_workers: int = 0  # data-loading worker processes per rank
-    log_every: int = LOG_EVERY  # steps between lines in metrics.jsonl (and TensorBoard)
-    sample_every: int = 0  # steps between sample grids of the student at a fixed seed (0: off)
-    max_nonfinite: int = MAX_NONFINITE  # consecutive non-finite steps that stop the run (the last checkpoint is kept)
+    # micro-batches per optimizer step on each rank (gradient accumulation)
+    accum: int = attrs.field(default=1, metadata={"bound": at_least(1)})
+    # data-loading worker processes per rank
+    num_workers: int = attrs.field(default=0, metadata={"bound": at_least(0)})
+    # steps between lines in metrics.jsonl (and TensorBoard)
+    log_every: int = attrs.field(default=LOG_EVERY, metadata={"bound": at_least(1)})
+    # steps between sample grids of the student at a fixed seed (0: off)
+    sample_every: int = attrs.field(default=0, metadata={"bound": at_least(0)})
+    # consecutive non-finite steps that stop the run (the last checkpoint is kept)
+    max_nonfinite: int = attrs.field(default=MAX_NONFINITE, metadata={"bound": at_least(1)})
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
 
 
@@ -164,12 +186,24 @@ class Recipe:
     baselines: dict[str, BaselineConfig] = attrs.field(factory=dict)
     engine: EngineConfig = attrs.field(factory=EngineConfig)
     seed: int = 0
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    # auto (cuda if available), cpu, cuda, cuda:1, ...; whether CUDA is there is checked when the run starts
+    device: str = attrs.field(default="auto", metadata={"bound": torch_device})
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
-    """Read, override (``key.path=value``) and strictly structure a recipe file."""
+    """Read, override (``key.path=value``) and strictly structure a recipe file; every problem, values outside
+    their bounds included, is raised at once as a ``ConfigError``."""
     data = load_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides, source=path)
     return structure(Recipe, data, path="recipe", source=path)
+
+
+def read_recipe(path: str, overrides: list[str] | None = None) -> tuple[Recipe, list[str]]:
+    """Like :func:`load_recipe`, but a recipe whose only problems are values outside their bounds is returned
+    with them, ``(recipe, problems)``, for a caller that reports them together with its own checks (``dpdm run``
+    adds what building every component finds)."""
+    data = load_yaml(path)
+    if overrides:
+        data = apply_overrides(data, overrides, source=path)
+    return structure_deferring_bounds(Recipe, data, path="recipe", source=path)

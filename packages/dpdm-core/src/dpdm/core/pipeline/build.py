@@ -5,7 +5,6 @@ in a ``Plan``."""
 
 from __future__ import annotations
 
-import torch
 
 from ..config.recipe import EngineConfig, Recipe
 from ..config.structure import Component
@@ -13,17 +12,8 @@ from ..errors import DpdmError
 from ..io.checkpoint import network_spec
 from ..plugins.registry import get
 from ..utils import accepts
-from ..train.distributed import Dist
+from ..train.distributed import Dist, resolve_device  # noqa: F401  (resolve_device: 0.1's run.resolve_device)
 from ..train.engine import DeviceBatches
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DpdmError(f"recipe.device is {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    return device
 
 
 def make_dataset(data: Component, split: str):

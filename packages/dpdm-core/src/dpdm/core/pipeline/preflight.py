@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import torch
 
+from ..config.bounds import bound_problems
 from ..config.recipe import Recipe
 from ..errors import ConfigError, DpdmError
 from ..eval.fid import load_stats
@@ -18,7 +19,8 @@ from ..io.cache import local_copy, needs_download
 from ..io.checkpoint import build_denoiser
 from ..plugins.registry import entry
 from ..progress import Progress
-from .build import build_divergence, make_dataset, resolve_device, schedule_fn, spec_of, student_spec
+from ..train.distributed import resolve_device
+from .build import build_divergence, make_dataset, schedule_fn, spec_of, student_spec
 
 
 @attrs.define(eq=False)
@@ -57,7 +59,7 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
     (all problems at once) rather than minutes into a run, and return it as a ``Plan`` that ``run`` consumes (nothing
     is built twice). ``check_metric``: build the metric now (default: on rank 0 only, the rank that evaluates; its
     detector is kept in the plan for the evaluation)."""
-    problems = []
+    problems = bound_problems(recipe)  # the schema's bounds (config/bounds.py), with everything else below
 
     def check(key, fn):
         try:
@@ -67,27 +69,7 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
         except (ValueError, TypeError) as exc:
             problems.append(f"{key}: {exc}")
 
-    for key, value, low in [("teacher.train.steps", recipe.teacher.train.steps, 0),
-                            ("teacher.train.batch_size", recipe.teacher.train.batch_size, 1),
-                            ("train.steps", recipe.train.steps, 0), ("train.batch_size", recipe.train.batch_size, 1),
-                            ("train.fake_updates", recipe.train.fake_updates, 1),
-                            ("eval.num_samples", recipe.eval.num_samples, 2),
-                            ("eval.recovery_num", recipe.eval.recovery_num, 2),
-                            ("eval.batch_size", recipe.eval.batch_size, 1), ("eval.noise_seeds", recipe.eval.noise_seeds, 1),
-                            *[(f"baselines.{name}.train.{field}", getattr(base.train, field), low)
-                              for name, base in recipe.baselines.items()
-                              for field, low in (("steps", 0), ("batch_size", 1), ("fake_updates", 1))]]:
-        if value < low:
-            problems.append(f"recipe.{key}: must be at least {low}, got {value}")
     engine = recipe.engine
-    for key, value, low in [("engine.accum", engine.accum, 1), ("engine.num_workers", engine.num_workers, 0),
-                            ("engine.log_every", engine.log_every, 1), ("engine.sample_every", engine.sample_every, 0),
-                            ("engine.max_nonfinite", engine.max_nonfinite, 1),
-                            ("engine.checkpoint.every", engine.checkpoint.every, 0),
-                            ("engine.checkpoint.keep_last", engine.checkpoint.keep_last, 1),
-                            ("engine.checkpoint.keep_every", engine.checkpoint.keep_every, 0)]:
-        if value < low:
-            problems.append(f"recipe.{key}: must be at least {low}, got {value}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     phases = [("train.batch_size", recipe.train.batch_size),
               *[(f"baselines.{name}.train.batch_size", base.train.batch_size) for name, base in recipe.baselines.items()]]
@@ -97,14 +79,8 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
         if engine.accum >= 1 and batch >= 1 and batch % (world * engine.accum):
             problems.append(f"recipe.{key}: the global batch {batch} must split evenly over {world} rank(s) x "
                             f"engine.accum {engine.accum} micro-batches; pick a multiple of {world * engine.accum}")
-    for key, values in [("eval.student_steps", recipe.eval.student_steps), ("eval.teacher_nfe", recipe.eval.teacher_nfe)]:
-        if any(v < 1 for v in values):
-            problems.append(f"recipe.{key}: every entry must be at least 1, got {values}")
-    for key, values in [("eval.recovery_sigmas", recipe.eval.recovery_sigmas),
-                        ("eval.one_step_sigma_max", recipe.eval.one_step_sigma_max)]:
-        if any(v <= 0 for v in values):
-            problems.append(f"recipe.{key}: every entry must be positive, got {values}")
-    device = check("recipe.device", lambda: resolve_device(recipe.device))
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    device = check("recipe.device", lambda: resolve_device(recipe.device, local, world))  # this rank's device
     train_set = check("recipe.data", lambda: make_dataset(recipe.data, "train"))
     test_set = check("recipe.data", lambda: make_dataset(recipe.data, "test")) if train_set is not None else None
     spec, s_spec, b_specs = None, None, {}
@@ -121,10 +97,6 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             problems.append(f"recipe.{key}: a baseline's name names its checkpoint and snapshot folder; use letters, "
                             f"digits, '-' and '_'")
-        if not base.steps or any(v < 1 for v in base.steps):
-            problems.append(f"recipe.{key}.steps: a non-empty list of step counts of at least 1, got {base.steps}")
-        if base.sigma_max is not None and base.sigma_max <= 0:
-            problems.append(f"recipe.{key}.sigma_max: must be positive, got {base.sigma_max}")
         check(f"recipe.{key}.train.divergence", lambda: build_divergence(recipe, sigma_data=0.5, cfg=base.train))
         if spec is not None:
             b_specs[name] = student_spec(recipe, spec, base.train)

@@ -120,8 +120,10 @@ def _env_int(name: str) -> int:
         raise DpdmError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None
 
 
-def _device(name: str | torch.device, local_rank: int, world_size: int) -> torch.device:
-    """The training device: ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+def resolve_device(name: str | torch.device, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device a recipe's (or a command's) ``device`` names: ``auto`` is CUDA when it is available, else the CPU;
+    under torchrun (``world_size`` > 1) each rank takes ``cuda:local_rank``. Clear errors for a name torch does not
+    know, CUDA that is not there, or a GPU this node does not have."""
     if str(name) == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -153,10 +155,10 @@ def init_dist(device: str | torch.device = "auto", timeout_s: float = 1800) -> D
     if tdist.is_available() and tdist.is_initialized():
         rank, world = tdist.get_rank(), tdist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
-        return Dist(rank, world, local, _device(device, local, world), tdist.get_backend())
+        return Dist(rank, world, local, resolve_device(device, local, world), tdist.get_backend())
     present = [name for name in ENV if name in os.environ]
     if not present:
-        return Dist(device=_device(device, 0, 1))
+        return Dist(device=resolve_device(device))
     if len(present) < len(ENV):
         missing = [name for name in ENV if name not in os.environ]
         raise DpdmError(f"incomplete torchrun environment: {', '.join(present)} set but {', '.join(missing)} "
@@ -164,7 +166,7 @@ def init_dist(device: str | torch.device = "auto", timeout_s: float = 1800) -> D
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     if not 0 <= rank < world:
         raise DpdmError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    dev = _device(device, local, world)
+    dev = resolve_device(device, local, world)
     if world == 1:
         return Dist(rank, world, local, dev)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..embeddings import FourierEmbedding, PositionalEmbedding
+from ..shapes import at_least
 from .layers import Conv2d, GroupNorm, Linear, UNetBlock
 
 EMBEDDING_TYPES = ("positional", "fourier")
@@ -65,6 +66,9 @@ class SongUNet(nn.Module):
         if img_resolution % (1 << (len(channel_mult) - 1)):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1} "
                              f"({len(channel_mult)} levels)")
+        at_least(1, model_channels=model_channels, channel_mult=channel_mult, channel_mult_emb=channel_mult_emb,
+                 channel_mult_noise=channel_mult_noise)
+        at_least(0, augment_dim=augment_dim, num_blocks=num_blocks)
 
         self.img_resolution = int(img_resolution)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
