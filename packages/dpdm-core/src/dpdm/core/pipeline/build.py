@@ -5,7 +5,6 @@ in a ``Plan``."""
 
 from __future__ import annotations
 
-
 from ..config.recipe import EngineConfig, Recipe
 from ..config.structure import Component
 from ..errors import DpdmError

@@ -80,7 +80,9 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
             problems.append(f"recipe.{key}: the global batch {batch} must split evenly over {world} rank(s) x "
                             f"engine.accum {engine.accum} micro-batches; pick a multiple of {world * engine.accum}")
     local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    device = check("recipe.device", lambda: resolve_device(recipe.device, local, world))  # this rank's device
+    device = None
+    if not any(p.startswith("recipe.device:") for p in problems):  # a bad name is a bound problem already
+        device = check("recipe.device", lambda: resolve_device(recipe.device, local, world))  # this rank's device
     train_set = check("recipe.data", lambda: make_dataset(recipe.data, "train"))
     test_set = check("recipe.data", lambda: make_dataset(recipe.data, "test")) if train_set is not None else None
     spec, s_spec, b_specs = None, None, {}
