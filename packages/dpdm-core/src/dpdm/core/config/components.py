@@ -44,6 +44,17 @@ class Component:
     name: str
     options: dict[str, Any] = attrs.field(factory=dict)
 
+    def build(self, kind: str, *runtime, optional: dict[str, Any] | None = None, **reserved) -> Any:
+        """The object this component names, built the one way there is (``plugins.registry.build``): a sampler or a
+        schedule with its options bound, any other kind's factory called with ``runtime``, ``reserved`` and the
+        options (``optional`` arguments only where the factory declares them), e.g.
+        ``recipe.data.build("dataset", split="train")``."""
+        return registry.build(kind, self.name, self.options, *runtime, optional=optional, **reserved)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **options}``: how checkpoints store a network's components."""
+        return {"name": self.name, **self.options}
+
 
 @attrs.frozen
 class ComponentKind:

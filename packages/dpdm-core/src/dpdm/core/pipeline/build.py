@@ -6,11 +6,9 @@ in a ``Plan``."""
 from __future__ import annotations
 
 from ..config.recipe import EngineConfig, Recipe
-from ..config.structure import Component
+from ..config.components import Component
 from ..errors import DpdmError
 from ..io.checkpoint import network_spec
-from ..plugins.registry import get
-from ..utils import accepts
 from ..train.distributed import Dist, resolve_device  # noqa: F401  (resolve_device: 0.1's run.resolve_device)
 from ..train.engine import DeviceBatches
 
@@ -18,15 +16,14 @@ from ..train.engine import DeviceBatches
 def make_dataset(data: Component, split: str):
     """The ``split`` of the recipe's ``data`` component."""
     try:
-        return get("dataset", data.name)(split=split, **data.options)
+        return data.build("dataset", split=split)
     except (ValueError, TypeError) as exc:
         raise DpdmError(f"recipe.data ({data.name}): {exc}") from None
 
 
 def schedule_fn(schedule: Component):
     """``(n, **overrides) -> sigmas`` of a schedule component, not clamped to any network (``eval`` clamps)."""
-    fn = get("schedule", schedule.name)
-    return lambda n, **kw: fn(n, **{**schedule.options, **kw})
+    return schedule.build("schedule")
 
 
 def build_divergence(recipe: Recipe, sigma_data: float, cfg=None):
@@ -34,12 +31,7 @@ def build_divergence(recipe: Recipe, sigma_data: float, cfg=None):
     divergence that names a ``sigma_data`` parameter (the built-ins, for ``weighting: edm``) gets the teacher's σ_d,
     which the recipe cannot set apart from the teacher; one that only takes ``**options`` is not handed it."""
     train = cfg if cfg is not None else recipe.train
-    cfg = train.divergence
-    factory = get("divergence", cfg.name)
-    runtime = {"sigma": train.sigma}
-    if accepts(factory, "sigma_data"):
-        runtime["sigma_data"] = float(sigma_data)
-    return factory(**runtime, **cfg.options)
+    return train.divergence.build("divergence", sigma=train.sigma, optional={"sigma_data": float(sigma_data)})
 
 
 def student_spec(recipe: Recipe, teacher_spec: dict, cfg=None) -> dict:
@@ -48,14 +40,12 @@ def student_spec(recipe: Recipe, teacher_spec: dict, cfg=None) -> dict:
     m = (cfg if cfg is not None else recipe.train).student
     if m is None:
         return teacher_spec
-    return network_spec({"name": m.backbone.name, **m.backbone.options}, {"name": m.precond.name, **m.precond.options},
-                        teacher_spec["shape"], teacher_spec["label_dim"])
+    return network_spec(m.backbone.as_dict(), m.precond.as_dict(), teacher_spec["shape"], teacher_spec["label_dim"])
 
 
 def spec_of(recipe: Recipe, dataset) -> dict:
     m = recipe.model
-    return network_spec({"name": m.backbone.name, **m.backbone.options}, {"name": m.precond.name, **m.precond.options},
-                        dataset.shape, dataset.label_dim)
+    return network_spec(m.backbone.as_dict(), m.precond.as_dict(), dataset.shape, dataset.label_dim)
 
 
 def check_teacher_fits(spec: dict, dataset, url: str) -> None:
