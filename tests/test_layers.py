@@ -129,3 +129,22 @@ def test_the_ground_floor_is_the_contracts():
     assert top == ["datasets", "defaults", "divergences", "errors", "losses", "precond", "progress", "samplers", "schedules",
                    "sigmas", "utils"]
     assert sorted(p.name for p in CORE.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == sorted(LAYERS[1:])
+
+
+def test_every_import_the_docs_show_works_without_a_deprecation_warning():
+    """The names README.md, ARCHITECTURE.md and docs/ import from dpdm keep working, at their current homes."""
+    import importlib
+    import re
+    import warnings
+
+    docs = [ROOT.parent / "README.md", ROOT.parent / "ARCHITECTURE.md", *sorted((ROOT.parent / "docs").glob("*.md"))]
+    lines = {m.group(0).strip() for doc in docs
+             for m in re.finditer(r"^\s*from (dpdm\.[\w.]+) import ([\w, ]+)$", doc.read_text(), re.M)}
+    assert lines  # the README shows some
+    for line in sorted(lines):
+        module, names = re.match(r"from (\S+) import (.+)", line).groups()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            imported = importlib.import_module(module)
+            for name in (n.strip() for n in names.split(",")):
+                assert getattr(imported, name, None) is not None, line
