@@ -148,3 +148,16 @@ def test_every_import_the_docs_show_works_without_a_deprecation_warning():
             imported = importlib.import_module(module)
             for name in (n.strip() for n in names.split(",")):
                 assert getattr(imported, name, None) is not None, line
+
+
+@pytest.mark.parametrize("old, new", [("checkpoint", "io.checkpoint"), ("run", "pipeline.run"),
+                                      ("registry", "plugins.registry"), ("engine", "train.engine")])
+def test_the_0_1_module_paths_still_import_with_a_deprecation_warning(old, new):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"dpdm.core.{old}", None)
+    with pytest.warns(DeprecationWarning, match=rf"dpdm\.core\.{old} moved to dpdm\.core\.{new}"):
+        module = importlib.import_module(f"dpdm.core.{old}")
+    assert module is importlib.import_module(f"dpdm.core.{new}")
+    assert module.__name__ == f"dpdm.core.{new}"
