@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 
 import attrs
 import cattrs
+import yaml
 from cattrs.cols import list_structure_factory
 from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
@@ -30,7 +31,7 @@ from ..errors import ConfigError
 from . import components
 from .components import RESERVED_OPTIONS, Component, ComponentKind, component
 from .problems import Invalid, Mismatch, NoneType, OutOfBounds, problems_of, short, type_name
-from .yaml import Dumper, Loader, apply_overrides, dump_yaml, load_yaml, load_yaml_text, parse_value
+from .yaml import Dumper, Loader, apply_overrides, load_yaml, load_yaml_text, parse_value
 
 __all__ = [
     "Component", "Dumper", "Loader", "RESERVED_OPTIONS", "apply_overrides", "component", "dump_yaml",
@@ -69,6 +70,11 @@ def structure_deferring_bounds(cls: Any, data: Any, *, path: str = "recipe",
 def unstructure(obj: Any) -> Any:
     """Plain dicts, lists and scalars for ``yaml.safe_dump``; ``structure(type(x), unstructure(x)) == x``."""
     return _STRICT.unstructure(obj)
+
+
+def dump_yaml(obj: Any) -> str:
+    """YAML text for an attrs object or plain data, keys in declaration order."""
+    return yaml.dump(unstructure(obj), Dumper=Dumper, sort_keys=False, default_flow_style=False)
 
 
 # --- the converter ------------------------------------------------------------------------------------------------

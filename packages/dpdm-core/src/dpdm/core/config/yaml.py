@@ -1,10 +1,10 @@
 """Recipe YAML: a safe loader that reads YAML-1.2 floats (``1e-4``) and rejects duplicate keys, the matching
-dumper, reading from local paths or any fsspec URL, and ``dotted.key=value`` overrides.
+dumper (``structure.dump_yaml`` writes with it), reading from local paths or any fsspec URL, and
+``dotted.key=value`` overrides.
 
 ::
 
     data = apply_overrides(load_yaml("recipe.yaml"), ["train.lr=2e-5"])
-    text = dump_yaml(recipe)  # structure(Recipe, load_yaml_text(text, "x")) == recipe
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import yaml
 from ..errors import ConfigError
 from .problems import short as _short
 
-__all__ = ["Dumper", "Loader", "apply_overrides", "dump_yaml", "load_yaml", "load_yaml_text", "parse_value"]
+__all__ = ["Dumper", "Loader", "apply_overrides", "load_yaml", "load_yaml_text", "parse_value"]
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 # PyYAML's YAML-1.1 float pattern, plus exponents without a dot or a sign (1e-4, 2E3) and .5 forms.
@@ -116,13 +116,6 @@ def parse_value(text: str) -> Any:
         return yaml.load(text, Loader=Loader)
     except yaml.YAMLError as exc:
         raise ConfigError([f"value {text!r} is not valid YAML{_yaml_problem(exc)}"]) from None
-
-
-def dump_yaml(obj: Any) -> str:
-    """YAML text for an attrs object or plain data, keys in declaration order."""
-    from .structure import unstructure  # imported here: structure.py imports this module
-
-    return yaml.dump(unstructure(obj), Dumper=Dumper, sort_keys=False, default_flow_style=False)
 
 
 # --- overrides ------------------------------------------------------------------------------------------------
