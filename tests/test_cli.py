@@ -649,7 +649,7 @@ def test_recover_defaults_to_the_papers_sigmas(tiny_run):
 
 
 def test_figure_sigmas_spread_over_the_list():
-    from dpdm.cli.main import PAPER_SIGMAS, figure_sigmas
+    from dpdm.cli.recover import PAPER_SIGMAS, figure_sigmas
 
     assert figure_sigmas(PAPER_SIGMAS) == [0.02, 0.2, 2.0, 10.0]  # indices 0, 3, 7, 10 of 11
     assert figure_sigmas([2.0, 0.5]) == [2.0, 0.5]

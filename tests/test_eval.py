@@ -15,7 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dpdm.cli.main import app, join_list_options
+from dpdm.cli.common import join_list_options
+from dpdm.cli.main import app
 from dpdm.core.eval import detectors, fid, generation, scoring
 from dpdm.core.io.checkpoint import build_denoiser, network_spec, save_denoiser
 from dpdm.core.datasets import from_model, to_model
@@ -574,7 +575,7 @@ def test_a_run_evaluates_with_fd_and_caches_its_reference(tmp_path, monkeypatch)
 
 
 def test_a_runs_eval_ref_is_the_default_reference(small_detector, tmp_path):
-    from dpdm.cli.evaluation import _reference
+    from dpdm.cli.eval_inputs import load_reference
     from dpdm.core.config.recipe import load_recipe
     from dpdm.core.train.distributed import Dist
     from dpdm.core.progress import Progress
@@ -583,8 +584,8 @@ def test_a_runs_eval_ref_is_the_default_reference(small_detector, tmp_path):
     fid.save_stats(str(ref), fid.FeatureStats(np.arange(16.0), np.eye(16), 50000))
     metric = get("metric", "fid")(detector=str(small_detector))
     recipe = load_recipe(str(ROOT / "recipes" / "digits.yaml"), [f"eval.ref={ref}"])
-    stats, name = _reference(None, metric, recipe, Dist(), Progress())
+    stats, name = load_reference(None, metric, recipe, Dist(), Progress())
     assert name == str(ref) and stats.num_images == 50000 and np.array_equal(stats.mu, np.arange(16.0))
     plain = load_recipe(str(ROOT / "recipes" / "digits.yaml"))
-    stats, name = _reference(None, metric, plain, Dist(), Progress())
+    stats, name = load_reference(None, metric, plain, Dist(), Progress())
     assert name == "digits test split (359 items)" and stats.num_images == 359

@@ -32,7 +32,7 @@ ROUTES = {  # the module whose frame is on the stack when a sampler is called, p
     "dpdm.core.train.tracking": "training grid",
     "dpdm.core.pipeline.evaluation": "in-run evaluation",
     "dpdm.cli.evaluation": "dpdm eval",
-    "dpdm.cli.main": "dpdm sample",
+    "dpdm.cli.sample": "dpdm sample",
 }
 CALLS: list[tuple[str, str]] = []  # (route, tag) of every probe-sampler call
 BUILT: Counter = Counter()  # constructions of the counting dataset (by split) and metric

@@ -13,11 +13,10 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-# data_app exists before main is imported, so that main's `from .data import data_app` works in either import order
+from .common import console, err, user_errors
+
 data_app = typer.Typer(no_args_is_help=True, help="Prepare EDM dataset ZIPs, describe datasets, download official "
                                                   "dataset files.")
-
-from .main import console, err, user_errors  # noqa: E402
 
 SHOWN_SKIPPED = 100  # skipped files listed in the text report (--json lists them all)
 
@@ -106,8 +105,8 @@ def info(
     """Describe a dataset: count, resolution, channels, label_dim and classes.
 
     --grid OUT.png writes a grid of --num images spread evenly over the dataset."""
-    from dpdm.core.errors import DpdmError
     from dpdm.core.config.structure import parse_value
+    from dpdm.core.errors import DpdmError
     from dpdm.data import info as di
 
     options = {}

@@ -2,15 +2,15 @@
 the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4), and the cross-use of models and
 samplers at one NFE (``cross``, Section 5.2 / Figure 6).
 
-The work happens in ``dpdm.core.eval.scoring``. Every command runs under torchrun (or ``--nproc N``): each rank
-generates or featurises its share of the items, statistics are summed over the ranks, rank 0 writes.
+The work happens in ``dpdm.core.eval.scoring`` (what the commands load: ``eval_inputs``). Every command runs
+under torchrun (or ``--nproc N``): each rank generates or featurises its share of the items, statistics are summed
+over the ranks, rank 0 writes.
 Numbers carry their metric's name: ``fid`` (the standard Inception-v3 detector) or a substitute such as
 ``fd-mnist`` (a small classifier; not comparable with published FIDs).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -18,145 +18,25 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
+from .common import console, ints, launch, user_errors
+from .eval_inputs import (
+    dist_and_progress,
+    load_reference,
+    metric_on_ranks,
+    model_of,
+    open_dataset,
+    run_models,
+    sampling,
+    save_grids,
+    write_json,
+)
+
 eval_app = typer.Typer(no_args_is_help=True, help="FID and other distances: reference statistics, FID at several "
                                                   "step counts, NFE sweeps of student and teacher, models x samplers.")
-
-from .main import _launch, console, err, user_errors  # noqa: E402
 
 # The NFE grid of the paper's Table 4 (CIFAR-10, DPDM vs EDM): the student at 1…10, the teacher at these.
 DEFAULT_STUDENT_NFE = list(range(1, 11))
 DEFAULT_TEACHER_NFE = [4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16, 18, 35]
-
-
-def ints(values: List[str] | None, option: str) -> list[int]:
-    """``--steps 4 5 6`` (or ``4,5,6``, or repeated) as a list of positive ints."""
-    from dpdm.core.errors import DpdmError
-
-    out = []
-    for v in values or []:
-        for part in str(v).split(","):
-            if part.strip():
-                try:
-                    n = int(part)
-                except ValueError:
-                    raise DpdmError(f"{option}: expected a whole number, got {part!r}") from None
-                if n < 1:
-                    raise DpdmError(f"{option}: every value must be at least 1, got {n}")
-                out.append(n)
-    return out
-
-
-def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, device="cpu", progress=None):
-    """``(name, metric fn)``: ``--detector`` alone means ``fid`` with that detector; ``--metric NAME`` any metric
-    (``fid`` takes ``--detector``); neither: the run's ``eval.metric``."""
-    from dpdm.core.errors import DpdmError
-    from dpdm.core.eval.metrics import make_metric
-
-    data = (recipe.data.name, recipe.data.options) if recipe is not None else None
-    if metric is None and detector is None:
-        if recipe is None:
-            raise DpdmError("no metric: give --detector PATH (the FID Inception-v3) or --metric NAME "
-                            "(e.g. fd-mnist, the substitute; energy for vectors)")
-        name, options = recipe.eval.metric.name, dict(recipe.eval.metric.options)
-    else:
-        name = metric or "fid"
-        options = {}
-        if detector is not None:
-            if name != "fid":
-                raise DpdmError(f"--detector is the FID Inception-v3; metric {name!r} does not take it")
-            options["detector"] = detector
-    if name == "fid":
-        if "detector" not in options:
-            raise DpdmError("metric fid needs the FID Inception-v3: give --detector PATH or URL "
-                            "(inception-2015-12-05.pkl/.pt, or pytorch-fid's pt_inception-2015-12-05-*.pth)")
-    return name, make_metric(name, options, data=data, progress=progress, device=device)
-
-
-def _metric_on_ranks(dist, metric, detector, recipe, progress):
-    """``resolve_metric`` on rank 0 first (it may download a detector or train an fd classifier into the cache),
-    then on the other ranks, which find it cached."""
-    if dist.is_main:
-        result = resolve_metric(metric, detector, recipe, dist.device, progress)
-    dist.barrier()
-    if not dist.is_main:
-        result = resolve_metric(metric, detector, recipe, dist.device)
-    return result
-
-
-def _reference(ref: Optional[str], metric, recipe, dist, progress):
-    """The reference: ``--ref`` statistics, else (for a run) the recipe's ``eval.ref``, else its test split (feature
-    statistics cached)."""
-    from dpdm.core.errors import DpdmError
-    from dpdm.core.eval.fid import load_stats
-    from dpdm.core.eval.scoring import cached_dataset_stats, is_feature_metric
-
-    if ref is None and recipe is not None and recipe.eval.ref and is_feature_metric(metric):
-        ref = recipe.eval.ref  # the run's own reference statistics (e.g. EDM's published ones)
-    if ref is not None:
-        if not is_feature_metric(metric):
-            raise DpdmError("--ref holds feature statistics, for fid or fd-<dataset>; this metric compares data")
-        stats = load_stats(ref)
-        d = metric.detector.feature_dim
-        if len(stats.mu) != d:
-            raise DpdmError(f"--ref {ref} holds {len(stats.mu)}-dimensional statistics but {metric.detector.key} gives "
-                            f"{d} features per image: the reference was computed with another detector; recompute it "
-                            f"with `dpdm eval ref DATASET OUT.npz` and this detector, or give the matching detector")
-        return stats, ref
-    if recipe is None:
-        raise DpdmError("no reference: give --ref REF.npz (make one with `dpdm eval ref DATASET REF.npz`, or use "
-                        "EDM's published https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/<dataset>.npz)")
-    from dpdm.core.eval.scoring import dataset_key
-    from dpdm.core.pipeline.run import make_dataset, references
-
-    test_set = make_dataset(recipe.data, "test")
-    if is_feature_metric(metric):
-        return (cached_dataset_stats(dataset_key(recipe.data, "test"), test_set, metric.detector, dist=dist,
-                                     progress=progress), f"{recipe.data.name} test split ({len(test_set)} items)")
-    reference, _ = references(recipe, make_dataset(recipe.data, "train"), test_set, recipe.eval.num_samples)
-    what = "fresh samples" if hasattr(test_set, "sample") else "test split"
-    return reference, f"{recipe.data.name} {what} ({len(reference)} items)"
-
-
-def _run_models(run_dir: Path, recipe, dist, metric, detector, ref, progress):
-    """A run's student and teacher on the rank's device, its metric and reference: ``(student, teacher, spec,
-    metric name, metric fn, reference, reference name)`` (``eval sweep`` and ``eval cross``)."""
-    from dpdm.core.io.checkpoint import load_checkpoint
-
-    student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
-    teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
-    name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
-    reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
-    return student, teacher, spec, name, metric_fn, reference, ref_name
-
-
-def _model(run: Optional[Path], checkpoint: Optional[str], model: str, device):
-    """``(denoiser, spec-like dict with shape/label_dim, recipe or None, label)``."""
-    from dpdm.core.errors import DpdmError
-
-    if run is not None and checkpoint is not None:
-        raise DpdmError("give --run DIR or --checkpoint PATH, not both")
-    if model not in ("student", "teacher"):
-        raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
-    from dpdm.core.io.checkpoint import load_checkpoint
-
-    if checkpoint is not None:
-        net, spec = load_checkpoint(checkpoint, device=device)
-        return net, spec, None, checkpoint
-    from dpdm.core.config.recipe import load_recipe
-    from dpdm.core.pipeline.rundir import resolve_run
-
-    run_dir = resolve_run(run)
-    recipe = load_recipe(str(run_dir / "config.yaml"))
-    net, spec = load_checkpoint(str(run_dir / "checkpoints" / f"{model}.safetensors"), device=device)
-    return net, spec, recipe, str(run_dir)
-
-
-def _dist(device: str):
-    from dpdm.core.train.distributed import init_dist
-    from dpdm.core.progress import Progress, RichProgress
-
-    dist = init_dist(device)
-    return dist, (RichProgress(err) if dist.is_main else Progress())
 
 
 @eval_app.command("ref")
@@ -176,15 +56,15 @@ def ref_cmd(
 ):
     """Feature statistics of a dataset (EDM's `fid.py ref`): the reference of `dpdm eval fid --ref`."""
     if nproc is not None:
-        _launch(nproc)
+        launch(nproc)
     from dpdm.core.eval.fid import save_stats
     from dpdm.core.eval.scoring import dataset_stats, is_feature_metric
 
-    ds = _open_dataset(dataset, data or [], split)
-    dist, progress = _dist(device)
+    ds = open_dataset(dataset, data or [], split)
+    dist, progress = dist_and_progress(device)
     finished = False
     try:
-        name, metric_fn = _metric_on_ranks(dist, metric, detector, None, progress)
+        name, metric_fn = metric_on_ranks(dist, metric, detector, None, progress)
         if not is_feature_metric(metric_fn):
             from dpdm.core.errors import DpdmError
 
@@ -200,30 +80,6 @@ def ref_cmd(
     finally:
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
-
-def _open_dataset(dataset: str, data: list[str], split: str):
-    """A registered dataset with ``--data`` options, or a path: ``.zip`` → image-zip, ``.npz`` → npz, else
-    image-folder."""
-    import yaml
-
-    from dpdm.core.errors import DpdmError
-    from dpdm.core.plugins.registry import entries, get
-
-    options = {}
-    for item in data:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DpdmError(f"--data {item!r}: expected key=value")
-        options[key.strip()] = yaml.safe_load(value)
-    if dataset in entries("dataset"):
-        name = dataset
-    else:
-        name = ("image-zip" if dataset.endswith(".zip") else "npz" if dataset.endswith(".npz") else "image-folder")
-        options = {"path": dataset, **options}
-    try:
-        return get("dataset", name)(split=split, **options)
-    except (ValueError, TypeError) as exc:
-        raise DpdmError(f"dataset {dataset!r} ({name}): {exc}") from None
 
 
 @eval_app.command("fid")
@@ -255,27 +111,27 @@ def fid_cmd(
 ):
     """FID (or a named substitute) of a run's student/teacher or a checkpoint at each step count."""
     if nproc is not None:
-        _launch(nproc)
+        launch(nproc)
     from dpdm.core.errors import DpdmError
 
     step_list = ints(steps, "--steps")
-    dist, progress = _dist(device)
+    dist, progress = dist_and_progress(device)
     finished = False
     try:
         from dpdm.core.io.checkpoint import checkpoint_role
 
-        net, spec, recipe, source = _model(run, checkpoint, model, dist.device)
+        net, spec, recipe, source = model_of(run, checkpoint, model, dist.device)
         if not step_list:
             step_list = list(recipe.eval.student_steps) if recipe is not None and model == "student" else [4, 5, 6, 7, 8]
         role = model if recipe is not None else checkpoint_role(checkpoint)  # a teacher by default: heun + karras
-        sampler_spec, schedule_spec = _sampling(recipe, role, sampler, schedule, sigma_max)
-        name, metric_fn = _metric_on_ranks(dist, metric, detector, recipe, progress)
+        sampler_spec, schedule_spec = sampling(recipe, role, sampler, schedule, sigma_max)
+        name, metric_fn = metric_on_ranks(dist, metric, detector, recipe, progress)
         from dpdm.core.eval.scoring import fid_at_steps, is_feature_metric
 
         if len(spec["shape"]) != 3:
             raise DpdmError(f"dpdm eval fid is for images; this model makes vectors of shape {spec['shape']} "
                             f"(use dpdm eval sweep with the energy metric)")
-        reference, ref_name = _reference(ref, metric_fn, recipe, dist, progress)
+        reference, ref_name = load_reference(ref, metric_fn, recipe, dist, progress)
         if not is_feature_metric(metric_fn):
             raise DpdmError(f"metric {name!r} is not a feature distance; use fid or fd-<dataset>")
         t0 = time.perf_counter()
@@ -294,57 +150,14 @@ def fid_cmd(
                       "results": [{"steps": n, **r} for n, r in results.items()]}
             if getattr(det, "accuracy", None) is not None:
                 result["detector_test_accuracy"] = det.accuracy
-            _write_json(out_path, result)
-            _grids(out_path.parent, out_path.stem, {f"steps{n:02d}": g for n, g in grids.items()})
+            write_json(out_path, result)
+            save_grids(out_path.parent, out_path.stem, {f"steps{n:02d}": g for n, g in grids.items()})
             _fid_table(result)
             console.print(f"wrote {escape(str(out_path))}", highlight=False)
         finished = True
     finally:
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
-
-def _sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str], sigma_max: Optional[float]):
-    """``(sampler spec, schedule spec)`` for a run's model or a checkpoint's role (``model``: student or teacher).
-
-    Sampler: ``sampler``, else the student's (the run's ``eval.student_sampler``, else dpdm: Algorithm 2) or the
-    teacher's (heun, EDM's ODE sampler). Schedule: ``schedule``, else the one that goes with the sampler: the student
-    sampler's → the run's ``eval.student_schedule`` (else dpdm, Appendix B.1), any other → the run's
-    ``eval.teacher_schedule`` (else karras). A named schedule that is the run's keeps the run's options."""
-    cfg = recipe.eval if recipe is not None else None
-    student_sampler = cfg.student_sampler.name if cfg is not None else "dpdm"
-    if sampler is None:
-        if model == "student" and cfg is not None:
-            sampler_spec = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
-        else:
-            sampler_spec = {"name": student_sampler if model == "student" else "heun"}
-    else:
-        sampler_spec = {"name": sampler}
-    for_student = sampler_spec["name"] == student_sampler
-    own = (cfg.student_schedule if for_student else cfg.teacher_schedule) if cfg is not None else None
-    name = schedule or (own.name if own is not None else ("dpdm" if for_student else "karras"))
-    schedule_spec = {"name": name, **(dict(own.options) if own is not None and own.name == name else {})}
-    if sigma_max is not None:
-        schedule_spec["sigma_max"] = sigma_max
-    from dpdm.core.plugins.registry import entry
-
-    entry("sampler", sampler_spec["name"])
-    entry("schedule", schedule_spec["name"])
-    return sampler_spec, schedule_spec
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from dpdm.core.io.storage import write_atomic
-
-    write_atomic(str(path), json.dumps(data, indent=2).encode())
-
-
-def _grids(folder: Path, stem: str, grids: dict) -> None:
-    """One PNG per entry (``<stem>-<key>.png``): images tiled, vectors scattered (needs matplotlib for vectors)."""
-    from dpdm.core.eval import figures
-
-    for key, x in grids.items():
-        if len(x):
-            figures.save_samples(x, folder / f"{stem}-{key}.png")
 
 
 def _fid_table(result: dict) -> None:
@@ -384,10 +197,10 @@ def sweep_cmd(
     """The paper's Table 4: the student (dpdm sampler) at NFE 1…10 against the teacher's samplers at NFE 4…18 and
     35 (Heun: odd NFEs only); writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
     if nproc is not None:
-        _launch(nproc)
+        launch(nproc)
     from dpdm.core.config.recipe import load_recipe
-    from dpdm.core.pipeline.rundir import resolve_run
     from dpdm.core.eval.scoring import nfe_sweep
+    from dpdm.core.pipeline.rundir import resolve_run
 
     s_nfe = ints(student_nfe, "--student-nfe") or list(DEFAULT_STUDENT_NFE)
     t_nfe = ints(teacher_nfe, "--teacher-nfe") or list(DEFAULT_TEACHER_NFE)
@@ -401,10 +214,10 @@ def sweep_cmd(
 
     for s in samplers:
         entry("sampler", s["name"])
-    dist, progress = _dist(device)
+    dist, progress = dist_and_progress(device)
     finished = False
     try:
-        student, teacher, spec, name, metric_fn, reference, ref_name = _run_models(run_dir, recipe, dist, metric,
+        student, teacher, spec, name, metric_fn, reference, ref_name = run_models(run_dir, recipe, dist, metric,
                                                                                    detector, ref, progress)
         n = num or cfg.num_samples
         kind = "image" if len(spec["shape"]) == 3 else "vector"
@@ -433,14 +246,14 @@ def sweep_cmd(
             found = checks({"sweep": sweep}) if sweep.get("student") else None
             if found is not None:  # the paper's sampling claims (Table 2, Section 5.2); recovery is `dpdm recover`
                 result["checks"] = {k: found[k] for k in ("student_vs_best_teacher", "student_vs_undistilled")}
-            _write_json(folder / "sweep.json", result)
+            write_json(folder / "sweep.json", result)
 
             (folder / "sweep.md").write_text(sweep_markdown(result))
             from dpdm.core.eval import figures
 
             figures.curve_figure(sweep, name, folder / "nfe_curve.png")
             for role, by_sampler in grids.items():
-                _grids(folder / "grids", role, {f"{s}-nfe{k:02d}": x for s, by in by_sampler.items()
+                save_grids(folder / "grids", role, {f"{s}-nfe{k:02d}": x for s, by in by_sampler.items()
                                                 for k, x in by.items()})
             from rich.markdown import Markdown
 
@@ -470,22 +283,22 @@ def cross_cmd(
     """Section 5.2 / Figure 6 of the paper: student and teacher, each with the DPDM sampler (the recipe's dpdm
     schedule) and with Heun's ODE sampler (Karras schedule) at one NFE; writes cross.json and cross.png."""
     if nproc is not None:
-        _launch(nproc)
+        launch(nproc)
     from dpdm.core.errors import DpdmError
 
     if nfe < 1:
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
     from dpdm.core.config.recipe import load_recipe
-    from dpdm.core.pipeline.rundir import resolve_run
     from dpdm.core.eval.scoring import cross_samplings, cross_use
+    from dpdm.core.pipeline.rundir import resolve_run
 
     run_dir = resolve_run(run)
     recipe = load_recipe(str(run_dir / "config.yaml"))
     samplings = cross_samplings(recipe)
-    dist, progress = _dist(device)
+    dist, progress = dist_and_progress(device)
     finished = False
     try:
-        student, teacher, spec, name, metric_fn, reference, ref_name = _run_models(run_dir, recipe, dist, metric,
+        student, teacher, spec, name, metric_fn, reference, ref_name = run_models(run_dir, recipe, dist, metric,
                                                                                    detector, ref, progress)
         n = num or recipe.eval.num_samples
         kind = "image" if len(spec["shape"]) == 3 else "vector"
@@ -504,7 +317,7 @@ def cross_cmd(
                 result["detector"] = det.key
                 if getattr(det, "accuracy", None) is not None:
                     result["detector_test_accuracy"] = det.accuracy
-            _write_json(folder / "cross.json", result)
+            write_json(folder / "cross.json", result)
             figure = folder / "cross.png"
             try:
                 from dpdm.core.eval import figures

@@ -1,0 +1,184 @@
+"""What every ``dpdm`` command shares: the two consoles, ``user_errors`` (a ``DpdmError`` is one red line and exit
+code 1), the list options (``--steps 4 5 6``), number-list parsing, and the ``--nproc`` launcher.
+
+No CLI module imports ``main`` (which only wires the commands together), so the command modules import each other
+in any order and alone.
+
+The launcher (``--nproc N``) re-executes the command under ``python -m torch.distributed.run --standalone`` and
+hands the command's own arguments to the workers in ``DPDM_ARGV`` (``ARGV_ENV``). ``torch.distributed.launcher.api
+.elastic_launch`` (a launch from code, no environment variable) was considered and not adopted: it runs torchrun's
+elastic agent inside this process, which then installs its own handlers for SIGTERM, SIGINT, SIGHUP and SIGQUIT,
+raises ``SignalException``/``ChildFailedError`` instead of returning a status, and skips what torchrun's own
+argument handling does (``OMP_NUM_THREADS=1`` per worker, the standalone rendezvous, the log setup); each would
+have to be re-done here to keep today's behaviour. As a child process, torchrun keeps all of it, and this process
+passes a SIGTERM on to it, so no worker outlives the command.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional
+
+import typer
+import typer.core
+from rich.console import Console
+from rich.markup import escape
+
+console = Console()  # results, on stdout
+err = Console(stderr=True)  # progress, notes and errors, on stderr
+
+# Options that take several values after one flag (`--steps 4 5 6 7 8`, `--sigma 0.5 1 2`): click options take one
+# value each, so the values up to the next option are joined with commas before parsing (`--steps 4,5,6,7,8`);
+# repeating the flag and writing commas work too.
+LIST_OPTIONS = frozenset({"--steps", "--sigma", "--student-nfe", "--teacher-nfe", "--teacher-sampler",
+                          "--figure-sigma"})
+ARGV_ENV = "DPDM_ARGV"  # set by --nproc for the processes torchrun starts (a JSON list of arguments)
+SIGTERM_STATUS = 128 + signal.SIGTERM  # 143, the shell's status of a process ended by SIGTERM
+
+
+def join_list_options(args: list[str]) -> list[str]:
+    """``[..., "--steps", "4", "5", "--num", "8"]`` → ``[..., "--steps", "4,5", "--num", "8"]``."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        out.append(arg)
+        i += 1
+        if arg in LIST_OPTIONS:
+            values = []
+            while i < len(args) and not args[i].startswith("--"):
+                values.append(args[i])
+                i += 1
+            if values:
+                out.append(",".join(values))
+    return out
+
+
+class ListOptionsGroup(typer.core.TyperGroup):
+    """A command group whose list options take several values after one flag (``join_list_options``)."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, join_list_options(list(args)))
+
+
+def user_errors(fn):
+    """Turn ``DpdmError`` into one red line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dpdm.core.errors import DpdmError
+
+        try:
+            return fn(*args, **kwargs)
+        except DpdmError as exc:  # the message is text, not markup: "expected list[int]" must keep "[int]"
+            error(str(exc))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def error(message: str) -> None:
+    """``error: <message>`` in red on stderr, the message printed verbatim (not as markup)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+
+
+def _numbers(values: Optional[List[str]], option: str, parse: Callable[[str], float], what: str) -> list:
+    """Every comma-separated part of ``values`` through ``parse``; a part it refuses names ``option``."""
+    from dpdm.core.errors import DpdmError
+
+    out = []
+    for v in values or []:
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    out.append(parse(part))
+                except ValueError:
+                    raise DpdmError(f"{option}: expected {what}, got {part!r}") from None
+    return out
+
+
+def floats(values: Optional[List[str]], option: str) -> list[float]:
+    """``--sigma 0.5 1 2`` (or ``0.5,1,2``, or repeated) as a list of floats."""
+    return _numbers(values, option, float, "a number")
+
+
+def ints(values: Optional[List[str]], option: str) -> list[int]:
+    """``--steps 4 5 6`` (or ``4,5,6``, or repeated) as a list of positive ints."""
+    from dpdm.core.errors import DpdmError
+
+    out = _numbers(values, option, int, "a whole number")
+    small = [n for n in out if n < 1]
+    if small:
+        raise DpdmError(f"{option}: every value must be at least 1, got {small[0]}")
+    return out
+
+
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` in the main thread, so that ``finally`` blocks and
+    context managers (the run directory's lock, the process group) clean up before the process exits 143."""
+
+    def terminate(signum, frame):
+        raise SystemExit(SIGTERM_STATUS)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def launch(nproc: int) -> None:
+    """Re-run this command under ``torchrun --standalone --nproc_per_node N`` (without ``--nproc``); exits with
+    torchrun's status. A SIGTERM sent to this process is passed on to torchrun, which stops its workers."""
+    from dpdm.core.errors import DpdmError
+
+    if "RANK" in os.environ:
+        raise DpdmError("--nproc inside a torchrun job: launch either with torchrun or with --nproc, not both")
+    argv = _without_nproc(sys.argv[1:])
+    # The command's own arguments travel in DPDM_ARGV, not on torchrun's command line: torchrun's parser takes
+    # abbreviations of its options anywhere (`--num` would clash with `--numa-binding`, `--run` would become
+    # `--run-path`).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "dpdm.cli"]
+    err.print(f"launching: {escape(' '.join(cmd[1:] + argv))}")
+    child = subprocess.Popen(cmd, env={**os.environ, ARGV_ENV: json.dumps(argv)})
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        try:
+            status = child.wait()
+        except KeyboardInterrupt:  # Ctrl-C signals the whole process group: torchrun is stopping its workers
+            status = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(status if status >= 0 else 128 - status)
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    """``args`` less ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def command_argv() -> list[str]:
+    """The arguments of this ``dpdm`` invocation: the command line, or for a worker that ``--nproc`` started (with
+    no arguments of its own) the ones ``launch`` handed over in ``ARGV_ENV``."""
+    argv = sys.argv[1:]
+    if not argv and os.environ.get(ARGV_ENV):
+        argv = json.loads(os.environ[ARGV_ENV])
+    return argv

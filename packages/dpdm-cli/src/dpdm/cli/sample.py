@@ -1,0 +1,58 @@
+"""``dpdm sample``: draw samples from a run's student or teacher and save them as a PNG grid or scatter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from .common import console, user_errors
+from .eval_inputs import sampling
+
+
+@user_errors
+def sample(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    steps: int = typer.Option(4, "--steps", min=1, help="Number of sampling steps"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's student sampler, "
+                                                                  "dpdm, for the student; heun for the teacher)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule (default: the sampler's: the recipe's "
+                                                                    "student schedule for dpdm, its teacher schedule, "
+                                                                    "karras, for heun and the other ODE samplers)"),
+    model: str = typer.Option("student", "--model", help="student or teacher"),
+    num: Optional[int] = typer.Option(None, "--num", help="Samples (default: 64 images or 2000 points)"),
+    sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule (default: the recipe's)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", help="Output PNG"),
+):
+    """Draw samples from a run's student (or teacher) and save them as a PNG grid or scatter."""
+    from dpdm.core.errors import DpdmError
+    from dpdm.core.pipeline.rundir import resolve_run
+
+    if model not in ("student", "teacher"):
+        raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
+    run_dir = resolve_run(run)
+    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import figures
+    from dpdm.core.eval.scoring import sampler_and_schedule
+    from dpdm.core.pipeline.run import load_run, make_dataset
+
+    recipe, teacher, student = load_run(run_dir)
+    net = student if model == "student" else teacher
+    sampler_spec, schedule_spec = sampling(recipe, model, sampler, schedule, sigma_max)
+    # the schedule clamped to the network's σ range, as on every evaluation route (EDM's generate.py)
+    sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler_spec, schedule_spec, net)
+    try:
+        sigmas = sigmas_of(steps)
+    except ValueError as exc:
+        given = f" and --sigma-max {sigma_max:g}" if sigma_max is not None else ""
+        raise DpdmError(f"--schedule {schedule_spec['name']} with --steps {steps}{given}: {exc}") from None
+    ds = make_dataset(recipe.data, "test")
+    n = num or (64 if ds.kind == "image" else 2000)
+    x = ev.generate(net, sample_fn, sigmas, n, tuple(ds.shape), label_dim=ds.label_dim, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    what = f"{sampler_spec['name']} sampler, {schedule_spec['name']} schedule"
+    figures.samples_figure({f"{model}, {what}, NFE {nfe_of(steps)}": x}, ds.kind, out, max_images=n)
+    console.print(f"wrote {escape(str(out))} ({n} samples, {what}, {steps} steps, NFE {nfe_of(steps)})")
