@@ -82,20 +82,20 @@ def load_reference(ref: Optional[str], metric, recipe, dist, progress):
     return reference, f"{recipe.data.name} {what} ({len(reference)} items)"
 
 
-def run_models(run_dir: Path, recipe, dist, metric, detector, ref, progress):
-    """A run's student and teacher on the rank's device, its metric and reference: ``(student, teacher, spec,
-    metric name, metric fn, reference, reference name)`` (``eval sweep`` and ``eval cross``)."""
+def run_models(run_dir, recipe, dist, metric, detector, ref, progress):
+    """A run's (``RunDir``) student and teacher on the rank's device, its metric and reference: ``(student, teacher,
+    spec, metric name, metric fn, reference, reference name)`` (``eval sweep`` and ``eval cross``)."""
     from dpdm.core.io.checkpoint import load_checkpoint
 
-    student, spec = load_checkpoint(str(run_dir / "checkpoints" / "student.safetensors"), device=dist.device)
-    teacher, _ = load_checkpoint(str(run_dir / "checkpoints" / "teacher.safetensors"), device=dist.device)
+    student, spec = load_checkpoint(run_dir.checkpoint("student"), device=dist.device)
+    teacher, _ = load_checkpoint(run_dir.checkpoint("teacher"), device=dist.device)
     name, metric_fn = metric_on_ranks(dist, metric, detector, recipe, progress)
     reference, ref_name = load_reference(ref, metric_fn, recipe, dist, progress)
     return student, teacher, spec, name, metric_fn, reference, ref_name
 
 
-def model_of(run: Optional[Path], checkpoint: Optional[str], model: str, device):
-    """``(denoiser, spec-like dict with shape/label_dim, recipe or None, label)``."""
+def model_of(run: Optional[str], checkpoint: Optional[str], model: str, device):
+    """``(denoiser, spec-like dict with shape/label_dim, recipe or None, RunDir or None, label)``."""
     from dpdm.core.errors import DpdmError
 
     if run is not None and checkpoint is not None:
@@ -106,14 +106,12 @@ def model_of(run: Optional[Path], checkpoint: Optional[str], model: str, device)
 
     if checkpoint is not None:
         net, spec = load_checkpoint(checkpoint, device=device)
-        return net, spec, None, checkpoint
-    from dpdm.core.config.recipe import load_recipe
+        return net, spec, None, None, checkpoint
     from dpdm.core.pipeline.rundir import resolve_run
 
     run_dir = resolve_run(run)
-    recipe = load_recipe(str(run_dir / "config.yaml"))
-    net, spec = load_checkpoint(str(run_dir / "checkpoints" / f"{model}.safetensors"), device=device)
-    return net, spec, recipe, str(run_dir)
+    net, spec = load_checkpoint(run_dir.checkpoint(model), device=device)
+    return net, spec, run_dir.recipe(), run_dir, str(run_dir)
 
 
 def dist_and_progress(device: str):

@@ -85,7 +85,8 @@ def ref_cmd(
 @eval_app.command("fid")
 @user_errors
 def fid_cmd(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest unless --checkpoint)"),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory, a path or URL (default: runs/latest unless "
+                                                          "--checkpoint)"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A dpdm checkpoint or an official EDM .pkl"),
     model: str = typer.Option("student", "--model", help="With --run: student or teacher"),
     steps: Optional[List[str]] = typer.Option(None, "--steps", help="Step counts: --steps 4 5 6 7 8 "
@@ -119,8 +120,9 @@ def fid_cmd(
     finished = False
     try:
         from dpdm.core.io.checkpoint import checkpoint_role
+        from dpdm.core.pipeline.rundir import EVAL
 
-        net, spec, recipe, source = model_of(run, checkpoint, model, dist.device)
+        net, spec, recipe, run_dir, source = model_of(run, checkpoint, model, dist.device)
         if not step_list:
             step_list = list(recipe.eval.student_steps) if recipe is not None and model == "student" else [4, 5, 6, 7, 8]
         role = model if recipe is not None else checkpoint_role(checkpoint)  # a teacher by default: heun + karras
@@ -140,7 +142,7 @@ def fid_cmd(
                                       label_dim=int(spec["label_dim"]), seed=seed, batch_size=batch, dist=dist,
                                       progress=progress)
         if dist.is_main:
-            out_path = out or (Path(source) / "eval" / f"fid-{model}.json" if recipe is not None
+            out_path = out or (run_dir.local / EVAL / f"fid-{model}.json" if run_dir is not None
                                else Path(f"fid-{Path(source.rstrip('/')).stem}.json"))
             det = metric_fn.detector
             result = {"metric": name, "detector": det.key, "source": source,
@@ -153,6 +155,9 @@ def fid_cmd(
             write_json(out_path, result)
             save_grids(out_path.parent, out_path.stem, {f"steps{n:02d}": g for n, g in grids.items()})
             _fid_table(result)
+            if run_dir is not None:
+                run_dir.publish()
+                out_path = run_dir.final(out_path)
             console.print(f"wrote {escape(str(out_path))}", highlight=False)
         finished = True
     finally:
@@ -175,7 +180,7 @@ def _fid_table(result: dict) -> None:
 @eval_app.command("sweep")
 @user_errors
 def sweep_cmd(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory, a path or URL (default: runs/latest)"),
     student_nfe: Optional[List[str]] = typer.Option(None, "--student-nfe", help="Default: 1 2 ... 10 (Table 4)"),
     teacher_nfe: Optional[List[str]] = typer.Option(
         None, "--teacher-nfe", help="Default: Table 4's 4 5 6 7 8 9 10 12 14 15 16 18 35, each sampler where it "
@@ -198,14 +203,13 @@ def sweep_cmd(
     35 (Heun: odd NFEs only); writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
     if nproc is not None:
         launch(nproc)
-    from dpdm.core.config.recipe import load_recipe
     from dpdm.core.eval.scoring import nfe_sweep
-    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.pipeline.rundir import EVAL, resolve_run
 
     s_nfe = ints(student_nfe, "--student-nfe") or list(DEFAULT_STUDENT_NFE)
     t_nfe = ints(teacher_nfe, "--teacher-nfe") or list(DEFAULT_TEACHER_NFE)
     run_dir = resolve_run(run)
-    recipe = load_recipe(str(run_dir / "config.yaml"))
+    recipe = run_dir.recipe()
     cfg = recipe.eval
     names = [x.strip() for v in (teacher_sampler or []) for x in v.split(",") if x.strip()]
     recipe_options = {c.name: c.options for c in cfg.teacher_samplers}  # a sampler the recipe sets keeps its options
@@ -231,7 +235,7 @@ def sweep_cmd(
             num=n, shape=tuple(spec["shape"]), label_dim=int(spec["label_dim"]), seed=seed, batch_size=batch,
             dist=dist, progress=progress, keep=cfg.figure_samples if kind == "image" else min(n, 2000))
         if dist.is_main:
-            folder = out or run_dir / "eval" / "sweep"
+            folder = out or run_dir.local / EVAL / "sweep"
             folder.mkdir(parents=True, exist_ok=True)
             sweep = {role: {s: {str(k): v for k, v in by.items()} for s, by in d.items()} for role, d in values.items()}
             result = {"metric": name, "run": str(run_dir), "num": n, "seed": seed, "ref": ref_name,
@@ -258,7 +262,8 @@ def sweep_cmd(
             from rich.markdown import Markdown
 
             console.print(Markdown(sweep_markdown(result)))
-            console.print(f"wrote {escape(str(folder))}/sweep.json, sweep.md, nfe_curve.png, grids/", highlight=False)
+            run_dir.publish()
+            console.print(f"wrote {escape(run_dir.final(folder))}/sweep.json, sweep.md, nfe_curve.png, grids/", highlight=False)
         finished = True
     finally:
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
@@ -267,7 +272,7 @@ def sweep_cmd(
 @eval_app.command("cross")
 @user_errors
 def cross_cmd(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory, a path or URL (default: runs/latest)"),
     nfe: int = typer.Option(7, "--nfe", help="Evaluations per sample (the paper's 7); a sampler that cannot reach it "
                                              "exactly takes the largest NFE below it (Heun: odd NFEs only)"),
     num: Optional[int] = typer.Option(None, "--num", min=2, help="Samples per cell (default: eval.num_samples)"),
@@ -288,12 +293,11 @@ def cross_cmd(
 
     if nfe < 1:
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
-    from dpdm.core.config.recipe import load_recipe
     from dpdm.core.eval.scoring import cross_samplings, cross_use
-    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.pipeline.rundir import EVAL, resolve_run
 
     run_dir = resolve_run(run)
-    recipe = load_recipe(str(run_dir / "config.yaml"))
+    recipe = run_dir.recipe()
     samplings = cross_samplings(recipe)
     dist, progress = dist_and_progress(device)
     finished = False
@@ -308,7 +312,7 @@ def cross_cmd(
                                  seed=seed, batch_size=batch, dist=dist, progress=progress,
                                  keep=recipe.eval.figure_samples if kind == "image" else min(n, 2000))
         if dist.is_main:
-            folder = out or run_dir / "eval"
+            folder = out or run_dir.local / EVAL
             result = {"metric": name, "run": str(run_dir), "nfe": nfe, "num": n, "seed": seed, "ref": ref_name,
                       "samplers": {c: {"sampler": s, "schedule": sch} for c, (s, sch) in samplings.items()},
                       "cells": cells, "world_size": dist.world_size, "seconds": time.perf_counter() - t0}
@@ -329,8 +333,9 @@ def cross_cmd(
             except ImportError:
                 figure = None
             console.print(_cross_table(result))
-            console.print(f"wrote {escape(str(folder / 'cross.json'))}"
-                          + (f", figure {escape(str(figure))}" if figure else ""), highlight=False)
+            run_dir.publish()
+            console.print(f"wrote {escape(run_dir.final(folder / 'cross.json'))}"
+                          + (f", figure {escape(run_dir.final(figure))}" if figure else ""), highlight=False)
         finished = True
     finally:
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it

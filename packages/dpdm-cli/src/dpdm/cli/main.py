@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import ListOptionsGroup, command_argv, console, err, launch, user_errors
+from .common import ListOptionsGroup, command_argv, console, err, launch, sigterm_exits, user_errors
 from .data import data_app
 from .evaluation import eval_app
 from .recover import recover
@@ -30,7 +30,8 @@ app = typer.Typer(cls=ListOptionsGroup, add_completion=False, no_args_is_help=Tr
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/toy2d.yaml"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=2e-5 (repeatable)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<timestamp>)"),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory, a path or fsspec URL (s3://, memory://) "
+                                                          "(default: runs/<name>-<timestamp>)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe, run nothing"),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="latest|RUN_DIR",
                                          help="Continue an interrupted run from its newest complete checkpoints: "
@@ -56,54 +57,54 @@ def run(
         err.print(f"[green]recipe {escape(str(recipe))} is valid[/]")
         return
     from dpdm.core.pipeline.run import run as run_recipe
+    from dpdm.core.pipeline.rundir import REPORT_MD, RunDir
     from dpdm.core.progress import RichProgress
     from dpdm.core.train.distributed import init_dist
 
     dist = init_dist(resolved.device)
-    finished = False
+    finished, run_dir = False, None
     try:
-        out_dir = dist.broadcast_object(_run_dir(resolved, out, resume) if dist.is_main else None)
-        if dist.is_main:
-            err.print(f"{'resuming' if resume else 'run directory'}: [bold]{escape(str(out_dir))}[/]"
-                      + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))
-        run_recipe(plan, out_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
-        if dist.is_main:
-            from rich.markdown import Markdown
+        with sigterm_exits():  # a SIGTERM ends the run through the `finally` below: the lock is released, exit 143
+            if dist.is_main:
+                run_dir = _claim_run_dir(resolved, out, resume)
+            run_dir = run_dir or RunDir(dist.broadcast_object(str(run_dir) if dist.is_main else None))
+            if dist.is_main:
+                err.print(f"{'resuming' if resume else 'run directory'}: [bold]{escape(str(run_dir))}[/]"
+                          + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))
+            run_recipe(plan, run_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
+            if dist.is_main:
+                from rich.markdown import Markdown
 
-            console.print(Markdown((Path(out_dir) / "report.md").read_text()))
-            err.print(f"[green]done:[/] {escape(str(out_dir))}/report.json, report.md, figures/")
-        finished = True
+                console.print(Markdown(run_dir.read_text(REPORT_MD)))
+                err.print(f"[green]done:[/] {escape(str(run_dir))}/report.json, report.md, figures/")
+            finished = True
     finally:
+        if run_dir is not None:
+            run_dir.release()
         dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
 
-def _run_dir(recipe, out: Optional[Path], resume: Optional[str]) -> Path:
-    """The run directory: a new one, ``--out``, or for ``--resume`` an existing one whose training settings
-    match ``recipe`` (the keys that differ are named)."""
+def _claim_run_dir(recipe, out: Optional[str], resume: Optional[str]):
+    """The run directory, claimed (``RunDir.claim``: locked, and refused before anything is written if ``recipe``
+    may not write into it): a new one under runs/ (``runs/latest`` points at it), ``--out``, or for ``--resume`` an
+    existing one whose training settings match ``recipe``."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.pipeline.rundir import new_run_dir, resolve_run, update_latest
+    from dpdm.core.pipeline.rundir import RunDir, new_run_dir, resolve_run, update_latest
 
     if resume is None:
-        if out is not None:
-            return out
-        path = new_run_dir(recipe.name)
-        update_latest(path)
-        return path
-    if resume == "latest":
-        path = resolve_run(out)
+        run_dir = RunDir(out if out is not None else new_run_dir(recipe.name))
+    elif resume == "latest":
+        run_dir = resolve_run(out)
     else:
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
+        run_dir = resolve_run(resume)
+        if out is not None and RunDir(out) != run_dir:
             raise DpdmError(f"--resume {resume} and --out {out} name different directories; give one of them")
-        path = resolve_run(Path(resume))
-    from dpdm.core.config.identity import config_changes, training_config
-    from dpdm.core.config.recipe import load_recipe
-
-    saved = load_recipe(str(path / "config.yaml"))
-    changed = config_changes(training_config(saved), training_config(recipe))
-    if changed:
-        raise DpdmError(f"cannot resume {path}: the recipe differs from the one it was started with in "
-                        f"{', '.join(changed)}; resume with the same recipe and --set overrides, or start a new run")
-    return path
+    lock = run_dir.claim(recipe, resume=resume is not None)
+    for note in lock.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    if resume is None and out is None:
+        update_latest(run_dir)
+    return run_dir
 
 
 app.command()(recover)

@@ -28,7 +28,7 @@ def figure_sigmas(sigmas: list[float], count: int = 4) -> list[float]:
 def recover(
     sigma: Optional[List[str]] = typer.Option(None, "--sigma", help="Noise levels: --sigma 0.5 1 2 (default: the "
                                                                      "paper's Table 1 list, 0.02 ... 10)"),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory, a path or URL (default: runs/latest)"),
     protocol: str = typer.Option("paper", "--protocol", metavar="paper|heldout",
                                  help="paper (Section 5.1): a random subset of the training split, compared with the "
                                       "full training set (the recipe's eval.ref for fid); heldout: the first test "
@@ -51,7 +51,7 @@ def recover(
     clean / noisy / teacher / student)."""
     from dpdm.core.errors import DpdmError
     from dpdm.core.eval.recovery import check_protocol
-    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.pipeline.rundir import EVAL, FIGURES, resolve_run
 
     check_protocol(protocol)
     sigmas = floats(sigma, "--sigma") if sigma else list(PAPER_SIGMAS)
@@ -90,7 +90,7 @@ def recover(
         table, examples = ev.recovery(student, teacher, metric_fn, items, None, sigmas, reference, seed=seed,
                                       device=dev, keep=keep)
     clean = rec.first(items, keep if keep is not None else len(items))
-    fig_path = figure or run_dir / "figures" / "recover.png"
+    fig_path = figure or run_dir.local / FIGURES / "recover.png"
     try:
         from dpdm.core.eval import figures
 
@@ -106,19 +106,21 @@ def recover(
               "floor": rec.distance(metric_fn, items, reference),
               "recovery": {f"{s:g}": {**v, "ratio": v["student"] / v["teacher"] if v["teacher"] > 0 else None}
                            for s, v in table.items()},
-              "figure": str(fig_path) if fig_path else None}
+              "figure": run_dir.final(fig_path) if fig_path else None}
     if note:
         result["note"] = note
     if det is not None and getattr(det, "accuracy", None) is not None:
         result["detector_test_accuracy"] = det.accuracy
-    out_path = out or run_dir / "eval" / "recover.json"
+    out_path = out or run_dir.local / EVAL / "recover.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2))
+    run_dir.publish()
+    out_path = run_dir.final(out_path)
     if as_json:
         print(json.dumps(result, indent=2))
         return
     console.print(recovery_table(result))
-    console.print(f"wrote {escape(str(out_path))}" + (f", figure {escape(str(fig_path))}" if fig_path else ""),
+    console.print(f"wrote {escape(str(out_path))}" + (f", figure {escape(result['figure'])}" if fig_path else ""),
                   highlight=False)
 
 

@@ -14,7 +14,7 @@ from .eval_inputs import sampling
 
 @user_errors
 def sample(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/latest)"),
+    run: Optional[str] = typer.Option(None, "--run", help="Run directory, a path or URL (default: runs/latest)"),
     steps: int = typer.Option(4, "--steps", min=1, help="Number of sampling steps"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's student sampler, "
                                                                   "dpdm, for the student; heun for the teacher)"),

@@ -121,6 +121,13 @@ def write_atomic(url: str, data: bytes) -> None:
         _publish(fs, path, lambda at: fs.pipe_file(at, data))
 
 
+def upload_file(local: str, url: str) -> None:
+    """Copy the local file ``local`` to ``url`` (a path or fsspec URL), complete or not at all, as ``write_atomic``
+    writes."""
+    fs, path = resolve(url)
+    _publish(fs, path, lambda at: fs.put_file(local, at))
+
+
 class AtomicPath:
     """A local temporary path whose file becomes ``url`` (a path or fsspec URL) in one step, or never: for
     writers that stream (a download, a ZIP archive).

@@ -4,29 +4,18 @@
 Both training phases run in ``engine.Trainer`` (single process, or every rank under torchrun) on
 resumable batches (``dpdm.data.loader.Loader``); ``run(..., resume=True)`` continues each phase from
 its newest complete snapshot, bit for bit on CPU. Rank 0 alone writes files other than snapshots and
-evaluates.
-
-    config.yaml          the resolved recipe
-    checkpoints/         teacher, student, fake score (safetensors + network spec)
-    checkpoints/train/   training snapshots per phase (teacher/, student/: ckpt-<step>/, see snapshots.py),
-                         unless engine.checkpoint.dir puts them elsewhere (any fsspec URL)
-    metrics.jsonl        per-step losses, gradient norms, lr, images/s, peak memory (every engine.log_every)
-    tensorboard/         the same for TensorBoard, when it is installed
-    figures/progress/    sample grids at a fixed seed every engine.sample_every steps
-    report.json          {"metric", "train_steps", "sweep" (student, undistilled, teacher), "recovery", "one_step",
-                         "checks" (with "summary"), "timings", ...}
-    report.md            the same as tables
-    figures/*.png        samples per NFE (student, undistilled teacher, each teacher sampler), NFE curve,
-                         recovery panels
+evaluates. The run directory's layout, its lock and where it may live (a folder or an fsspec URL) are
+``rundir.RunDir``'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from ..config.recipe import Recipe
-from ..config.structure import dump_yaml, unstructure
+from ..config.structure import dump_yaml
 from ..eval.report import write_report
 from ..io.checkpoint import load_checkpoint, load_denoiser, save_denoiser
 from ..progress import Progress
@@ -34,30 +23,55 @@ from ..train.distributed import Dist, init_dist
 from ..train.tracking import Tracker
 from .build import check_teacher_fits, student_spec
 from .evaluation import evaluate
-from .preflight import Plan, preflight, prefetch
+from .preflight import Plan, prefetch, preflight
+from .rundir import CONFIG, RunDir
 from .training import BASELINE_STREAM, RunContext, baseline_phase, distill, train_teacher
 
 
-def run(plan: Plan | Recipe, out: str | Path, progress: Progress | None = None, *, dist: Dist | None = None,
+def run(plan: Plan | Recipe, out: str | Path | RunDir, progress: Progress | None = None, *, dist: Dist | None = None,
         resume: bool = False) -> dict | None:
-    """Run a recipe's ``plan`` (``preflight(recipe)``; a ``Recipe`` is checked here) into the directory ``out``;
-    returns the report (also written to disk) on rank 0, None on the other ranks. Under torchrun every rank calls
-    this (``dist`` from ``distributed.init_dist``); rank 0 alone writes files other than snapshots and evaluates. ``resume``: continue from the newest complete
-    training snapshot of each phase (``out``'s, or ``engine.checkpoint.dir``)."""
+    """Run a recipe's ``plan`` (``preflight(recipe)``; a ``Recipe`` is checked here) into the run directory ``out``
+    (a path or fsspec URL, or a ``RunDir``); returns the report (also written there) on rank 0, None on the other
+    ranks. Under torchrun every rank calls this (``dist`` from ``distributed.init_dist``); rank 0 alone writes files
+    other than snapshots and evaluates. ``resume``: continue from the newest complete training snapshot of each
+    phase (``out``'s, or ``engine.checkpoint.dir``). Rank 0 claims ``out`` (``RunDir.claim``: its lock, and a refusal
+    before any write if the run may not be written) unless the caller claimed it."""
     plan = plan if isinstance(plan, Plan) else preflight(plan)
+    dist = dist or init_dist(plan.recipe.device)
+    run_dir = out if isinstance(out, RunDir) else RunDir(out)
+    with contextlib.ExitStack() as stack:
+        if dist.is_main:
+            if run_dir.lock is None:  # a library call: the same guard as `dpdm run`
+                run_dir.claim(plan.recipe, resume=resume)
+                stack.callback(run_dir.release)
+            stack.callback(_publish_on_failure, run_dir)
+        else:
+            stack.callback(run_dir.discard)  # the other ranks stage nothing worth keeping
+        report = _run(plan, run_dir, (progress or Progress()) if dist.is_main else Progress(), dist, resume)
+        if dist.is_main:
+            run_dir.publish()
+    dist.barrier()
+    return report
+
+
+def _publish_on_failure(run_dir: RunDir) -> None:
+    """Upload what a failed run staged (its log, figures) without hiding the failure; a no-op once published."""
+    with contextlib.suppress(Exception):
+        run_dir.publish()
+
+
+def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bool) -> dict | None:
     recipe, train_set, spec = plan.recipe, plan.train_set, plan.spec
-    dist = dist or init_dist(recipe.device)
-    progress = (progress or Progress()) if dist.is_main else Progress()
-    out = Path(out)
+    out = run_dir.local  # where the writers that need a local path write (the run, or its staging folder)
     if dist.is_main:
         prefetch(plan)
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(unstructure(recipe)))
+        run_dir.write_text(dump_yaml(recipe), CONFIG)
     dist.barrier()
     device = dist.device
     timings = {}
-    with Tracker(out / "metrics.jsonl", dist=dist, tensorboard=out / "tensorboard") as tracker:  # TB if installed
+    with Tracker(run_dir.metrics_log, dist=dist, tensorboard=run_dir.tensorboard) as tracker:  # TB if installed
         phase = RunContext(recipe, out, dist, progress, tracker, resume)
+        phase.root = (recipe.engine.checkpoint.dir or run_dir.snapshots).rstrip("/")  # a URL run's, not staged
         t0 = time.perf_counter()
         if recipe.teacher.checkpoint:
             teacher, spec = load_checkpoint(recipe.teacher.checkpoint, device=device)
@@ -66,7 +80,7 @@ def run(plan: Plan | Recipe, out: str | Path, progress: Progress | None = None, 
             teacher = train_teacher(recipe, spec, train_set, phase)
         timings["teacher_s"] = time.perf_counter() - t0
         if dist.is_main:
-            save_denoiser(str(out / "checkpoints" / "teacher.safetensors"), teacher, spec, {"role": "teacher"})
+            save_denoiser(run_dir.checkpoint("teacher"), teacher, spec, {"role": "teacher"})
 
         t0 = time.perf_counter()
         s_spec = student_spec(recipe, spec)  # the checkpoint's spec when the teacher was loaded
@@ -82,34 +96,30 @@ def run(plan: Plan | Recipe, out: str | Path, progress: Progress | None = None, 
             baselines[name] = (b_job.model.eval(), b_spec, b_job.divergence)
             timings[f"baseline_{name}_s"] = time.perf_counter() - t0
     student = job.model.eval()
-    report = None
-    if dist.is_main:
-        save_denoiser(str(out / "checkpoints" / "student.safetensors"), student, s_spec,
-                      {"role": "student", "steps": recipe.train.steps})
-        save_denoiser(str(out / "checkpoints" / "fake.safetensors"), job.fake.module, spec, {"role": "fake"})
-        for name, (model, b_spec, _) in baselines.items():
-            save_denoiser(str(out / "checkpoints" / f"{name}.safetensors"), model, b_spec,
-                          {"role": "baseline", "name": name, "steps": recipe.baselines[name].train.steps})
-        report = evaluate(plan, teacher, student, device, progress, out, baselines)
-        report["timings"].update(timings)
-        report["recipe"] = recipe.name
-        report["world_size"] = dist.world_size
-        if resume:  # the phase times then cover this process only, not the one that trained
-            report["resumed"] = True
-        write_report(report, out)
-    dist.barrier()
+    if not dist.is_main:
+        return None
+    save_denoiser(run_dir.checkpoint("student"), student, s_spec, {"role": "student", "steps": recipe.train.steps})
+    save_denoiser(run_dir.checkpoint("fake"), job.fake.module, spec, {"role": "fake"})
+    for name, (model, b_spec, _) in baselines.items():
+        save_denoiser(run_dir.checkpoint(name), model, b_spec,
+                      {"role": "baseline", "name": name, "steps": recipe.baselines[name].train.steps})
+    report = evaluate(plan, teacher, student, device, progress, out, baselines)
+    report["timings"].update(timings)
+    report["recipe"] = recipe.name
+    report["world_size"] = dist.world_size
+    if resume:  # the phase times then cover this process only, not the one that trained
+        report["resumed"] = True
+    write_report(report, out)
     return report
 
 
-def load_run(run_dir: str | Path, device="cpu"):
-    """``(recipe, teacher, student)`` of a finished run, from its config and checkpoints."""
-    from ..config.recipe import load_recipe
-
-    run_dir = Path(run_dir)
-    recipe = load_recipe(str(run_dir / "config.yaml"))
-    teacher = load_denoiser(str(run_dir / "checkpoints" / "teacher.safetensors"), device=device)
-    student = load_denoiser(str(run_dir / "checkpoints" / "student.safetensors"), device=device)
-    return recipe, teacher, student
+def load_run(run_dir: str | Path | RunDir, device="cpu"):
+    """``(recipe, teacher, student)`` of a finished run (a path, URL or ``RunDir``), from its config and
+    checkpoints."""
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    teacher = load_denoiser(run_dir.checkpoint("teacher"), device=device)
+    student = load_denoiser(run_dir.checkpoint("student"), device=device)
+    return run_dir.recipe(), teacher, student
 
 
 # The rest of what ``dpdm.core.run`` held in 0.1 (that deprecated name resolves to this module until 0.3).

@@ -1,14 +1,275 @@
-"""Run directories: ``runs/<recipe-name>-<timestamp>/`` with ``runs/latest`` pointing at the newest."""
+"""Run directories: the one place that knows a run's layout, where it lives (a local folder or any fsspec URL), and
+whether a run may write into it.
+
+    config.yaml          the resolved recipe
+    checkpoints/         teacher, student, fake score, baselines (``<role>.safetensors``: weights + network spec)
+    checkpoints/train/   training snapshots per phase (teacher/, student/: ckpt-<step>/, see train/snapshots.py),
+                         unless engine.checkpoint.dir puts them elsewhere
+    metrics.jsonl        per-step losses, gradient norms, lr, images/s, peak memory
+    tensorboard/         the same for TensorBoard, when it is installed
+    figures/             samples per NFE, NFE curve, recovery panels; figures/progress/: sample grids during training
+    eval/                what ``dpdm recover`` and ``dpdm eval`` write (recover.json, sweep/, cross.json, fid-*.json)
+    report.json, .md     the run's numbers and checks
+    .lock                held while a ``dpdm run`` writes the run (``runlock.py``)
+
+New runs go to ``runs/<recipe-name>-<timestamp>/`` with ``runs/latest`` pointing at the newest (local roots only).
+
+On a URL (``s3://bucket/run``, ``memory://run``), files written through fsspec go there directly (config,
+checkpoints, training snapshots, JSON); writers that need a local path (figures, the metrics log, TensorBoard, the
+report) write into ``local``, a staging folder, which ``publish()`` uploads file by file, each complete or not at all.
+For a local run ``local`` is the run itself.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+import posixpath
+import shutil
+import tempfile
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+
 from ..errors import DpdmError
+from ..io.storage import errors, first_line, hint, missing_bucket, resolve, upload_file, write_atomic
+from .runlock import EXCLUSIVE_CREATE, RunLock
 
 DEFAULT_ROOT = "runs"
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "checkpoints/train"
+EVAL = "eval"
+FIGURES = "figures"
+PROGRESS = "figures/progress"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+LOCK = ".lock"
+
+
+class RunDir:
+    """A run directory at ``where`` (a path or fsspec URL): the paths of its parts, reading and writing them, and
+    ``claim`` (the lock and the no-clobber check of ``dpdm run``)."""
+
+    def __init__(self, where: str | os.PathLike):
+        text = os.fspath(where)
+        fs = _filesystem(text)
+        self.is_local = isinstance(fs, LocalFileSystem)
+        self.url = str(Path(text.removeprefix("file://"))) if self.is_local else text.rstrip("/")
+        self.lock: RunLock | None = None
+        self._stage: Path | None = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunDir) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> str:
+        return str(Path(self.url).resolve()) if self.is_local else self.url
+
+    # --- where things are: URLs (for fsspec writers and readers) -------------------------------------------------
+
+    def file(self, *parts: str) -> str:
+        """The path or URL of ``parts`` inside the run."""
+        return str(Path(self.url, *parts)) if self.is_local else posixpath.join(self.url, *parts)
+
+    @property
+    def config(self) -> str:
+        return self.file(CONFIG)
+
+    def checkpoint(self, role: str) -> str:
+        """``checkpoints/<role>.safetensors``: ``teacher``, ``student``, ``fake`` or a baseline's name."""
+        return self.file(CHECKPOINTS, f"{role}.safetensors")
+
+    @property
+    def snapshots(self) -> str:
+        """The root of the training snapshots (one folder per phase), when ``engine.checkpoint.dir`` is not set."""
+        return self.file(SNAPSHOTS)
+
+    def eval_file(self, *parts: str) -> str:
+        """``eval/<parts>``: what the evaluation commands write."""
+        return self.file(EVAL, *parts)
+
+    # --- where path writers write: local paths (the run itself, or the staging folder of a URL run) -------------
+
+    @property
+    def local(self) -> Path:
+        """The run itself for a local run; for a URL, a staging folder on this machine that ``publish()`` uploads."""
+        if self.is_local:
+            return Path(self.url)
+        if self._stage is None:
+            self._stage = Path(tempfile.mkdtemp(prefix="dpdm-run-"))
+        self._stage.mkdir(exist_ok=True)  # again after a publish
+        return self._stage
+
+    @property
+    def figures(self) -> Path:
+        return self.local / FIGURES
+
+    @property
+    def progress_figures(self) -> Path:
+        return self.local / PROGRESS
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.local / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.local / TENSORBOARD
+
+    @property
+    def report_json(self) -> Path:
+        return self.local / REPORT_JSON
+
+    @property
+    def report_md(self) -> Path:
+        return self.local / REPORT_MD
+
+    def final(self, path: str | os.PathLike) -> str:
+        """Where ``path`` ends up: for a file staged under ``local``, its URL in the run; else ``path`` itself."""
+        if self._stage is None:
+            return str(path)
+        try:
+            parts = Path(path).relative_to(self._stage).parts
+        except ValueError:
+            return str(path)
+        return self.file(*parts)
+
+    def publish(self) -> None:
+        """Upload what was staged for a URL run (each file complete or not at all) and empty the staging folder; a
+        no-op for a local run."""
+        stage = self._stage
+        if stage is None or not stage.exists():
+            return
+        try:
+            for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+                upload_file(str(path), self.file(*path.relative_to(stage).parts))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove the staging folder without uploading it."""
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+
+    # --- reading and writing ------------------------------------------------------------------------------------
+
+    def exists(self, *parts: str) -> bool:
+        fs, path = resolve(self.file(*parts))
+        return fs.exists(path)
+
+    def read_text(self, *parts: str) -> str:
+        fs, path = resolve(self.file(*parts))
+        return fs.cat_file(path).decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """``parts`` of the run (a file), written complete or not at all."""
+        write_atomic(self.file(*parts), text.encode())
+
+    def recipe(self):
+        """The run's resolved recipe (``config.yaml``)."""
+        from ..config.recipe import load_recipe
+
+        return load_recipe(self.config)
+
+    # --- claiming a run for ``dpdm run`` -------------------------------------------------------------------------
+
+    def claim(self, recipe, *, resume: bool = False) -> RunLock:
+        """Lock the run for this process (released by ``release()`` or when the process ends) and check that
+        ``recipe`` may write into it; refuse with a ``DpdmError`` before writing anything when it may not.
+
+        Refused: storage that cannot be written or locked; a run another live process holds (``RunBusyError``,
+        naming it); a run of another recipe (the training settings differ); without ``resume``, a run that already
+        holds training snapshots; with ``resume``, a run of another recipe. The checks run again once the lock is
+        held, for a claimer that wrote in between."""
+        check_writable(self.url)
+        lock = RunLock(self.file(LOCK))
+        lock.check()
+        self._check_reuse(recipe, resume)
+        lock.acquire()
+        try:
+            self._check_reuse(recipe, resume)
+        except BaseException:
+            lock.release()
+            raise
+        self.lock = lock
+        return lock
+
+    def release(self) -> None:
+        """Give up the lock ``claim`` took (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _check_reuse(self, recipe, resume: bool) -> None:
+        from ..config.identity import config_changes, training_config
+
+        if not self.exists(CONFIG):
+            if resume:
+                raise DpdmError(f"{str(self)!r} is not a dpdm run directory (no {CONFIG} in it)")
+            return
+        changed = config_changes(training_config(self.recipe()), training_config(recipe))
+        if changed and resume:
+            raise DpdmError(f"cannot resume {self}: the recipe differs from the one it was started with in "
+                            f"{', '.join(changed)}; resume with the same recipe and --set overrides, or start a new "
+                            f"run")
+        if changed:
+            raise DpdmError(f"{self} holds a run of another recipe (it differs in {', '.join(changed)}); nothing was "
+                            f"written to it. Give a new --out, or continue that run with the recipe it was started "
+                            f"with and --resume latest")
+        if not resume and self._has_snapshots():
+            raise DpdmError(f"{self} already holds training checkpoints ({self.snapshots}); continue that run with "
+                            f"--resume, or give another --out")
+
+    def _has_snapshots(self) -> bool:
+        fs, path = resolve(self.snapshots)
+        return fs.exists(path) and bool(fs.find(path))
+
+
+def _filesystem(url: str):
+    """The filesystem of ``url``; an unknown protocol or a missing backend is a ``DpdmError``."""
+    try:
+        return resolve(url)[0]
+    except ValueError as exc:  # fsspec: "Protocol not known: foo"
+        raise DpdmError(f"{url}: {first_line(exc)}") from None
+    except ImportError as exc:  # fsspec: "Install s3fs to access S3"
+        raise DpdmError(f"{url}: {first_line(exc)}") from None
+
+
+def check_writable(url: str) -> None:
+    """Refuse (``DpdmError``) a run location that cannot be written or locked: a local folder whose nearest existing
+    parent is not writable, a URL on storage without exclusive create (``runlock.py``), a missing bucket, storage that
+    cannot be reached."""
+    fs, path = _filesystem(url), resolve(url)[1]
+    if isinstance(fs, LocalFileSystem):
+        existing = Path(path)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise DpdmError(f"cannot write the run directory {url}: {existing} is not writable")
+        return
+    scheme = url.split("://", 1)[0].split("::")[-1].lower()
+    if scheme not in EXCLUSIVE_CREATE:
+        raise DpdmError(f"cannot use {url} as a run directory: {scheme}:// storage has no exclusive create, so "
+                        f"the run could not be locked against a second writer; give a local path, or an s3:// or "
+                        f"memory:// URL")
+    try:
+        bucket = missing_bucket(fs, path)
+    except errors() as exc:
+        raise DpdmError(f"cannot reach {url}: {first_line(exc)}{hint(url)}") from None
+    if bucket is not None:
+        raise DpdmError(f"cannot write {url}: bucket {bucket!r} does not exist (dpdm does not create buckets)"
+                        f"{hint(url)}")
 
 
 def new_run_dir(name: str, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
@@ -24,9 +285,9 @@ def new_run_dir(name: str, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
     return path
 
 
-def update_latest(run_dir: str | os.PathLike) -> None:
-    """Point ``<parent>/latest`` at ``run_dir`` (a relative symlink, replaced atomically)."""
-    run_dir = Path(run_dir).resolve()
+def update_latest(run_dir: str | os.PathLike | RunDir) -> None:
+    """Point ``<parent>/latest`` at ``run_dir`` (a relative symlink, replaced atomically); local runs only."""
+    run_dir = Path(str(run_dir)).resolve()
     link = run_dir.parent / "latest"
     tmp = run_dir.parent / f".latest-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
@@ -35,17 +296,27 @@ def update_latest(run_dir: str | os.PathLike) -> None:
     os.replace(tmp, link)
 
 
-def resolve_run(run: str | os.PathLike | None, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
-    """The run directory to use: ``run`` if given, else ``root/latest``; clear errors if absent."""
+def resolve_run(run: str | os.PathLike | RunDir | None, root: str | os.PathLike = DEFAULT_ROOT) -> RunDir:
+    """The run to use: ``run`` (a path or URL) if given, else ``root/latest``; clear errors if absent."""
     if run is None:
         latest = Path(root) / "latest"
         if not latest.exists():
             raise DpdmError(f"no run given and {latest} does not exist; run a recipe first "
                             "(`dpdm run recipes/toy2d.yaml`) or pass --run DIR")
-        return latest.resolve()
-    path = Path(run)
-    if not path.is_dir():
-        raise DpdmError(f"run directory {str(path)!r} not found")
-    if not (path / "config.yaml").exists():
-        raise DpdmError(f"{str(path)!r} is not a dpdm run directory (no config.yaml in it)")
-    return path.resolve()
+        return RunDir(latest.resolve())
+    found = run if isinstance(run, RunDir) else RunDir(run)
+    if found.is_local:
+        path = Path(found.url)
+        if not path.is_dir():
+            raise DpdmError(f"run directory {found.url!r} not found")
+        found = RunDir(path.resolve())
+    try:
+        has_config = found.exists(CONFIG)
+        missing = not has_config and not found.exists()
+    except errors() as exc:
+        raise DpdmError(f"cannot reach {found}: {first_line(exc)}{hint(found.url)}") from None
+    if missing:
+        raise DpdmError(f"run directory {found.url!r} not found")
+    if not has_config:
+        raise DpdmError(f"{found.url!r} is not a dpdm run directory (no {CONFIG} in it)")
+    return found
