@@ -90,7 +90,7 @@ def test_the_layout_of_a_local_run(tmp_path):
     assert run.config == str(base / "config.yaml")
     assert run.checkpoint("student") == str(base / "checkpoints" / "student.safetensors")
     assert run.snapshots == str(base / "checkpoints" / "train")
-    assert run.eval_file("sweep", "sweep.json") == str(base / "eval" / "sweep" / "sweep.json")
+    assert run.eval_dir == base / "eval"
     assert run.local == base
     assert (run.figures, run.progress_figures) == (base / "figures", base / "figures" / "progress")
     assert (run.metrics_log, run.tensorboard) == (base / "metrics.jsonl", base / "tensorboard")

@@ -422,3 +422,40 @@ def test_cli_on_unreachable_storage(unreachable, tmp_path):
     (line,) = _cli_error("convert", "edm-pkl", url, tmp_path / "out.safetensors")
     assert line.startswith(f"error: cannot read checkpoint {url!r}: Could not connect to the endpoint URL")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# --- a run directory on S3 ----------------------------------------------------------------------------------------
+
+RUN_TINY = ["teacher.train.steps=3", "train.steps=2", "train.fake_updates=1", "eval.num_samples=50",
+            "eval.recovery_num=50", "eval.teacher_nfe=[1]", "eval.student_steps=[1]", "eval.one_step_sigma_max=[80.0]",
+            "eval.recovery_sigmas=[1.0]", "eval.teacher_samplers=[euler]", "model.backbone.hidden=8",
+            "model.backbone.depth=1"]
+
+
+def test_cli_run_into_s3(s3, tmp_path, monkeypatch):
+    """``dpdm run --out s3://...`` writes the whole run to the bucket (nothing local), locks it while it runs (an
+    exclusive create: a second claim is refused), and ``dpdm recover --run s3://...`` reads it back."""
+    from dpdm.core.pipeline.runlock import RunBusyError, RunLock
+
+    monkeypatch.chdir(tmp_path)
+    url = f"s3://{BUCKET}/runs/tiny"
+    sets = [part for o in RUN_TINY for part in ("--set", o)]
+    result = CliRunner().invoke(app, ["run", TOY2D, *sets, "--out", url], env={"COLUMNS": "1000"})
+    assert result.exit_code == 0, (result.output, result.exception)
+    keys = {k.removeprefix(f"{BUCKET}/runs/tiny/") for k in _keys(s3, "runs/tiny")}
+    assert {"config.yaml", "report.json", "report.md", "metrics.jsonl", "checkpoints/student.safetensors",
+            "figures/samples_student.png"} <= keys and ".lock" not in keys
+    assert list(tmp_path.iterdir()) == []  # no local folder named "s3:"
+    with RunLock(f"{url}/.lock"):
+        with pytest.raises(RunBusyError, match=f"pid {os.getpid()} on"):
+            RunLock(f"{url}/.lock").acquire()
+    rec = CliRunner().invoke(app, ["recover", "--run", url, "--sigma", "1", "--num", "20"], env={"COLUMNS": "1000"})
+    assert rec.exit_code == 0, rec.output
+    assert f"{BUCKET}/runs/tiny/eval/recover.json" in _keys(s3, "runs/tiny/eval")
+
+
+def test_cli_run_into_a_missing_bucket_writes_nothing(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = _cli_error("run", TOY2D, "--out", f"s3://{MISSING_BUCKET}/run")
+    assert f"bucket {MISSING_BUCKET!r} does not exist" in " ".join(lines) and ENDPOINT_HINT in " ".join(lines)
+    assert list(tmp_path.iterdir()) == []

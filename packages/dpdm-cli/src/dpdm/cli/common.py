@@ -5,13 +5,20 @@ No CLI module imports ``main`` (which only wires the commands together), so the 
 in any order and alone.
 
 The launcher (``--nproc N``) re-executes the command under ``python -m torch.distributed.run --standalone`` and
-hands the command's own arguments to the workers in ``DPDM_ARGV`` (``ARGV_ENV``). ``torch.distributed.launcher.api
-.elastic_launch`` (a launch from code, no environment variable) was considered and not adopted: it runs torchrun's
-elastic agent inside this process, which then installs its own handlers for SIGTERM, SIGINT, SIGHUP and SIGQUIT,
-raises ``SignalException``/``ChildFailedError`` instead of returning a status, and skips what torchrun's own
-argument handling does (``OMP_NUM_THREADS=1`` per worker, the standalone rendezvous, the log setup); each would
-have to be re-done here to keep today's behaviour. As a child process, torchrun keeps all of it, and this process
-passes a SIGTERM on to it, so no worker outlives the command.
+hands the command's own arguments to the workers in ``DPDM_ARGV`` (``ARGV_ENV``), because torchrun's parser takes
+abbreviations of its own options anywhere on its command line. ``torch.distributed.launcher.api.elastic_launch``
+(a launch from code, no environment variable) was considered and not adopted:
+
+- it runs torchrun's elastic agent inside this process, which installs its own handlers for SIGTERM, SIGINT, SIGHUP
+  and SIGQUIT and raises ``SignalException``/``ChildFailedError`` instead of returning an exit status;
+- torchrun's command line does more than build a ``LaunchConfig``: ``OMP_NUM_THREADS=1`` per worker, the standalone
+  rendezvous (c10d on ``localhost:0`` with a fresh id), ``python -u``, the log specs; torch 2.13's ``config_from_args``
+  fills 20 ``LaunchConfig`` fields, a list that grows with torch releases, which this module would have to copy and
+  follow, whereas torchrun's options are its stable interface.
+
+As a child process, torchrun keeps all of that. What the review asked of a launch from code is had here too: a
+SIGTERM sent to this process is passed on to torchrun, which stops its workers (no orphans), and the exit status is
+torchrun's (a signal's as 128 + its number).
 """
 
 from __future__ import annotations

@@ -120,7 +120,6 @@ def fid_cmd(
     finished = False
     try:
         from dpdm.core.io.checkpoint import checkpoint_role
-        from dpdm.core.pipeline.rundir import EVAL
 
         net, spec, recipe, run_dir, source = model_of(run, checkpoint, model, dist.device)
         if not step_list:
@@ -142,7 +141,7 @@ def fid_cmd(
                                       label_dim=int(spec["label_dim"]), seed=seed, batch_size=batch, dist=dist,
                                       progress=progress)
         if dist.is_main:
-            out_path = out or (run_dir.local / EVAL / f"fid-{model}.json" if run_dir is not None
+            out_path = out or (run_dir.eval_dir / f"fid-{model}.json" if run_dir is not None
                                else Path(f"fid-{Path(source.rstrip('/')).stem}.json"))
             det = metric_fn.detector
             result = {"metric": name, "detector": det.key, "source": source,
@@ -204,7 +203,7 @@ def sweep_cmd(
     if nproc is not None:
         launch(nproc)
     from dpdm.core.eval.scoring import nfe_sweep
-    from dpdm.core.pipeline.rundir import EVAL, resolve_run
+    from dpdm.core.pipeline.rundir import resolve_run
 
     s_nfe = ints(student_nfe, "--student-nfe") or list(DEFAULT_STUDENT_NFE)
     t_nfe = ints(teacher_nfe, "--teacher-nfe") or list(DEFAULT_TEACHER_NFE)
@@ -235,7 +234,7 @@ def sweep_cmd(
             num=n, shape=tuple(spec["shape"]), label_dim=int(spec["label_dim"]), seed=seed, batch_size=batch,
             dist=dist, progress=progress, keep=cfg.figure_samples if kind == "image" else min(n, 2000))
         if dist.is_main:
-            folder = out or run_dir.local / EVAL / "sweep"
+            folder = out or run_dir.eval_dir / "sweep"
             folder.mkdir(parents=True, exist_ok=True)
             sweep = {role: {s: {str(k): v for k, v in by.items()} for s, by in d.items()} for role, d in values.items()}
             result = {"metric": name, "run": str(run_dir), "num": n, "seed": seed, "ref": ref_name,
@@ -294,7 +293,7 @@ def cross_cmd(
     if nfe < 1:
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
     from dpdm.core.eval.scoring import cross_samplings, cross_use
-    from dpdm.core.pipeline.rundir import EVAL, resolve_run
+    from dpdm.core.pipeline.rundir import resolve_run
 
     run_dir = resolve_run(run)
     recipe = run_dir.recipe()
@@ -312,7 +311,7 @@ def cross_cmd(
                                  seed=seed, batch_size=batch, dist=dist, progress=progress,
                                  keep=recipe.eval.figure_samples if kind == "image" else min(n, 2000))
         if dist.is_main:
-            folder = out or run_dir.local / EVAL
+            folder = out or run_dir.eval_dir
             result = {"metric": name, "run": str(run_dir), "nfe": nfe, "num": n, "seed": seed, "ref": ref_name,
                       "samplers": {c: {"sampler": s, "schedule": sch} for c, (s, sch) in samplings.items()},
                       "cells": cells, "world_size": dist.world_size, "seconds": time.perf_counter() - t0}

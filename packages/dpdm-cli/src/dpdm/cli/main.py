@@ -67,7 +67,8 @@ def run(
         with sigterm_exits():  # a SIGTERM ends the run through the `finally` below: the lock is released, exit 143
             if dist.is_main:
                 run_dir = _claim_run_dir(resolved, out, resume)
-            run_dir = run_dir or RunDir(dist.broadcast_object(str(run_dir) if dist.is_main else None))
+            url = dist.broadcast_object(str(run_dir) if dist.is_main else None)  # a collective: every rank calls it
+            run_dir = run_dir or RunDir(url)
             if dist.is_main:
                 err.print(f"{'resuming' if resume else 'run directory'}: [bold]{escape(str(run_dir))}[/]"
                           + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))

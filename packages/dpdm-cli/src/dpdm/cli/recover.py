@@ -51,7 +51,7 @@ def recover(
     clean / noisy / teacher / student)."""
     from dpdm.core.errors import DpdmError
     from dpdm.core.eval.recovery import check_protocol
-    from dpdm.core.pipeline.rundir import EVAL, FIGURES, resolve_run
+    from dpdm.core.pipeline.rundir import resolve_run
 
     check_protocol(protocol)
     sigmas = floats(sigma, "--sigma") if sigma else list(PAPER_SIGMAS)
@@ -90,7 +90,7 @@ def recover(
         table, examples = ev.recovery(student, teacher, metric_fn, items, None, sigmas, reference, seed=seed,
                                       device=dev, keep=keep)
     clean = rec.first(items, keep if keep is not None else len(items))
-    fig_path = figure or run_dir.local / FIGURES / "recover.png"
+    fig_path = figure or run_dir.figures / "recover.png"
     try:
         from dpdm.core.eval import figures
 
@@ -111,7 +111,7 @@ def recover(
         result["note"] = note
     if det is not None and getattr(det, "accuracy", None) is not None:
         result["detector_test_accuracy"] = det.accuracy
-    out_path = out or run_dir.local / EVAL / "recover.json"
+    out_path = out or run_dir.eval_dir / "recover.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2))
     run_dir.publish()

@@ -95,10 +95,6 @@ class RunDir:
         """The root of the training snapshots (one folder per phase), when ``engine.checkpoint.dir`` is not set."""
         return self.file(SNAPSHOTS)
 
-    def eval_file(self, *parts: str) -> str:
-        """``eval/<parts>``: what the evaluation commands write."""
-        return self.file(EVAL, *parts)
-
     # --- where path writers write: local paths (the run itself, or the staging folder of a URL run) -------------
 
     @property
@@ -110,6 +106,11 @@ class RunDir:
             self._stage = Path(tempfile.mkdtemp(prefix="dpdm-run-"))
         self._stage.mkdir(exist_ok=True)  # again after a publish
         return self._stage
+
+    @property
+    def eval_dir(self) -> Path:
+        """What ``dpdm recover`` and ``dpdm eval`` write."""
+        return self.local / EVAL
 
     @property
     def figures(self) -> Path:
