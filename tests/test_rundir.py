@@ -213,6 +213,39 @@ def test_sigterm_during_dpdm_run_exits_143_and_releases_the_lock(tmp_path):
         assert lock.notes == []
 
 
+def _workers_of(marker: str) -> list[int]:
+    """The pids of live processes whose environment holds ``marker`` (the workers ``--nproc`` started: their
+    arguments travel in DPDM_ARGV)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_nproc_launch_stops_every_worker(tmp_path):
+    out = tmp_path / "ddp-run"
+    proc = subprocess.Popen([sys.executable, "-m", "dpdm.cli", "run", TOY2D, *sets(TINY[2:]),
+                             "--set", "teacher.train.steps=1000000", "--out", str(out), "--nproc", "2"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    workers = _workers_of(str(out))
+    assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    deadline = time.time() + 60
+    while _workers_of(str(out)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _workers_of(str(out)) == []  # no orphans
+    assert not (out / ".lock").exists()
+
+
 # --- no clobbering -----------------------------------------------------------------------------------------------
 
 

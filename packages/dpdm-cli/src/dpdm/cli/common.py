@@ -145,7 +145,7 @@ def sigterm_exits() -> Iterator[None]:
 
 def launch(nproc: int) -> None:
     """Re-run this command under ``torchrun --standalone --nproc_per_node N`` (without ``--nproc``); exits with
-    torchrun's status. A SIGTERM sent to this process is passed on to torchrun, which stops its workers."""
+    torchrun's status, or 143 after a SIGTERM, which is passed on to torchrun (it stops its workers)."""
     from dpdm.core.errors import DpdmError
 
     if "RANK" in os.environ:
@@ -158,7 +158,13 @@ def launch(nproc: int) -> None:
            "-m", "dpdm.cli"]
     err.print(f"launching: {escape(' '.join(cmd[1:] + argv))}")
     child = subprocess.Popen(cmd, env={**os.environ, ARGV_ENV: json.dumps(argv)})
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    terminated = []
+
+    def forward(signum, frame):
+        terminated.append(signum)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         try:
             status = child.wait()
@@ -166,6 +172,8 @@ def launch(nproc: int) -> None:
             status = child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if terminated:  # torchrun reports a terminated job as a failure (1); this command was terminated
+        status = SIGTERM_STATUS
     raise typer.Exit(status if status >= 0 else 128 - status)
 
 

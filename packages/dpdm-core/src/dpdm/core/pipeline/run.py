@@ -61,6 +61,7 @@ def _publish_on_failure(run_dir: RunDir) -> None:
 
 
 def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bool) -> dict | None:
+    """The run itself: config, both training phases (and baselines), checkpoints, evaluation, report."""
     recipe, train_set, spec = plan.recipe, plan.train_set, plan.spec
     out = run_dir.local  # where the writers that need a local path write (the run, or its staging folder)
     if dist.is_main:
