@@ -16,9 +16,6 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from fsspec.implementations.memory import MemoryFileSystem
-from typer.testing import CliRunner
-
 from dpdm.cli.common import SIGTERM_STATUS, sigterm_exits
 from dpdm.cli.main import app
 from dpdm.core.config.recipe import load_recipe
@@ -26,6 +23,8 @@ from dpdm.core.errors import DpdmError
 from dpdm.core.pipeline.run import load_run
 from dpdm.core.pipeline.rundir import RunDir, check_writable, resolve_run
 from dpdm.core.pipeline.runlock import RunBusyError, RunLock
+from fsspec.implementations.memory import MemoryFileSystem
+from typer.testing import CliRunner
 
 torch.set_num_threads(1)
 
@@ -172,6 +171,10 @@ def test_urls_that_cannot_be_locked_or_written_are_refused(tmp_path):
         check_writable("nolock://b/run")
     with pytest.raises(DpdmError, match=r"foo://b/run: Protocol not known: foo"):
         RunDir("foo://b/run")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DpdmError, match=rf"cannot write the run directory {tmp_path}/file/run: {tmp_path}/file is a "
+                                        rf"file, not a folder"):
+        check_writable(str(tmp_path / "file" / "run"))
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -299,7 +302,7 @@ def test_a_memory_url_run_round_trip(tmp_path, monkeypatch):
     assert ".lock" not in files
     assert list(tmp_path.iterdir()) == []  # nothing local: no folder named "memory:"
     run = resolve_run(url)
-    recipe, teacher, student = load_run(run)
+    recipe, _teacher, student = load_run(run)
     assert recipe == load_recipe(TOY2D, TINY)
     assert student(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)
     rec = invoke("recover", "--run", url, "--sigma", "1", "--num", "20")

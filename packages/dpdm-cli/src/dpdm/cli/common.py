@@ -29,8 +29,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional
 
 import typer
 import typer.core
@@ -97,7 +97,7 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
-def _numbers(values: Optional[List[str]], option: str, parse: Callable[[str], float], what: str) -> list:
+def _numbers(values: list[str] | None, option: str, parse: Callable[[str], float], what: str) -> list:
     """Every comma-separated part of ``values`` through ``parse``; a part it refuses names ``option``."""
     from dpdm.core.errors import DpdmError
 
@@ -112,12 +112,12 @@ def _numbers(values: Optional[List[str]], option: str, parse: Callable[[str], fl
     return out
 
 
-def floats(values: Optional[List[str]], option: str) -> list[float]:
+def floats(values: list[str] | None, option: str) -> list[float]:
     """``--sigma 0.5 1 2`` (or ``0.5,1,2``, or repeated) as a list of floats."""
     return _numbers(values, option, float, "a number")
 
 
-def ints(values: Optional[List[str]], option: str) -> list[int]:
+def ints(values: list[str] | None, option: str) -> list[int]:
     """``--steps 4 5 6`` (or ``4,5,6``, or repeated) as a list of positive ints."""
     from dpdm.core.errors import DpdmError
 

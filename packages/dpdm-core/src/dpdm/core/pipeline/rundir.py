@@ -256,6 +256,8 @@ def check_writable(url: str) -> None:
         existing = Path(path)
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
+        if not existing.is_dir():
+            raise DpdmError(f"cannot write the run directory {url}: {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise DpdmError(f"cannot write the run directory {url}: {existing} is not writable")
         return

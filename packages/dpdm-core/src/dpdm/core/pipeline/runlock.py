@@ -80,7 +80,7 @@ class RunLock:
         self._fd: int | None = None
         self.held = False
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self):
         self.acquire()
         return self
 
