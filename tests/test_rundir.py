@@ -319,3 +319,13 @@ def test_a_memory_url_run_round_trip(tmp_path, monkeypatch):
 def test_a_missing_url_run_is_reported():
     with pytest.raises(DpdmError, match=r"run directory 'memory://nowhere/run' not found"):
         resolve_run("memory://nowhere/run")
+
+
+@pytest.mark.parametrize("args", [["sample", "--out", "s3://bucket/x.png"],
+                                  ["recover", "--figure", "memory://bucket/r.png"],
+                                  ["eval", "sweep", "--out", "gs://bucket/sweep"]])
+def test_options_that_write_a_local_file_refuse_urls(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args)
+    assert result.exit_code == 2 and "a local path is expected here, not a URL" in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []

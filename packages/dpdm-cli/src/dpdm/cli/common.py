@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,14 @@ class ListOptionsGroup(typer.core.TyperGroup):
 
     def parse_args(self, ctx, args):
         return super().parse_args(ctx, join_list_options(list(args)))
+
+
+def local_path(value):
+    """A typer callback for options that write a local file: a URL is refused (``Path`` would turn ``s3://b/x`` into
+    a folder named ``s3:``)."""
+    if value is not None and re.match(r"[A-Za-z][\w+.-]*:/", str(value)):
+        raise typer.BadParameter(f"{value}: a local path is expected here, not a URL")
+    return value
 
 
 def user_errors(fn):

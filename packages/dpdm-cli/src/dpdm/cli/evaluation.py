@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, ints, launch, user_errors
+from .common import console, ints, launch, local_path, user_errors
 from .eval_inputs import (
     dist_and_progress,
     load_reference,
@@ -105,8 +105,9 @@ def fid_cmd(
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule"),
     seed: int = typer.Option(0, "--seed", help="Image i uses the seed derived from (seed, i)"),
     batch: int = typer.Option(256, "--batch", min=1, help="Images per generation batch on each rank"),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSON result (default: RUN/eval/fid-<model>.json or "
-                                                           "./fid-<checkpoint name>.json); grids beside it"),
+    out: Optional[Path] = typer.Option(None, "--out", callback=local_path,
+                                       help="JSON result (default: RUN/eval/fid-<model>.json or "
+                                            "./fid-<checkpoint name>.json); grids beside it"),
     device: str = typer.Option("auto", "--device"),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
 ):
@@ -194,7 +195,8 @@ def sweep_cmd(
     metric: Optional[str] = typer.Option(None, "--metric", help="Default: the run's eval.metric"),
     seed: int = typer.Option(0, "--seed"),
     batch: int = typer.Option(256, "--batch", min=1, help="Items per generation batch on each rank"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval/sweep)"),
+    out: Optional[Path] = typer.Option(None, "--out", callback=local_path,
+                                       help="Output folder (default: RUN/eval/sweep)"),
     device: str = typer.Option("auto", "--device"),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
 ):
@@ -280,7 +282,7 @@ def cross_cmd(
     metric: Optional[str] = typer.Option(None, "--metric", help="Default: the run's eval.metric"),
     seed: int = typer.Option(0, "--seed", help="Sample i uses the seed derived from (seed, i), in every cell"),
     batch: int = typer.Option(256, "--batch", min=1, help="Items per generation batch on each rank"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/eval)"),
+    out: Optional[Path] = typer.Option(None, "--out", callback=local_path, help="Output folder (default: RUN/eval)"),
     device: str = typer.Option("auto", "--device"),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Launch N processes with torchrun"),
 ):

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, err, floats, user_errors
+from .common import console, err, floats, local_path, user_errors
 from .eval_inputs import resolve_metric
 
 PAPER_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 2.0, 5.0, 7.5, 10.0]  # Table 1 of the DPDM paper
@@ -38,8 +38,10 @@ def recover(
     metric: Optional[str] = typer.Option(None, "--metric", help="fid, fd-<dataset>, energy, ... (default: the recipe's)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL (metric fid)"),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON"),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSON result (default: RUN/eval/recover.json)"),
-    figure: Optional[Path] = typer.Option(None, "--figure", help="Where to save the panels (default: RUN/figures/recover.png)"),
+    out: Optional[Path] = typer.Option(None, "--out", callback=local_path,
+                                       help="JSON result (default: RUN/eval/recover.json)"),
+    figure: Optional[Path] = typer.Option(None, "--figure", callback=local_path,
+                                          help="Where to save the panels (default: RUN/figures/recover.png)"),
     figure_sigma: Optional[List[str]] = typer.Option(None, "--figure-sigma", help="σ shown in the figure (default: "
                                                                                   "4 spread over --sigma)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the subset (paper) and each item's noise at each "

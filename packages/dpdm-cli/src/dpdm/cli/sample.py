@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .common import console, user_errors
+from .common import console, local_path, user_errors
 from .eval_inputs import sampling
 
 
@@ -25,7 +25,7 @@ def sample(
     num: Optional[int] = typer.Option(None, "--num", help="Samples (default: 64 images or 2000 points)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule (default: the recipe's)"),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(..., "--out", help="Output PNG"),
+    out: Path = typer.Option(..., "--out", callback=local_path, help="Output PNG"),
 ):
     """Draw samples from a run's student (or teacher) and save them as a PNG grid or scatter."""
     from dpdm.core.errors import DpdmError
