@@ -199,7 +199,7 @@ class Poisoned:
         return x, None
 
 
-def test_nonfinite_step_is_skipped_counted_and_logged(tmp_path):
+def test_nonfinite_step_is_skipped_counted_and_logged(tmp_path, caplog):
     tracker = Tracker(tmp_path / "metrics.jsonl")
     trainer = Trainer(TeacherJob(denoiser(0), EDMLoss(), lr=1e-2), Poisoned({3}), tracker=tracker, log_every=100)
     trainer.fit(2)
@@ -218,6 +218,9 @@ def test_nonfinite_step_is_skipped_counted_and_logged(tmp_path):
     bad = [r for r in records if "nonfinite" in r]
     assert len(bad) == 1 and bad[0]["step"] == 3 and bad[0]["nonfinite"] == {"model": 1}
     assert bad[0]["loss"] is None and bad[0]["skipped"] == {"model": 1}
+    warned = [r for r in caplog.records if r.name == "dpdm.core.train.engine"]  # through logging, not the bar
+    assert [(r.levelname, r.getMessage()) for r in warned] == [
+        ("WARNING", "teacher step 3: NaN/Inf loss or gradient in model (1x); step skipped")]
 
 
 @pytest.mark.parametrize("phase", ["teacher", "student"])

@@ -1,5 +1,6 @@
 """What every ``dpdm`` command shares: the two consoles, ``user_errors`` (a ``DpdmError`` is one red line and exit
-code 1), the list options (``--steps 4 5 6``), number-list parsing, and the ``--nproc`` launcher.
+code 1), the handler that shows the library's log records (``show_logs``), the list options (``--steps 4 5 6``),
+number-list parsing, and the ``--nproc`` launcher.
 
 No CLI module imports ``main`` (which only wires the commands together), so the command modules import each other
 in any order and alone.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -48,6 +50,23 @@ LIST_OPTIONS = frozenset({"--steps", "--sigma", "--student-nfe", "--teacher-nfe"
                           "--figure-sigma"})
 ARGV_ENV = "DPDM_ARGV"  # set by --nproc for the processes torchrun starts (a JSON list of arguments)
 SIGTERM_STATUS = 128 + signal.SIGTERM  # 143, the shell's status of a process ended by SIGTERM
+
+
+def show_logs() -> None:
+    """Show the library's log records (loggers under ``dpdm``) on ``err`` through rich's handler: notes (INFO and up)
+    from the first process, errors only from the other processes of a ``--nproc`` run (their notes repeat rank 0's).
+    Library users keep the standard ``logging`` controls: the library itself installs no handler."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("dpdm")
+    if any(getattr(h, "dpdm_cli", False) for h in logger.handlers):
+        return
+    handler = RichHandler(console=err, show_time=False, show_level=False, show_path=False, markup=False,
+                          rich_tracebacks=False)
+    handler.dpdm_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR)
+    logger.propagate = False
 
 
 def join_list_options(args: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import ListOptionsGroup, command_argv, console, err, launch, sigterm_exits, user_errors
+from .common import ListOptionsGroup, command_argv, console, err, launch, show_logs, sigterm_exits, user_errors
 from .data import data_app
 from .evaluation import eval_app
 from .recover import recover
@@ -169,6 +169,7 @@ app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:
+    show_logs()
     app(args=command_argv(), prog_name="dpdm")
 
 

@@ -1,4 +1,7 @@
-"""Progress reporting for long loops: a silent default and a rich progress bar (with ETA)."""
+"""Progress reporting for long loops: a silent default and a rich progress bar (with ETA).
+
+Bars only: the library's notes and warnings go through ``logging`` (loggers under ``dpdm``; the CLI shows them with
+rich's handler, ``dpdm.cli.common.show_logs``)."""
 
 from __future__ import annotations
 
@@ -18,9 +21,6 @@ class Progress:
     @contextlib.contextmanager
     def task(self, description: str, total: int):
         yield Task()
-
-    def log(self, message: str) -> None:
-        pass
 
 
 class _RichTask(Task):
@@ -49,6 +49,3 @@ class RichProgress(Progress):
                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}")]
         with Bar(*columns, console=self.console, transient=False) as bar:
             yield _RichTask(bar, bar.add_task(description, total=total, stats=""))
-
-    def log(self, message: str) -> None:
-        self.console.print(message)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from .detectors import FeatureDetector
 from ..errors import DpdmError
 from .fid import _slug, feature_metric
 from ..progress import Progress
+
+log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1  # bump when the network or the training recipe changes: cached classifiers are then retrained
 EPOCHS = 3  # at least this many epochs...
@@ -236,7 +239,7 @@ def fd_detector(dataset: str, *, data: dict | None = None, seed: int = 0, epochs
     if not getattr(train_set, "label_dim", 0):
         raise DpdmError(f"{name}: dataset {dataset!r} (options {data}) is unlabelled (label_dim 0), but the fd "
                         f"classifier is trained on class labels; give the dataset its labels (e.g. labels: true)")
-    progress.log(f"{name}: training its feature classifier (seed {seed}), cached afterwards at {path}")
+    log.info("%s: training its feature classifier (seed %d), cached afterwards at %s", name, seed, path)
     net, test_accuracy = train_classifier(train_set, test_set, seed=seed, epochs=epochs, progress=progress)
     info = {"metric": name, "dataset": dataset, "data": data, "seed": int(seed),
             "epochs": epochs or default_epochs(len(train_set)), "batch_size": BATCH_SIZE, "lr": LR,
@@ -249,7 +252,7 @@ def fd_detector(dataset: str, *, data: dict | None = None, seed: int = 0, epochs
     blob = st_save({k: v.contiguous() for k, v in net.state_dict().items()})
     write_atomic(str(path.with_suffix(".json")), json.dumps(info, indent=2, default=str).encode())
     write_atomic(str(path), blob)  # last: its presence marks a complete cache entry
-    progress.log(f"{name}: test accuracy {test_accuracy:.2%}, saved {path}")
+    log.info("%s: test accuracy %.2f%%, saved %s", name, 100 * test_accuracy, path)
     return ClassifierDetector(net, name=name, digest=hashlib.sha256(blob).hexdigest()[:12], info=info, device=device)
 
 

@@ -3,6 +3,7 @@ and each baseline, through the engine with snapshots, logs and sample grids."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from ..train.snapshots import Snapshots
 from ..train.teacher import TeacherJob
 from ..train.tracking import SampleGrid, Tracker
 from .build import batches, build_divergence
+
+log = logging.getLogger(__name__)
 
 TEACHER_STREAM, STUDENT_STREAM = 1, 2  # seeds of the two phases derive from (recipe.seed, stream)
 BASELINE_STREAM = 100  # baseline i (recipe.baselines, in order) trains with stream BASELINE_STREAM + i
@@ -50,7 +53,7 @@ class RunContext:
                           tracker=self.tracker, log_every=engine.log_every, progress=self.progress, hooks=hooks)
         if self.resume:
             if trainer.resume():
-                self.progress.log(f"{job.phase}: resumed from {trainer.last_saved} (step {trainer.step})")
+                log.info("%s: resumed from %s (step %d)", job.phase, trainer.last_saved, trainer.step)
         else:
             found = self.dist.broadcast_object(snapshots.latest() if self.dist.is_main else None)
             if found is not None:

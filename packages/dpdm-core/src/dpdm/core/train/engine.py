@@ -37,6 +37,7 @@ Usage (``run.py`` drives both phases this way)::
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Iterator
 
@@ -49,6 +50,8 @@ from ..progress import Progress
 from ..defaults import LOG_EVERY, MAX_NONFINITE  # noqa: F401  (shared with the recipe schema)
 from .rng import rng_state, set_rng_state
 from .trainable import Job, MicroLoss, Trainable, job_state, load_job_state, warmup_lr  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "dpdm-training-state/1"
 
@@ -161,7 +164,7 @@ class Trainer:
 
     def _nonfinite(self, skipped: dict, stats: dict) -> None:
         names = ", ".join(f"{name} ({n}x)" for name, n in skipped.items())
-        self.progress.log(f"{self.job.phase} step {self.step}: NaN/Inf loss or gradient in {names}; step skipped")
+        log.warning("%s step %d: NaN/Inf loss or gradient in %s; step skipped", self.job.phase, self.step, names)
         worst = max(self.job.parts.values(), key=lambda part: part.consecutive)
         if worst.consecutive >= self.max_nonfinite:
             self._log(stats, float("nan"), skipped)  # a collective under DDP: every rank gets here
