@@ -1,7 +1,6 @@
 """The library's notes and warnings go through ``logging`` (loggers under ``dpdm``); the CLI shows them on stderr
 with rich's handler, from the first process only."""
 
-import logging
 import subprocess
 import sys
 import textwrap
