@@ -198,7 +198,7 @@ def test_report_markdown_shows_noise_paper_ratios_gap_and_cross():
 
 
 def test_real_data_noise_scores_two_disjoint_seeded_halves():
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.datasets import TensorDataset, to_model
     from dpdm.core.plugins.registry import get
 

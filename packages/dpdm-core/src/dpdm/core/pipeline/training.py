@@ -12,8 +12,9 @@ from ..config.recipe import Recipe
 from ..errors import DpdmError
 from ..io.checkpoint import build_denoiser
 from ..losses import EDMLoss
-from ..eval import evaluate as ev
-from ..eval.scoring import reachable_steps
+from ..eval.generation import build_sampler
+from ..eval.hooks import SampleGrid
+from ..eval.protocols import reachable_steps
 from ..progress import Progress
 from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
@@ -21,7 +22,7 @@ from ..train.engine import Trainer
 from ..train.precision import Precision
 from ..train.snapshots import Snapshots
 from ..train.teacher import TeacherJob
-from ..train.tracking import SampleGrid, Tracker
+from ..train.tracking import Tracker
 from .build import batches, build_divergence
 
 TEACHER_STREAM, STUDENT_STREAM = 1, 2  # seeds of the two phases derive from (recipe.seed, stream)
@@ -64,9 +65,8 @@ class RunContext:
         every = self.recipe.engine.sample_every
         if not every:
             return None
-        _, sample_fn, _ = ev._sampler(sampler)
-        return SampleGrid(every, self.out / "figures" / "progress", sampler=sample_fn,
-                          sigmas=ev.schedule_for(model, schedule)(steps), shape=shape, kind=kind, label_dim=label_dim,
+        return SampleGrid(every, self.out / "figures" / "progress", sampler=sampler, schedule=schedule, steps=steps,
+                          shape=shape, kind=kind, label_dim=label_dim,
                           num=self.recipe.eval.figure_samples if kind == "image" else 2000, seed=self.recipe.seed,
                           tracker=self.tracker)
 
@@ -85,7 +85,7 @@ def train_teacher(recipe: Recipe, spec: dict, train_set, phase: RunContext):
     grid = None
     if recipe.eval.teacher_samplers:  # the first teacher sampler at the largest teacher NFE it reaches
         sampler = recipe.eval.teacher_samplers[0]
-        reached = reachable_steps(ev._sampler(sampler)[2], max(recipe.eval.teacher_nfe))
+        reached = reachable_steps(build_sampler(sampler).nfe, max(recipe.eval.teacher_nfe))
         if reached is not None:
             grid = phase.sample_grid(denoiser, sampler, recipe.eval.teacher_schedule, reached[0], spec["shape"],
                                      train_set.kind, spec["label_dim"])
