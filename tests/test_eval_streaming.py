@@ -127,7 +127,8 @@ def test_collector_gathers_in_position_order_and_keeps_the_first():
 def test_energy_on_many_images_is_refused_before_training():
     from dpdm.core.pipeline.preflight import preflight
 
-    with pytest.raises(ConfigError, match=r"recipe\.eval\.metric: energy compares every pair.*eval\.metric\.max_samples"):
+    refusal = r"recipe\.eval\.metric: energy compares every pair.*eval\.metric\.max_samples"
+    with pytest.raises(ConfigError, match=refusal):
         preflight(load_recipe(DIGITS, ["eval.num_samples=6000"]), DIGITS, check_metric=False)
     preflight(load_recipe(DIGITS, ["eval.num_samples=6000", "eval.metric.max_samples=2000"]), DIGITS,
               check_metric=False)
@@ -160,6 +161,6 @@ def test_sample_grid_draws_through_the_engine_with_the_samplers_options(monkeypa
     plain = hooks.SampleGrid(1, tmp_path, sampler={"name": "heun"}, schedule={"name": "karras"}, steps=3,
                              shape=(1, 8, 8), kind="image", num=6).draw(net)
     assert x.shape == plain.shape == (6, 1, 8, 8) and not torch.equal(x, plain)
-    _, want = real(net, generation.build_sampler(churn), sigmas, hooks._no_metric, None, num=6, shape=(1, 8, 8), keep=None,
-                   batch_size=2)
+    _, want = real(net, generation.build_sampler(churn), sigmas, hooks._no_metric, None, num=6, shape=(1, 8, 8),
+                   keep=None, batch_size=2)
     torch.testing.assert_close(x, want)

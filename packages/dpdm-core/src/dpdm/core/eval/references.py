@@ -75,7 +75,8 @@ class TensorItems:
 
 
 def as_items(items, labels=None):
-    """``items`` if it reads batch by batch (``Items``/``TensorItems``), else a model-space tensor as ``TensorItems``."""
+    """``items`` if it reads batch by batch (``Items``/``TensorItems``), else a model-space tensor as
+    ``TensorItems``."""
     return items if hasattr(items, "batches") else TensorItems(items, labels)
 
 
