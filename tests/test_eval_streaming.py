@@ -164,3 +164,20 @@ def test_sample_grid_draws_through_the_engine_with_the_samplers_options(monkeypa
     _, want = real(net, generation.build_sampler(churn), sigmas, hooks._no_metric, None, num=6, shape=(1, 8, 8),
                    keep=None, batch_size=2)
     torch.testing.assert_close(x, want)
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_run_does_not_grow_with_its_image_zip(tmp_path):
+    """A 2k-image and a 24k-image 32×32 ZIP: the whole run (training and in-run evaluation) within 1.25× peak RSS
+    (``benchmarks/eval_memory.py``, each run in its own process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_memory.py"), "--out",
+                        str(tmp_path / "eval_memory.json")], env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((tmp_path / "eval_memory.json").read_text())
+    assert result["ratio"] <= 1.25, result
