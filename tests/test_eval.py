@@ -129,8 +129,8 @@ def test_sample_feature_stats_match_a_direct_computation(small_detector):
     sampler, sigmas = get("sampler", "dpdm"), get("schedule", "dpdm")(2)
     x = generation.generate(net, sampler, sigmas, 30, (1, 8, 8), label_dim=10, seed=2, batch_size=30)
     f = det(from_model(x, "image")).double().numpy()
-    stats = generation.sample_feature_stats(net, sampler, sigmas, 30, (1, 8, 8), det, label_dim=10, seed=2,
-                                            batch_size=4)
+    stats = protocols.sample_feature_stats(net, sampler, sigmas, 30, (1, 8, 8), det, label_dim=10, seed=2,
+                                           batch_size=4)
     assert stats.num_images == 30
     np.testing.assert_allclose(stats.mu, f.mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(stats.sigma, np.cov(f, rowvar=False), rtol=1e-4, atol=1e-9)  # float32 features
@@ -324,7 +324,7 @@ def test_eval_ref_errors(small_detector, tmp_path):
 
 GEN_SCRIPT = """
 import sys, torch
-from dpdm.core.eval import generation
+from dpdm.core.eval import generation, protocols
 from dpdm.core.train.distributed import init_dist
 from dpdm.core.plugins.registry import get
 sys.path.insert(0, {tests!r})
@@ -338,8 +338,8 @@ det = SmallDetector().eval()
 det.feature_dim = 16
 det_fn = lambda x: det(x, return_features=True).detach()
 det_fn.feature_dim = 16
-stats = generation.sample_feature_stats(net, sampler, sigmas, 23, (1, 8, 8), det_fn, label_dim=10, seed=5,
-                                        batch_size=3, dist=dist)
+stats = protocols.sample_feature_stats(net, sampler, sigmas, 23, (1, 8, 8), det_fn, label_dim=10, seed=5,
+                                       batch_size=3, dist=dist)
 torch.save({{"parts": parts, "mu": stats.mu, "sigma": stats.sigma, "n": stats.num_images}},
            {out!r} + f"-{{dist.rank}}.pt")
 dist.destroy()

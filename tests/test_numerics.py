@@ -299,8 +299,8 @@ def test_feature_statistics_convert_the_float64_state_to_uint8():
 
     det = Recorder()
     kept = []
-    generation.sample_feature_stats(None, fixed, torch.tensor([1.0, 0.0], dtype=torch.float64), 3, tuple(target.shape[1:]),
-                                    det, on_batch=lambda idx, x: kept.append(x))
+    protocols.sample_feature_stats(None, fixed, torch.tensor([1.0, 0.0], dtype=torch.float64), 3,
+                                   tuple(target.shape[1:]), det, on_batch=lambda idx, x: kept.append(x))
     images = torch.cat(det.seen)
     assert images.dtype == torch.uint8 and torch.equal(images, edm_uint8(target).expand(3, -1, -1, -1))
     assert torch.equal(from_model(target, "image"), edm_uint8(target))

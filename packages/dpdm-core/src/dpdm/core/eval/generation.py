@@ -10,8 +10,8 @@ item ``i`` is the same whatever the batch size, the number of processes, or whic
   (``samplers.noise_like`` draws one (C, H, W) slice per item from it).
 - ``shard(num, rank, world_size)``: the item indices of one rank (``rank::world_size``).
 - ``generate_items``: model-space batches ``(indices, x)`` for given indices.
-- ``sample_feature_stats``: detector statistics of ``num`` generated images over all ranks (each
-  rank featurises its shard; Σx, Σxxᵀ and n are summed over ranks in float64).
+- ``all_reduce_stats``: Σx, Σxxᵀ and n of each rank's detector features summed over ranks in float64 (the
+  engine, ``protocols``, featurises each rank's shard).
 - ``build_sampler`` / ``schedule_for`` / ``sigmas_for`` / ``sampler_and_schedule``: the one route from a recipe's
   sampler and schedule components (or ``{"name": ..., **options}`` dicts) to the calls above, the components' options
   bound (``plugins.registry.build``), the schedule clamped to the network's σ range as EDM's ``generate.py`` does.
@@ -27,7 +27,6 @@ import torch
 
 from .. import schedules
 from ..plugins.registry import build
-from ..progress import Progress
 from ..train.distributed import Dist, derive_seed
 from ..utils import accepts
 from .fid import FeatureStats, StatsAccumulator
@@ -146,33 +145,6 @@ def all_reduce_stats(acc: StatsAccumulator, dist: Dist, feature_dim: int) -> Fea
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         acc.n, acc.sum, acc.outer = int(n.item()), total.cpu(), outer.cpu()
     return acc.stats()
-
-
-def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num: int, shape, detector, *,
-                         label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
-                         progress: Progress | None = None, description: str = "generate",
-                         on_batch: Callable | None = None, dtype=STATE_DTYPE) -> FeatureStats:
-    """Detector statistics of ``num`` generated images (items 0 … num − 1), split over the ranks of ``dist``.
-
-    Each rank generates its ``shard`` in batches of ``batch_size`` and converts them to uint8 as EDM saves
-    images, from the sampler state itself (float64 by default, as EDM's images are; ``datasets.from_model``);
-    ``on_batch(indices, x)`` sees every model-space batch in float32 (e.g. to keep a grid). Every rank returns the
-    statistics of all ``num`` items. ``dtype``: the sampler state (``generate_items``; float64 by default).
-    """
-    from ..datasets import from_model
-
-    dist = dist or Dist()
-    progress = progress or Progress()
-    mine = shard(num, dist.rank, dist.world_size)
-    acc = StatsAccumulator()
-    with progress.task(description, len(mine)) as bar:
-        for idx, x in generate_items(denoiser, sampler, sigmas, mine, shape, label_dim=label_dim, seed=seed,
-                                     batch_size=batch_size, device=dist.device, dtype=dtype, out_dtype=None):
-            if on_batch is not None:
-                on_batch(idx, x.float())
-            acc.update(detector(from_model(x, "image")))
-            bar.advance(len(idx))
-    return all_reduce_stats(acc, dist, detector.feature_dim)
 
 
 def component_parts(spec) -> tuple[str, dict]:

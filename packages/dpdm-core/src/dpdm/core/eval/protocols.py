@@ -46,8 +46,8 @@ class Collector:
     None) for grids. ``add(positions, x)``: model-space items at their positions in the set (any float dtype: a
     feature metric converts the sampler state itself to uint8, as EDM saves its images)."""
 
-    def __init__(self, metric, *, keep: int | None = 0, dist: Dist | None = None):
-        self.detector = metric.detector if is_feature_metric(metric) else None
+    def __init__(self, metric=None, *, keep: int | None = 0, dist: Dist | None = None, detector=None):
+        self.detector = metric.detector if is_feature_metric(metric) else detector
         self.keep, self.dist = keep, dist or Dist()
         self.acc, self.parts, self.kept = StatsAccumulator(), [], []
 
@@ -114,9 +114,23 @@ def score(model, sample_fn: Callable, sigmas: torch.Tensor, metric, reference, *
     sampler state, float64 by default as in EDM's ``generate.py`` (``generation.generate_items``). ``keep``: None
     keeps every item.
     """
-    dist, progress = dist or Dist(), progress or Progress()
     reference = prepare(metric, reference)
-    collect = Collector(metric, keep=keep, dist=dist)
+    collect = generate_into(Collector(metric, keep=keep, dist=dist), model, sample_fn, sigmas, num, shape,
+                            label_dim=label_dim, seed=seed, batch_size=batch_size, progress=progress,
+                            description=description, dtype=dtype, device=device)
+    value = float(metric(collect.value(), reference))
+    return value, collect.first()
+
+
+@torch.no_grad()
+def generate_into(collect: Collector, model, sample_fn: Callable, sigmas: torch.Tensor, num: int, shape, *,
+                  label_dim: int = 0, seed: int = 0, batch_size: int = 256, progress: Progress | None = None,
+                  description: str = "generate", dtype=generation.STATE_DTYPE, device=None,
+                  on_batch: Callable | None = None) -> Collector:
+    """Generate this rank's shard of items 0 … num − 1 (``generation.generate_items``) into ``collect``; a feature
+    metric sees the sampler state itself (float64 by default, as EDM's images are), ``on_batch(indices, x)`` every
+    batch in float32. Returns ``collect``."""
+    dist, progress = collect.dist, progress or Progress()
     mine = generation.shard(num, dist.rank, dist.world_size)
     out_dtype = None if collect.detector is not None else torch.float32
     with progress.task(description, len(mine)) as bar:
@@ -124,9 +138,18 @@ def score(model, sample_fn: Callable, sigmas: torch.Tensor, metric, reference, *
                                                 batch_size=batch_size, dtype=dtype, out_dtype=out_dtype,
                                                 device=dist.device if device is None else device):
             collect.add(idx, x)
+            if on_batch is not None:
+                on_batch(idx, x.float())
             bar.advance(len(idx))
-    value = float(metric(collect.value(), reference))
-    return value, collect.first()
+    return collect
+
+
+def sample_feature_stats(model, sample_fn: Callable, sigmas: torch.Tensor, num: int, shape, detector, *,
+                         dist: Dist | None = None, **options):
+    """``detector``'s statistics of ``num`` generated images (items 0 … num − 1) over all ranks of ``dist``: each
+    rank featurises its shard, Σx, Σxxᵀ and n are summed over ranks in float64. ``options``: ``generate_into``'s."""
+    return generate_into(Collector(detector=detector, dist=dist), model, sample_fn, sigmas, num, shape,
+                         **options).value()
 
 
 def sweep(model, metric, reference, *, sampler, schedule, steps=None, nfes=None, num: int, shape, label_dim: int = 0,

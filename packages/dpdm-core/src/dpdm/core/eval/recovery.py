@@ -71,8 +71,9 @@ def training_reference(recipe, train_set, metric, *, num_samples: int, exclude: 
     statistics), else the train split's feature statistics (cached): the full training set, as the paper compares
     (a few thousand noised items against 50k barely move its statistics). Data metrics: fresh samples of the true
     distribution for toy data (``num_samples`` of them, the seed ``recipe.seed + 2000`` as
-    ``references.reference_sets``), else the train split **without the ``exclude``d (noised) items**, read item by item and capped at ``num_samples`` of
-    them (a seeded random subset; a data metric needs its reference as one tensor): a two-sample statistic such as
+    ``references.reference_sets``), else the train split **without the ``exclude``d (noised) items**, read item by
+    item and capped at ``num_samples`` of them (a seeded random subset; a data metric needs its reference as one
+    tensor): a two-sample statistic such as
     the energy distance between a set and a reference holding the very same items is biased low (below zero for
     a good recovery), which made the student/teacher ratio meaningless on small datasets. This is the one departure
     from the paper's literal protocol, and it is named in the description. When nothing is left (``--num`` covers
