@@ -88,6 +88,8 @@ def prepare(metric, reference, *, batch_size: int = 1024):
     """What ``metric`` compares with: items (``references.Items``/``TensorItems``) are streamed through a
     ``Collector`` (a feature metric's statistics, or a data metric's tensor); a tensor is featurised once by a
     feature metric (``metric.prepare``); anything else (statistics, prepared data) is returned as it is."""
+    if reference is None:  # a metric that needs no reference (a sample grid)
+        return None
     if hasattr(reference, "batches"):
         collect = Collector(metric)
         seen = 0
@@ -162,8 +164,7 @@ def sweep(model, metric, reference, *, sampler, schedule, steps=None, nfes=None,
     (``generation.schedule_for``). ``on_step()`` after each point."""
     sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule, model)
     name = generation.component_parts(sampler)[0]
-    if reference is not None:
-        reference = prepare(metric, reference)
+    reference = prepare(metric, reference)
     points = [(n, nfe_of(n)) for n in steps] if steps is not None else \
         [(steps_for_nfe(nfe_of, nfe), nfe) for nfe in nfes]
     values, grids = {}, {}
@@ -202,6 +203,7 @@ def nfe_sweep(student, teacher, *, metric, reference, student_sampler, student_s
     the student's NFEs, the baseline that separates the effect of distillation from that of the schedule
     (``report.checks``' ``student_vs_undistilled``). The student is skipped when None. ``kwargs``: ``sweep``'s."""
     kwargs.setdefault("keep", 64)
+    reference = prepare(metric, reference)  # items are read once for every point
     roles = ([("student", student)] if student is not None else []) + \
         ([("undistilled", teacher)] if undistilled else [])
     values, grids = {"student": {}, "teacher": {}}, {"student": {}, "teacher": {}}
@@ -222,6 +224,7 @@ def fid_at_steps(model, *, sampler, schedule, steps: list[int], metric, referenc
     and sampler; ``sigmas`` is the σ list sampled, clamped to the model's σ range (``generation.schedule_for``)."""
     sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule, model)
     name = generation.component_parts(sampler)[0]
+    reference = prepare(metric, reference)
     results, grids = {}, {}
     for n in steps:
         sigmas = sigmas_of(n)
@@ -279,6 +282,7 @@ def cross_use(student, teacher, *, metric, reference, samplers: dict, nfe: int, 
     every cell draws the same per-item seeds. ``kwargs``: ``score``'s (batch_size, dist, progress, device)."""
     cells: dict = {"student": {}, "teacher": {}}
     grids: dict = {"student": {}, "teacher": {}}
+    reference = prepare(metric, reference)
     for model_name, model in (("student", student), ("teacher", teacher)):
         for column, (sampler, schedule) in samplers.items():
             sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler, schedule)
