@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
               "ratio": round(ratio, 3), "goal": GOAL, "passes": ratio <= GOAL, "seconds": round(seconds, 1),
               "load_average": {"start": [round(x, 2) for x in load_before],
                                                   "end": [round(x, 2) for x in os.getloadavg()]}, "cpus": os.cpu_count(),
-              "pythonpath": args.pythonpath}
+              "pythonpath": args.pythonpath or os.environ.get("PYTHONPATH")}
     print(f"{'images':>8} | {'peak RSS (MB)':>13}")
     for n, mb in peaks.items():
         print(f"{n:>8} | {mb:>13.1f}")
