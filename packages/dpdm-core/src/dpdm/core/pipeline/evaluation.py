@@ -56,6 +56,9 @@ def evaluate(plan: Plan, teacher, student, device, progress: Progress, out: Path
                                          progress=progress)
     else:  # a data metric compares tensors: at most eval.num_samples items of the test split
         reference = ev.prepare(metric_fn, reference_items, batch_size=cfg.batch_size)
+        if len(reference_items) < len(test_set):
+            progress.log(f"evaluate: {cfg.metric.name} compares with {len(reference_items)} random items of the "
+                         f"{len(test_set)}-item test split (eval.num_samples)")
     validation = ev.prepare(metric_fn, validation, batch_size=cfg.batch_size)
     shape, label_dim, kind = tuple(test_set.shape), test_set.label_dim, test_set.kind
     common = dict(num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed, device=device,
