@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dpdm.core.config.components import Component
 from dpdm.core.config.recipe import load_recipe
 from dpdm.core.datasets import TensorDataset, to_model
@@ -177,7 +176,8 @@ def test_peak_memory_of_a_run_does_not_grow_with_its_image_zip(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_memory.py"), "--out",
-                        str(tmp_path / "eval_memory.json")], env=env, capture_output=True, text=True, timeout=1800)
+                        str(tmp_path / "eval_memory.json")], env=env, capture_output=True, text=True, timeout=1800,
+                       check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads((tmp_path / "eval_memory.json").read_text())
     assert result["ratio"] <= 1.25, result

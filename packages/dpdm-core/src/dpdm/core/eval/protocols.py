@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +32,13 @@ from . import generation
 from .fid import StatsAccumulator
 from .generation import generate, sampler_and_schedule  # noqa: F401  (0.1's evaluate.generate, scoring's helper)
 from .references import (  # noqa: F401  (0.1's scoring names)
-    Items, TensorItems, as_items, cached_dataset_stats, dataset_key, dataset_stats)
+    Items,
+    TensorItems,
+    as_items,
+    cached_dataset_stats,
+    dataset_key,
+    dataset_stats,
+)
 
 
 def is_feature_metric(metric) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-
 from ..config.recipe import Recipe
 from ..eval import protocols as ev
 from ..eval import recovery as rec

@@ -10,11 +10,11 @@ import torch
 from ..config.identity import config_hash
 from ..config.recipe import Recipe
 from ..errors import DpdmError
-from ..io.checkpoint import build_denoiser
-from ..losses import EDMLoss
 from ..eval.generation import build_sampler
 from ..eval.hooks import SampleGrid
 from ..eval.protocols import reachable_steps
+from ..io.checkpoint import build_denoiser
+from ..losses import EDMLoss
 from ..progress import Progress
 from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
