@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     print(f"training: DPDM iteration ({args.fake_updates} fake + 1 student step) with edm-songunet "
           f"{train['params'] / 1e6:.1f}M params: {train['iteration_s']:.2f} s, "
           f"{train['images_per_s']:.0f} images/s consumed\n")
-    print(f"| storage | workers | images/s | ms/batch | × training |\n|---|---|---|---|---|")
+    print("| storage | workers | images/s | ms/batch | × training |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['storage']} | {r['workers']} | {r['images_per_s']:.0f} | {r['batch_ms']:.1f} | "
               f"{r['x_training']:.1f} |")

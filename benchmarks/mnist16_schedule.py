@@ -19,9 +19,9 @@ def scoring_setup(run: Path, num: int):
     """``(recipe, teacher, student, metric, reference, common)`` of a finished run: its fd metric, the test split's
     cached reference statistics, and the keyword arguments the sweeps share (CPU, generation batch 128)."""
     from dpdm.core.eval.metrics import make_metric
-    from dpdm.core.eval.scoring import dataset_key
+    from dpdm.core.eval.references import dataset_key
     from dpdm.core.pipeline.run import load_run, make_dataset
-    from dpdm.core.eval.scoring import cached_dataset_stats
+    from dpdm.core.eval.references import cached_dataset_stats
 
     recipe, teacher, student = load_run(run)
     test = make_dataset(recipe.data, "test")
@@ -40,7 +40,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist16_schedule.json"))
     args = p.parse_args()
 
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import generation
+    from dpdm.core.eval import protocols as ev
 
     recipe, teacher, student, metric, reference, common = scoring_setup(args.run, args.num)
     sampler = {"name": "dpdm"}
@@ -50,7 +51,7 @@ def main() -> None:
     rows = []
     for steps, options in cases:
         schedule = {"name": "dpdm", **options}
-        sigmas = ev.sigmas_for(student, schedule, steps)
+        sigmas = generation.sigmas_for(student, schedule, steps)
         values = []
         for seed in args.seeds:
             t0 = time.perf_counter()

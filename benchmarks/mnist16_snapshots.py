@@ -20,7 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 
 def snapshot_model(final, path: Path, prefix: str):
@@ -46,7 +45,7 @@ def main() -> None:
 
     from mnist16_schedule import scoring_setup
 
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.io.checkpoint import load_denoiser
 
     recipe, teacher, student, metric, reference, common = scoring_setup(args.run, args.num)

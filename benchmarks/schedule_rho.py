@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.eval.metrics import make_metric
     from dpdm.core.pipeline.run import load_run, make_dataset, references
 

@@ -454,6 +454,7 @@ def test_recover_paper_protocol_is_a_direct_computation(tiny_run):
 def test_recover_heldout_protocol_is_unchanged(tiny_run):
     """--protocol heldout: the first test items, against the validation data of the run's evaluation."""
     from dpdm.core.datasets import to_model
+    from dpdm.core.eval.references import gather
     from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     r = ok(invoke("recover", "--protocol", "heldout", "--sigma", "2", "--num", "40", "--json", "--run",
@@ -463,6 +464,7 @@ def test_recover_heldout_protocol_is_unchanged(tiny_run):
     recipe, teacher, student = load_run(tiny_run["run"])
     test = make_dataset(recipe.data, "test")
     _, validation = references(recipe, make_dataset(recipe.data, "train"), test, recipe.eval.num_samples)
+    validation = gather(validation)  # the items, read item by item, as one tensor
     want = _direct_recovery(teacher, student, to_model(test.tensors()[0][:40]), range(40), None, 2.0, 0, validation)
     for k, v in want.items():
         assert data["recovery"]["2"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
@@ -574,7 +576,7 @@ def test_sample_teacher_heun_relies_on_latest(tiny_run, tmp_path, monkeypatch):
 
 def _sigmas_of_sample(monkeypatch, *args):
     """Run ``dpdm sample ARGS`` and return the sigmas it sampled with (``evaluate.generate`` intercepted)."""
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
 
     seen = []
     real = ev.generate
@@ -670,13 +672,15 @@ def test_eval_sweep_on_a_run(tiny_run, tmp_path):
     assert set(data["sweep"]["teacher"]["heun"]) == {"1", "3"}  # Heun reaches odd NFEs only
     assert set(data["sweep"]["teacher"]["euler"]) == {"1", "2", "3"}
     # the student's numbers are those of its samples: recompute one point directly
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.plugins.registry import get
+    from dpdm.core.eval.references import gather
     from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     recipe, teacher, student = load_run(tiny_run["run"])
     reference, _ = references(recipe, make_dataset(recipe.data, "train"), make_dataset(recipe.data, "test"),
                               recipe.eval.num_samples)
+    reference = gather(reference)
     x = ev.generate(student, get("sampler", "dpdm"), get("schedule", "dpdm")(2), 200, (2,), seed=0)
     assert data["sweep"]["student"]["dpdm"]["2"] == pytest.approx(get("metric", "energy")()(x, reference), rel=1e-9)
     # the undistilled baseline: the teacher with the student's sampler and schedule
@@ -725,8 +729,9 @@ def test_eval_sweep_unknown_sampler(tiny_run):
 def test_eval_cross_is_direct_generation_and_metric(tiny_run, tmp_path):
     """Each of the 4 cells is the metric of samples generated directly with that model, sampler and schedule; Heun
     cannot take 4 evaluations, so it runs 2 steps (NFE 3) and says so."""
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.plugins.registry import get
+    from dpdm.core.eval.references import gather
     from dpdm.core.pipeline.run import load_run, make_dataset, references
 
     out = tmp_path / "cross"
@@ -741,6 +746,7 @@ def test_eval_cross_is_direct_generation_and_metric(tiny_run, tmp_path):
     recipe, teacher, student = load_run(tiny_run["run"])
     reference, _ = references(recipe, make_dataset(recipe.data, "train"), make_dataset(recipe.data, "test"),
                               recipe.eval.num_samples)
+    reference = gather(reference)
     energy = get("metric", "energy")()
     plan = {"dpdm": (get("sampler", "dpdm"), get("schedule", "dpdm")(4), 4),
             "heun": (get("sampler", "heun"), get("schedule", "karras")(2), 3)}

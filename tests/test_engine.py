@@ -28,7 +28,8 @@ from dpdm.core.train.precision import Precision
 from dpdm.core.sigmas import SigmaDist
 from dpdm.core.train.snapshots import Snapshots
 from dpdm.core.train.teacher import TeacherJob, TeacherTrainer
-from dpdm.core.train.tracking import SampleGrid, Tracker
+from dpdm.core.eval.hooks import SampleGrid
+from dpdm.core.train.tracking import Tracker
 from dpdm.data.loader import Loader
 
 torch.set_num_threads(1)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dpdm.cli.common import join_list_options
 from dpdm.cli.main import app
-from dpdm.core.eval import detectors, fid, generation, scoring
+from dpdm.core.eval import detectors, fid, generation, protocols, references
 from dpdm.core.io.checkpoint import build_denoiser, network_spec, save_denoiser
 from dpdm.core.datasets import from_model, to_model
 from dpdm.core.errors import DpdmError
@@ -130,8 +130,8 @@ def test_sample_feature_stats_match_a_direct_computation(small_detector):
     sampler, sigmas = get("sampler", "dpdm"), get("schedule", "dpdm")(2)
     x = generation.generate(net, sampler, sigmas, 30, (1, 8, 8), label_dim=10, seed=2, batch_size=30)
     f = det(from_model(x, "image")).double().numpy()
-    stats = generation.sample_feature_stats(net, sampler, sigmas, 30, (1, 8, 8), det, label_dim=10, seed=2,
-                                            batch_size=4)
+    stats = protocols.sample_feature_stats(net, sampler, sigmas, 30, (1, 8, 8), det, label_dim=10, seed=2,
+                                           batch_size=4)
     assert stats.num_images == 30
     np.testing.assert_allclose(stats.mu, f.mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(stats.sigma, np.cov(f, rowvar=False), rtol=1e-4, atol=1e-9)  # float32 features
@@ -154,27 +154,27 @@ def test_dataset_stats_and_their_cache(small_detector, monkeypatch):
     det = detectors.load_detector(str(small_detector))
     ds = get("dataset", "digits")(split="test")
     f = det(ds.tensors()[0][:100]).double().numpy()
-    stats = scoring.dataset_stats(ds, det, num=100, batch_size=32)
+    stats = references.dataset_stats(ds, det, num=100, batch_size=32)
     np.testing.assert_allclose(stats.mu, f.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(stats.sigma, np.cov(f, rowvar=False), rtol=1e-5, atol=1e-7)
-    cached = scoring.cached_dataset_stats("digits-test", ds, det, num=100)
+    cached = references.cached_dataset_stats("digits-test", ds, det, num=100)
     path = fid.stats_cache_path("digits-test-n100", det.key)
     assert path.exists() and np.allclose(cached.sigma, stats.sigma)
 
     def boom(*a, **k):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(scoring, "dataset_stats", boom)
-    again = scoring.cached_dataset_stats("digits-test", ds, det, num=100)
+    monkeypatch.setattr(references, "dataset_stats", boom)
+    again = references.cached_dataset_stats("digits-test", ds, det, num=100)
     np.testing.assert_array_equal(again.sigma, cached.sigma)
     with pytest.raises(AssertionError, match="recomputed"):  # another size is another entry
-        scoring.cached_dataset_stats("digits-test", ds, det, num=50)
+        references.cached_dataset_stats("digits-test", ds, det, num=50)
 
 
 def test_vector_data_has_no_feature_statistics(small_detector):
     det = detectors.load_detector(str(small_detector))
     with pytest.raises(DpdmError, match="holds vectors"):
-        scoring.dataset_stats(get("dataset", "gaussian-ring")(split="test"), det)
+        references.dataset_stats(get("dataset", "gaussian-ring")(split="test"), det)
 
 
 def test_score_streams_feature_metrics_and_gathers_the_others(small_detector):
@@ -183,12 +183,12 @@ def test_score_streams_feature_metrics_and_gathers_the_others(small_detector):
     x = generation.generate(net, sampler, sigmas, 24, (1, 8, 8), label_dim=10, seed=0)
     ref = to_model(get("dataset", "digits")(split="test").tensors()[0][:50])
     metric = get("metric", "fid")(detector=str(small_detector), batch_size=7)
-    value, first = scoring.score(net, sampler, sigmas, metric, metric.prepare(ref), num=24, shape=(1, 8, 8),
+    value, first = protocols.score(net, sampler, sigmas, metric, metric.prepare(ref), num=24, shape=(1, 8, 8),
                                  label_dim=10, batch_size=5, keep=6)
     assert value == pytest.approx(metric(x, ref), rel=1e-6)
     torch.testing.assert_close(first, x[:6])
     energy = get("metric", "energy")()
-    value, first = scoring.score(net, sampler, sigmas, energy, ref, num=24, shape=(1, 8, 8), label_dim=10,
+    value, first = protocols.score(net, sampler, sigmas, energy, ref, num=24, shape=(1, 8, 8), label_dim=10,
                                  batch_size=5, keep=30)
     assert value == pytest.approx(energy(x, ref), rel=1e-9) and len(first) == 24
 
@@ -219,7 +219,7 @@ def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"wrote {ref}: fid statistics of 359 images of digits (test), 16 features" in squash(r.stdout)
     det = detectors.load_detector(str(small_detector))
-    want = scoring.dataset_stats(get("dataset", "digits")(split="test"), det)
+    want = references.dataset_stats(get("dataset", "digits")(split="test"), det)
     got = fid.load_stats(str(ref))
     np.testing.assert_allclose(got.sigma, want.sigma, rtol=1e-12)
     assert got.num_images == 359
@@ -254,7 +254,7 @@ def test_eval_fid_of_a_teacher_checkpoint_defaults_to_heun_and_karras(small_dete
     assert checkpoint_role(str(ckpt)) == "teacher"
     ref = tmp_path / "ref.npz"
     det = detectors.load_detector(str(small_detector))
-    fid.save_stats(str(ref), scoring.dataset_stats(get("dataset", "digits")(split="test"), det))
+    fid.save_stats(str(ref), references.dataset_stats(get("dataset", "digits")(split="test"), det))
     out = tmp_path / "fid.json"
     r = invoke("eval", "fid", "--checkpoint", ckpt, "--steps", "2", "--num", "30", "--ref", ref, "--detector",
                small_detector, "--out", out, "--device", "cpu")
@@ -325,7 +325,7 @@ def test_eval_ref_errors(small_detector, tmp_path):
 
 GEN_SCRIPT = """
 import sys, torch
-from dpdm.core.eval import generation
+from dpdm.core.eval import generation, protocols
 from dpdm.core.train.distributed import init_dist
 from dpdm.core.plugins.registry import get
 sys.path.insert(0, {tests!r})
@@ -339,8 +339,8 @@ det = SmallDetector().eval()
 det.feature_dim = 16
 det_fn = lambda x: det(x, return_features=True).detach()
 det_fn.feature_dim = 16
-stats = generation.sample_feature_stats(net, sampler, sigmas, 23, (1, 8, 8), det_fn, label_dim=10, seed=5,
-                                        batch_size=3, dist=dist)
+stats = protocols.sample_feature_stats(net, sampler, sigmas, 23, (1, 8, 8), det_fn, label_dim=10, seed=5,
+                                       batch_size=3, dist=dist)
 torch.save({{"parts": parts, "mu": stats.mu, "sigma": stats.sigma, "n": stats.num_images}},
            {out!r} + f"-{{dist.rank}}.pt")
 dist.destroy()
@@ -450,7 +450,7 @@ def test_whole_pipeline_through_pytorch_fid_weights(tmp_path, monkeypatch):
 
 
 def test_sweeps_and_recovery_keep_only_what_figures_need():
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
 
     net, _ = tiny_denoiser()
     energy = get("metric", "energy")()
@@ -470,7 +470,7 @@ def test_sweeps_and_recovery_keep_only_what_figures_need():
 
 
 def test_recovery_noise_is_seeded_by_sigma_not_by_its_position():
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
 
     net, _ = tiny_denoiser()
     energy = get("metric", "energy")()
@@ -486,7 +486,7 @@ def test_recovery_noise_is_seeded_by_sigma_not_by_its_position():
 def test_recovery_of_dataset_items_streams_feature_statistics(small_detector):
     """``Items`` read a dataset batch by batch; with a feature metric only statistics are kept, and the values are
     those of the whole sets."""
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.eval import recovery as rec
 
     net, _ = tiny_denoiser()
@@ -519,7 +519,7 @@ def test_paper_protocol_reference_is_the_training_set(small_detector, tmp_path):
     train = get("dataset", "digits")(split="train")
     metric = get("metric", "fid")(detector=str(small_detector))
     stats, name = rec.training_reference(recipe, train, metric, num_samples=10)
-    want = scoring.dataset_stats(train, detectors.load_detector(str(small_detector)))
+    want = references.dataset_stats(train, detectors.load_detector(str(small_detector)))
     np.testing.assert_allclose(stats.sigma, want.sigma, rtol=1e-12)
     assert name == f"digits training split ({len(train)} items, feature statistics)"
     assert list((tmp_path / "cache" / "fid-stats").glob(f"digits-*-train-n{len(train)}--*.npz"))
@@ -528,11 +528,11 @@ def test_paper_protocol_reference_is_the_training_set(small_detector, tmp_path):
     stats, name = rec.training_reference(load_recipe(str(ROOT / "recipes" / "digits.yaml"), [f"eval.ref={published}"]),
                                          train, metric, num_samples=10)
     assert name == str(published) and stats.num_images == 50000
-    data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=10)
+    data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=len(train))
     torch.testing.assert_close(data, to_model(train.tensors()[0]), rtol=0, atol=0)
     items, note = rec.select("paper", train, None, 20, seed=1)
     # data metrics compare with the training items *other than* the noised ones (no set against itself)
-    data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=10,
+    data, name = rec.training_reference(recipe, train, get("metric", "energy")(), num_samples=len(train),
                                         exclude=items.indices)
     rest = [i for i in range(len(train)) if i not in set(items.indices)]
     torch.testing.assert_close(data, to_model(train.tensors()[0][rest]), rtol=0, atol=0)

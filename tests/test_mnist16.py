@@ -83,7 +83,7 @@ def test_mnist16_recipe_is_what_the_results_page_says(tmp_path):
 
     recipe = load_recipe(str(RECIPE), [f"data.path={write_idx(tmp_path / 'mnist', 4, 4)}"])
     plan = preflight(recipe)
-    train_set, _, spec = plan.train_set, plan.test_set, plan.spec
+    spec = plan.spec
     assert spec["shape"] == [1, 16, 16] or tuple(spec["shape"]) == (1, 16, 16)
     params = sum(p.numel() for p in build_denoiser(spec).parameters())
     assert 0.70e6 < params < 0.74e6  # the 0.72M-parameter SongUNet of the issue
@@ -198,7 +198,7 @@ def test_report_markdown_shows_noise_paper_ratios_gap_and_cross():
 
 
 def test_real_data_noise_scores_two_disjoint_seeded_halves():
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.datasets import TensorDataset, to_model
     from dpdm.core.plugins.registry import get
 

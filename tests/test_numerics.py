@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpdm.core.eval import evaluate, generation, scoring
+from dpdm.core.eval import generation, protocols
 from dpdm.core.precond import EDMPrecond, VEPrecond, VPPrecond
 from dpdm.core.plugins.registry import get
 from dpdm.core.samplers import SAMPLERS, noise_like
@@ -108,14 +108,14 @@ def test_generation_state_is_float64_by_default():
     x = generation.generate(net, _recording(seen), sigmas, 4, shape, seed=1, batch_size=2)
     assert seen == [torch.float64, torch.float64] and x.dtype == torch.float32  # items come back float32
     seen.clear()
-    evaluate.generate(net, _recording(seen), sigmas, 3, shape, seed=1)
+    generation.generate(net, _recording(seen), sigmas, 3, shape, seed=1)
     assert seen == [torch.float64]
     seen.clear()
     generation.generate(net, _recording(seen), sigmas, 3, shape, seed=1, dtype=torch.float32)  # still selectable
     assert seen == [torch.float32]
     seen.clear()
-    value, first = scoring.score(net, _recording(seen), sigmas, lambda a, b: float(a.mean()), None, num=3,
-                                 shape=shape, keep=2)
+    value, first = protocols.score(net, _recording(seen), sigmas, lambda a, b: float(a.mean()), None, num=3,
+                                  shape=shape, keep=2)
     assert seen == [torch.float64] and first.shape == (2, *shape)
 
 
@@ -149,7 +149,7 @@ def ve_net(**kw):
 def test_ve_karras_schedule_is_clamped_at_both_ends():
     net, _ = ve_net()  # EDM's VE range: 0.02 … 100
     assert (net.sigma_min, net.sigma_max) == (0.02, 100.0)
-    sched = evaluate.schedule_for(net, {"name": "karras", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0})
+    sched = generation.schedule_for(net, {"name": "karras", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0})
     got = sched(10)
     torch.testing.assert_close(got, karras_formula(10, 0.02, 80.0, 7.0), rtol=1e-14, atol=0)
     assert float(got[-2]) == pytest.approx(0.02, rel=1e-12) and float(got[0]) == pytest.approx(80.0, rel=1e-12)
@@ -158,17 +158,17 @@ def test_ve_karras_schedule_is_clamped_at_both_ends():
     top = sched(6, sigma_max=500.0)
     torch.testing.assert_close(top, karras_formula(6, 0.02, 100.0, 7.0), rtol=1e-14, atol=0)
     spec = {"name": "karras", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}
-    assert torch.equal(evaluate.sigmas_for(net, spec, 6, sigma_max=500.0), sched(6, sigma_max=500.0))
+    assert torch.equal(generation.sigmas_for(net, spec, 6, sigma_max=500.0), sched(6, sigma_max=500.0))
     # one step: [σ_max, 0] with σ_max in range
-    assert evaluate.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=500.0).tolist() == [100.0, 0.0]
-    assert evaluate.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=0.001).tolist() == [0.02, 0.0]
+    assert generation.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=500.0).tolist() == [100.0, 0.0]
+    assert generation.sigmas_for(net, {"name": "dpdm"}, 1, sigma_max=0.001).tolist() == [0.02, 0.0]
 
 
 def test_dpdm_schedule_clamped_only_where_its_sigma_min_is_below_the_range():
     from dpdm.core.schedules import dpdm_sigma_min
 
     net, _ = ve_net()
-    sched = evaluate.schedule_for(net, {"name": "dpdm"})
+    sched = generation.schedule_for(net, {"name": "dpdm"})
     plain = get("schedule", "dpdm")
     lows = [n for n in range(2, 12) if dpdm_sigma_min(n) < 0.02]
     highs = [n for n in range(2, 12) if dpdm_sigma_min(n) >= 0.02]
@@ -185,12 +185,12 @@ def test_edm_precond_and_rangeless_denoisers_are_not_clamped():
     net, _ = tiny_net("unet-small", "edm")  # 0 … inf
     for name in ("karras", "dpdm"):
         for n in (1, 4, 9):
-            assert torch.equal(evaluate.sigmas_for(net, {"name": name}, n), get("schedule", name)(n))
+            assert torch.equal(generation.sigmas_for(net, {"name": name}, n), get("schedule", name)(n))
 
     def plugin_denoiser(x, sigma, class_labels=None):  # declares no σ range
         return x * 0
 
-    assert torch.equal(evaluate.sigmas_for(plugin_denoiser, {"name": "karras"}, 5), get("schedule", "karras")(5))
+    assert torch.equal(generation.sigmas_for(plugin_denoiser, {"name": "karras"}, 5), get("schedule", "karras")(5))
 
 
 def test_schedule_without_range_options_is_clamped_value_by_value():
@@ -205,18 +205,18 @@ def test_every_evaluation_route_samples_the_clamped_schedule(monkeypatch):
     net, shape = ve_net()
     seen = []
 
-    def fake_generate(model, sampler, sigmas, num, shape, **kw):
+    def fake_generate_items(model, sampler, sigmas, indices, shape, **kw):
         seen.append(sigmas.clone())
-        return torch.zeros(num, *shape)
+        yield torch.as_tensor(list(indices)), torch.zeros(len(indices), *shape)
 
-    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    monkeypatch.setattr(generation, "generate_items", fake_generate_items)
     metric = lambda x, ref: 0.0  # noqa: E731
     common = dict(num=2, shape=shape, label_dim=0, seed=0, device="cpu")
     spec = {"name": "karras", "sigma_min": 0.002, "sigma_max": 80.0}
-    evaluate.sweep_student(net, metric, None, sampler={"name": "dpdm"}, schedule=spec, steps=[2, 5], **common)
-    evaluate.sweep_teacher(net, metric, None, samplers=[{"name": "euler"}, {"name": "heun"}], schedule=spec,
+    protocols.sweep_student(net, metric, None, sampler={"name": "dpdm"}, schedule=spec, steps=[2, 5], **common)
+    protocols.sweep_teacher(net, metric, None, samplers=[{"name": "euler"}, {"name": "heun"}], schedule=spec,
                            nfes=[3, 5], **common)
-    evaluate.best_one_step(net, metric, None, None, sampler={"name": "dpdm"}, schedule=spec,
+    protocols.best_one_step(net, metric, None, None, sampler={"name": "dpdm"}, schedule=spec,
                            sigma_maxes=[0.015, 2.5, 400.0], **common)
     assert len(seen) == 2 + 4 + 4
     for sigmas in seen:
@@ -228,13 +228,13 @@ def test_every_evaluation_route_samples_the_clamped_schedule(monkeypatch):
 
 def test_fid_at_steps_records_the_clamped_sigmas():
     net, shape = ve_net()
-    results, _ = scoring.fid_at_steps(net, sampler={"name": "euler"}, schedule={"name": "karras"}, steps=[4],
+    results, _ = protocols.fid_at_steps(net, sampler={"name": "euler"}, schedule={"name": "karras"}, steps=[4],
                                       metric=lambda x, ref: float(x.abs().mean()), reference=None, num=3,
                                       shape=shape)
     sigmas = results[4]["sigmas"]
     assert sigmas[-2] == pytest.approx(0.02, rel=1e-12) and sigmas[-1] == 0.0
-    assert sigmas == evaluate.sigmas_for(net, {"name": "karras"}, 4).tolist()
-    values, _ = scoring.nfe_sweep(None, net, metric=lambda x, ref: float(x.abs().mean()), reference=None,
+    assert sigmas == generation.sigmas_for(net, {"name": "karras"}, 4).tolist()
+    values, _ = protocols.nfe_sweep(None, net, metric=lambda x, ref: float(x.abs().mean()), reference=None,
                                   student_sampler={"name": "dpdm"}, student_schedule={"name": "dpdm"}, student_nfe=[],
                                   teacher_samplers=[{"name": "euler"}], teacher_schedule={"name": "karras"},
                                   teacher_nfe=[4], num=3, shape=shape)
@@ -299,8 +299,8 @@ def test_feature_statistics_convert_the_float64_state_to_uint8():
 
     det = Recorder()
     kept = []
-    generation.sample_feature_stats(None, fixed, torch.tensor([1.0, 0.0], dtype=torch.float64), 3, tuple(target.shape[1:]),
-                                    det, on_batch=lambda idx, x: kept.append(x))
+    protocols.sample_feature_stats(None, fixed, torch.tensor([1.0, 0.0], dtype=torch.float64), 3,
+                                   tuple(target.shape[1:]), det, on_batch=lambda idx, x: kept.append(x))
     images = torch.cat(det.seen)
     assert images.dtype == torch.uint8 and torch.equal(images, edm_uint8(target).expand(3, -1, -1, -1))
     assert torch.equal(from_model(target, "image"), edm_uint8(target))

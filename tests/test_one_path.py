@@ -29,7 +29,7 @@ TINY = [
     "model.backbone.hidden=16", "model.backbone.depth=1", "engine.sample_every=5",
 ]
 ROUTES = {  # the module whose frame is on the stack when a sampler is called, per route
-    "dpdm.core.train.tracking": "training grid",
+    "dpdm.core.eval.hooks": "training grid",
     "dpdm.core.pipeline.evaluation": "in-run evaluation",
     "dpdm.cli.evaluation": "dpdm eval",
     "dpdm.cli.sample": "dpdm sample",

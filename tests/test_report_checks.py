@@ -9,7 +9,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from dpdm.cli.main import app

@@ -66,7 +66,6 @@ def show_logs() -> None:
     handler.dpdm_cli = True
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR)
-    logger.propagate = False
 
 
 def join_list_options(args: list[str]) -> list[str]:

@@ -53,7 +53,7 @@ def load_reference(ref: Optional[str], metric, recipe, dist, progress):
     statistics cached)."""
     from dpdm.core.errors import DpdmError
     from dpdm.core.eval.fid import load_stats
-    from dpdm.core.eval.scoring import cached_dataset_stats, is_feature_metric
+    from dpdm.core.eval.protocols import cached_dataset_stats, is_feature_metric
 
     if ref is None and recipe is not None and recipe.eval.ref and is_feature_metric(metric):
         ref = recipe.eval.ref  # the run's own reference statistics (e.g. EDM's published ones)
@@ -70,7 +70,7 @@ def load_reference(ref: Optional[str], metric, recipe, dist, progress):
     if recipe is None:
         raise DpdmError("no reference: give --ref REF.npz (make one with `dpdm eval ref DATASET REF.npz`, or use "
                         "EDM's published https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/<dataset>.npz)")
-    from dpdm.core.eval.scoring import dataset_key
+    from dpdm.core.eval.protocols import dataset_key
     from dpdm.core.pipeline.run import make_dataset, references
 
     test_set = make_dataset(recipe.data, "test")

@@ -2,7 +2,7 @@
 the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4), and the cross-use of models and
 samplers at one NFE (``cross``, Section 5.2 / Figure 6).
 
-The work happens in ``dpdm.core.eval.scoring`` (what the commands load: ``eval_inputs``). Every command runs
+The work happens in ``dpdm.core.eval.protocols`` (the evaluation engine) (what the commands load: ``eval_inputs``). Every command runs
 under torchrun (or ``--nproc N``): each rank generates or featurises its share of the items, statistics are summed
 over the ranks, rank 0 writes.
 Numbers carry their metric's name: ``fid`` (the standard Inception-v3 detector) or a substitute such as
@@ -58,7 +58,7 @@ def ref_cmd(
     if nproc is not None:
         launch(nproc)
     from dpdm.core.eval.fid import save_stats
-    from dpdm.core.eval.scoring import dataset_stats, is_feature_metric
+    from dpdm.core.eval.protocols import dataset_stats, is_feature_metric
 
     ds = open_dataset(dataset, data or [], split)
     dist, progress = dist_and_progress(device)
@@ -128,7 +128,7 @@ def fid_cmd(
         role = model if recipe is not None else checkpoint_role(checkpoint)  # a teacher by default: heun + karras
         sampler_spec, schedule_spec = sampling(recipe, role, sampler, schedule, sigma_max)
         name, metric_fn = metric_on_ranks(dist, metric, detector, recipe, progress)
-        from dpdm.core.eval.scoring import fid_at_steps, is_feature_metric
+        from dpdm.core.eval.protocols import fid_at_steps, is_feature_metric
 
         if len(spec["shape"]) != 3:
             raise DpdmError(f"dpdm eval fid is for images; this model makes vectors of shape {spec['shape']} "
@@ -204,7 +204,7 @@ def sweep_cmd(
     35 (Heun: odd NFEs only); writes sweep.json, sweep.md, nfe_curve.png and sample grids per NFE."""
     if nproc is not None:
         launch(nproc)
-    from dpdm.core.eval.scoring import nfe_sweep
+    from dpdm.core.eval.protocols import nfe_sweep
     from dpdm.core.pipeline.rundir import resolve_run
 
     s_nfe = ints(student_nfe, "--student-nfe") or list(DEFAULT_STUDENT_NFE)
@@ -294,7 +294,7 @@ def cross_cmd(
 
     if nfe < 1:
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
-    from dpdm.core.eval.scoring import cross_samplings, cross_use
+    from dpdm.core.eval.protocols import cross_samplings, cross_use
     from dpdm.core.pipeline.rundir import resolve_run
 
     run_dir = resolve_run(run)

@@ -25,6 +25,11 @@ from .sample import sample
 app = typer.Typer(cls=ListOptionsGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-Prediction Denoising Models: distill EDM teachers into few-step denoisers.")
 
+
+@app.callback()
+def _every_command() -> None:
+    show_logs()  # also when the app is invoked in-process (typer's CliRunner), not only through main()
+
 @app.command(context_settings={"allow_extra_args": False})
 @user_errors
 def run(
@@ -169,7 +174,6 @@ app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:
-    show_logs()
     app(args=command_argv(), prog_name="dpdm")
 
 

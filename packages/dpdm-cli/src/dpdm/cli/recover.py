@@ -66,7 +66,7 @@ def recover(
     run_dir = resolve_run(run)
 
     import torch
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.eval import recovery as rec
     from dpdm.core.pipeline.run import load_run, make_dataset, recovery_setup
     from dpdm.core.train.distributed import resolve_device

@@ -34,9 +34,9 @@ def sample(
     if model not in ("student", "teacher"):
         raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
     run_dir = resolve_run(run)
-    from dpdm.core.eval import evaluate as ev
+    from dpdm.core.eval import protocols as ev
     from dpdm.core.eval import figures
-    from dpdm.core.eval.scoring import sampler_and_schedule
+    from dpdm.core.eval.protocols import sampler_and_schedule
     from dpdm.core.pipeline.run import load_run, make_dataset
 
     recipe, teacher, student = load_run(run_dir)

@@ -19,7 +19,8 @@ MOVED = {
     "snapshots": "train.snapshots", "tracking": "train.tracking", "teacher": "train.teacher",
     "distill": "train.distill", "generation": "eval.generation", "metrics": "eval.metrics", "fid": "eval.fid",
     "detectors": "eval.detectors", "inception": "eval.inception", "classifier": "eval.classifier",
-    "recovery": "eval.recovery", "evaluate": "eval.evaluate", "scoring": "eval.scoring", "report": "eval.report",
+    "recovery": "eval.recovery", "evaluate": "eval.protocols", "scoring": "eval.protocols", "report": "eval.report",
+    "eval.evaluate": "eval.protocols", "eval.scoring": "eval.protocols",  # the two engines of 0.1, now one
     "figures": "eval.figures", "run": "pipeline.run", "rundir": "pipeline.rundir",
 }
 REMOVED_IN = "0.3"

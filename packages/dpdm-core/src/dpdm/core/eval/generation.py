@@ -10,19 +10,26 @@ item ``i`` is the same whatever the batch size, the number of processes, or whic
   (``samplers.noise_like`` draws one (C, H, W) slice per item from it).
 - ``shard(num, rank, world_size)``: the item indices of one rank (``rank::world_size``).
 - ``generate_items``: model-space batches ``(indices, x)`` for given indices.
-- ``sample_feature_stats``: detector statistics of ``num`` generated images over all ranks (each
-  rank featurises its shard; Σx, Σxxᵀ and n are summed over ranks in float64).
+- ``all_reduce_stats``: Σx, Σxxᵀ and n of each rank's detector features summed over ranks in float64 (the
+  engine, ``protocols``, featurises each rank's shard).
+- ``build_sampler`` / ``schedule_for`` / ``sigmas_for`` / ``sampler_and_schedule``: the one route from a recipe's
+  sampler and schedule components (or ``{"name": ..., **options}`` dicts) to the calls above, the components' options
+  bound (``plugins.registry.build``), the schedule clamped to the network's σ range as EDM's ``generate.py`` does.
+- ``noise_seeds``: the per-item seeds of the recovery experiment's noise at σ (Section 5.1).
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .. import schedules
+from ..plugins.registry import build
 from ..train.distributed import Dist, derive_seed
+from ..utils import accepts
 from .fid import FeatureStats, StatsAccumulator
-from ..progress import Progress
 
 
 class ItemGenerators:
@@ -55,6 +62,17 @@ class ItemGenerators:
 def item_seeds(seed: int, indices) -> list[int]:
     """The seed of each item: ``derive_seed(seed, i)``."""
     return [derive_seed(seed, int(i)) for i in indices]
+
+
+def sigma_stream(sigma: float) -> int:
+    """A stable non-negative integer for σ: the IEEE-754 bits of ``float(sigma)`` (σ > 0, so the sign bit is 0)."""
+    return struct.unpack("<Q", struct.pack("<d", float(sigma)))[0]
+
+
+def noise_seeds(seed: int, sigma: float, indices) -> list[int]:
+    """The seed of each item's noise at σ in the recovery experiment (Section 5.1):
+    ``derive_seed(derive_seed(seed, sigma_stream(σ)), i)``, so σ = 2 draws the same noise asked alone or in a list."""
+    return item_seeds(derive_seed(seed, sigma_stream(sigma)), indices)
 
 
 def shard(num: int, rank: int = 0, world_size: int = 1) -> range:
@@ -129,28 +147,39 @@ def all_reduce_stats(acc: StatsAccumulator, dist: Dist, feature_dim: int) -> Fea
     return acc.stats()
 
 
-def sample_feature_stats(denoiser, sampler: Callable, sigmas: torch.Tensor, num: int, shape, detector, *,
-                         label_dim: int = 0, seed: int = 0, batch_size: int = 256, dist: Dist | None = None,
-                         progress: Progress | None = None, description: str = "generate",
-                         on_batch: Callable | None = None, dtype=STATE_DTYPE) -> FeatureStats:
-    """Detector statistics of ``num`` generated images (items 0 … num − 1), split over the ranks of ``dist``.
+def component_parts(spec) -> tuple[str, dict]:
+    """``(name, options)`` of a component: a recipe ``Component`` or a ``{"name": ..., **options}`` dict."""
+    if isinstance(spec, dict):
+        options = dict(spec)
+        return options.pop("name"), options
+    return spec.name, dict(spec.options)
 
-    Each rank generates its ``shard`` in batches of ``batch_size`` and converts them to uint8 as EDM saves
-    images, from the sampler state itself (float64 by default, as EDM's images are; ``datasets.from_model``);
-    ``on_batch(indices, x)`` sees every model-space batch in float32 (e.g. to keep a grid). Every rank returns the
-    statistics of all ``num`` items. ``dtype``: the sampler state (``generate_items``; float64 by default).
-    """
-    from ..datasets import from_model
 
-    dist = dist or Dist()
-    progress = progress or Progress()
-    mine = shard(num, dist.rank, dist.world_size)
-    acc = StatsAccumulator()
-    with progress.task(description, len(mine)) as bar:
-        for idx, x in generate_items(denoiser, sampler, sigmas, mine, shape, label_dim=label_dim, seed=seed,
-                                     batch_size=batch_size, device=dist.device, dtype=dtype, out_dtype=None):
-            if on_batch is not None:
-                on_batch(idx, x.float())
-            acc.update(detector(from_model(x, "image")))
-            bar.advance(len(idx))
-    return all_reduce_stats(acc, dist, detector.feature_dim)
+def build_sampler(spec) -> Callable:
+    """The sampler a component names with its options bound (``registry.build``); it carries ``name`` and ``nfe``
+    (``steps -> network evaluations``)."""
+    return build("sampler", *component_parts(spec))
+
+
+def schedule_for(denoiser, spec) -> Callable:
+    """The schedule every route samples ``denoiser`` with: ``spec`` (a schedule component or ``{"name": ...,
+    **options}``) with its ends clamped to the network's σ range as EDM's ``generate.py`` does
+    (``schedules.clamp_to_network``; no clamp for a denoiser that declares no ``sigma_min``/``sigma_max``, nor when
+    ``denoiser`` is None). Returns ``(n, **overrides) -> sigmas``."""
+    fn = build("schedule", *component_parts(spec))
+    if denoiser is None:
+        return fn
+    return schedules.clamp_to_network(fn, denoiser,
+                                      takes_range=accepts(fn.func, "sigma_min", "sigma_max", var_keyword=True))
+
+
+def sigmas_for(denoiser, spec, n: int, **overrides) -> torch.Tensor:
+    """The ``n``-step σ list (float64, ending in 0) of ``schedule_for(denoiser, spec)``: e.g. for ``dpdm sample``."""
+    return schedule_for(denoiser, spec)(n, **overrides)
+
+
+def sampler_and_schedule(sampler, schedule, model=None) -> tuple[Callable, Callable, Callable]:
+    """``(sample_fn, nfe_of, sigmas_of)`` of a sampler and a schedule component; with ``model``, ``sigmas_of`` is
+    clamped to its σ range (``schedule_for``)."""
+    sample_fn = build_sampler(sampler)
+    return sample_fn, sample_fn.nfe, schedule_for(model, schedule)

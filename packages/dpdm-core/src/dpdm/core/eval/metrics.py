@@ -21,6 +21,7 @@ import math
 import torch
 
 _CHUNK_ELEMENTS = 2**22  # distances held at once by the energy distance (32 MiB in float64)
+ENERGY_MAX_IMAGES = 5000  # items per set the energy distance compares on image data (its cost is quadratic)
 
 
 def _flatten(x, name: str) -> torch.Tensor:
@@ -118,6 +119,21 @@ def sliced(*, num_projections: int = 256, seed: int = 0):
     if num_projections < 1:
         raise ValueError(f"sliced-wasserstein: num_projections must be >= 1, got {num_projections!r}")
     return functools.partial(sliced_wasserstein, num_projections=num_projections, seed=seed)
+
+
+def quadratic_cost_problem(name: str, options: dict, kind: str, num: int) -> str | None:
+    """Why ``energy`` (every pair of items: n² distances of dimension D per score) cannot run on ``num`` image items
+    per set, or None. Vector data (toy sets) and ``max_samples`` ≤ ``ENERGY_MAX_IMAGES`` are fine; a data metric's
+    reference is at most ``eval.num_samples`` items (``references.reference_sets``), so ``num`` bounds both sets."""
+    if name != "energy" or kind != "image":
+        return None
+    used = min(int(num), options.get("max_samples") or num)
+    if used <= ENERGY_MAX_IMAGES:
+        return None
+    return (f"energy compares every pair of items (a quadratic cost): {used} images per set make {used * used:.2g} "
+            f"pairwise image distances per score, for every point of the sweeps; set eval.metric.max_samples (at "
+            f"most {ENERGY_MAX_IMAGES}) to subsample each set, lower eval.num_samples, or use a feature metric "
+            f"(fid, fd-<dataset>)")
 
 
 def make_metric(name: str, options: dict | None = None, *, data=None, progress=None, device=None):

@@ -3,63 +3,46 @@ of Figure 6 and recovery (Section 5.1); writes the figures and returns the repor
 
 from __future__ import annotations
 
+import logging
 import time
-from pathlib import Path
-
-import torch
 
 from ..config.recipe import Recipe
-from ..datasets import to_model
-from ..eval import evaluate as ev
+from ..eval import protocols as ev
 from ..eval import recovery as rec
+from ..eval.references import cached_dataset_stats, dataset_key, first, reference_sets
 from ..eval.report import NFE_FACTOR, best_teacher
-from ..eval.scoring import cached_dataset_stats, cross_samplings, cross_use, dataset_key, is_feature_metric
 from ..progress import Progress
 from .preflight import Plan
+from .rundir import RunDir
 
+log = logging.getLogger(__name__)
 
-def references(recipe: Recipe, train_set, test_set, num: int):
-    """``(reference, validation)`` real data in model space.
-
-    ``reference`` scores samples: fresh samples of the true distribution when the dataset can draw
-    them (toy data), else the held-out test split. ``validation`` is independent of the test split:
-    fresh samples again, or the train split (up to ``max(num, len(reference))`` items); it selects
-    the one-step σ_max and is the reference of the ``heldout`` recovery protocol (which noises the test split).
-    """
-    if hasattr(test_set, "sample"):
-        g_ref = torch.Generator().manual_seed(recipe.seed + 1000)
-        g_val = torch.Generator().manual_seed(recipe.seed + 2000)
-        return to_model(test_set.sample(num, g_ref)), to_model(test_set.sample(num, g_val))
-    g = torch.Generator().manual_seed(recipe.seed + 2000)
-    ref = to_model(test_set.tensors()[0])
-    train = to_model(train_set.tensors()[0])
-    val = train[torch.randperm(len(train), generator=g)[: min(len(train), max(len(ref), num))]]
-    return ref, val
+references = reference_sets  # 0.1's run.references: ``(reference, validation)`` items, read item by item
 
 
 def recovery_setup(recipe: Recipe, protocol: str, train_set, test_set, metric, num: int, seed: int, *,
                    validation=None, progress: Progress | None = None):
     """What the recovery experiment (Section 5.1) noises and what it compares with, for ``protocol``:
     ``(items, prepared reference, reference description, note or None)`` (``recovery.select`` and
-    ``recovery.training_reference``; ``heldout`` compares with ``references``' validation data, which may be passed
-    in already prepared)."""
+    ``recovery.training_reference``; ``heldout`` compares with ``reference_sets``' validation data, which may be
+    passed in already prepared)."""
     items, note = rec.select(protocol, train_set, test_set, num, seed)
     if protocol == "paper":
         reference, name = rec.training_reference(recipe, train_set, metric, num_samples=recipe.eval.num_samples,
                                                  exclude=items.indices, progress=progress)
     else:
         if validation is None:
-            _, validation = references(recipe, train_set, test_set, recipe.eval.num_samples)
+            _, validation = reference_sets(recipe, train_set, test_set, recipe.eval.num_samples)
         reference = validation
         if hasattr(test_set, "sample"):
             name = f"{recipe.data.name} fresh samples ({recipe.eval.num_samples})"
         else:
-            size = min(len(train_set), max(len(test_set), recipe.eval.num_samples))
-            name = f"{recipe.data.name} training split, {size} random items"
-    return items, ev.prepare_reference(metric, reference), name, note
+            name = f"{recipe.data.name} training split, {min(len(train_set), recipe.eval.num_samples)} random items"
+    return items, ev.prepare(metric, reference), name, note
 
 
-def evaluate(plan: Plan, teacher, student, device, progress: Progress, out: Path, baselines: dict | None = None) -> dict:
+def evaluate(plan: Plan, teacher, student, device, progress: Progress, run_dir: RunDir,
+             baselines: dict | None = None) -> dict:
     """NFE sweeps, one-step σ_max search and recovery; writes figures, returns the report dict.
 
     The sweeps: the student with its sampler and schedule, the teacher with each teacher sampler, and the
@@ -68,23 +51,24 @@ def evaluate(plan: Plan, teacher, student, device, progress: Progress, out: Path
     recipe, train_set, test_set = plan.recipe, plan.train_set, plan.test_set
     cfg = recipe.eval
     metric_fn = plan.metric(progress)  # built once per process (preflight may have built it already)
-    reference, validation = references(recipe, train_set, test_set, cfg.num_samples)
-    reference_data = reference
-    if is_feature_metric(metric_fn):  # featurise each reference once (cached on disk for the test split)
-        if cfg.ref:
-            reference = plan.ref_stats()
-        else:
-            reference = cached_dataset_stats(dataset_key(recipe.data, "test"), test_set, metric_fn.detector,
-                                             progress=progress)
-        validation = metric_fn.prepare(validation)
+    reference_items, validation = reference_sets(recipe, train_set, test_set, cfg.num_samples)
+    if ev.is_feature_metric(metric_fn) and cfg.ref:  # featurise each reference once
+        reference = plan.ref_stats()
+    elif ev.is_feature_metric(metric_fn):  # the whole test split's statistics, streamed and cached on disk
+        reference = cached_dataset_stats(dataset_key(recipe.data, "test"), test_set, metric_fn.detector,
+                                         progress=progress)
+    else:  # a data metric compares tensors: at most eval.num_samples items of the test split
+        reference = ev.prepare(metric_fn, reference_items, batch_size=cfg.batch_size)
+        if len(reference_items) < len(test_set):
+            log.info("evaluate: %s compares with %d random items of the %d-item test split (eval.num_samples)",
+                     cfg.metric.name, len(reference_items), len(test_set))
+    validation = ev.prepare(metric_fn, validation, batch_size=cfg.batch_size)
     shape, label_dim, kind = tuple(test_set.shape), test_set.label_dim, test_set.kind
     common = dict(num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed, device=device,
                   batch_size=cfg.batch_size)
     keep = cfg.figure_samples if kind == "image" else None  # the figures' share: not num_samples images per point
-    student_sampler = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
-    student_schedule = {"name": cfg.student_schedule.name, **cfg.student_schedule.options}
-    teacher_samplers = [{"name": c.name, **c.options} for c in cfg.teacher_samplers]
-    teacher_schedule = {"name": cfg.teacher_schedule.name, **cfg.teacher_schedule.options}
+    student_sampler, student_schedule = cfg.student_sampler, cfg.student_schedule
+    teacher_samplers, teacher_schedule = cfg.teacher_samplers, cfg.teacher_schedule
     timings = {}
 
     t0 = time.perf_counter()
@@ -104,7 +88,7 @@ def evaluate(plan: Plan, teacher, student, device, progress: Progress, out: Path
         for name, (model, _, divergence) in (baselines or {}).items():
             base = recipe.baselines[name]
             smax = base.sigma_max if base.sigma_max is not None else getattr(divergence, "generator_sigma", None)
-            schedule = {**student_schedule, **({"sigma_max": smax} if smax is not None else {})}
+            schedule = {**student_schedule.as_dict(), **({"sigma_max": smax} if smax is not None else {})}
             b_vals[name], _ = ev.sweep_student(model, metric_fn, reference, sampler=student_sampler,
                                                schedule=schedule, steps=base.steps, keep=0, **common)
     one = ev.best_one_step(student, metric_fn, validation, reference, sampler=student_sampler,
@@ -120,10 +104,11 @@ def evaluate(plan: Plan, teacher, student, device, progress: Progress, out: Path
     cross = None
     if cfg.cross_nfe:
         t0 = time.perf_counter()
-        cells, cross_grids = cross_use(student, teacher, metric=metric_fn, reference=reference,
-                                       samplers=cross_samplings(recipe), nfe=cfg.cross_nfe, num=cfg.num_samples,
-                                       shape=shape, label_dim=label_dim, seed=recipe.seed,
-                                       batch_size=cfg.batch_size, keep=keep if keep is not None else cfg.num_samples)
+        cells, cross_grids = ev.cross_use(student, teacher, metric=metric_fn, reference=reference,
+                                          samplers=ev.cross_samplings(recipe), nfe=cfg.cross_nfe,
+                                          num=cfg.num_samples, shape=shape, label_dim=label_dim, seed=recipe.seed,
+                                          batch_size=cfg.batch_size, device=device,
+                                          keep=keep if keep is not None else cfg.num_samples)
         cross = {"nfe": cfg.cross_nfe, "cells": cells}
         timings["cross_s"] = time.perf_counter() - t0
 
@@ -133,23 +118,24 @@ def evaluate(plan: Plan, teacher, student, device, progress: Progress, out: Path
         recipe, protocol, train_set, test_set, metric_fn, cfg.recovery_num, recipe.seed,
         validation=validation if protocol == "heldout" else None, progress=progress)
     if note:
-        progress.log(f"recovery: {note.replace('--num', 'eval.recovery_num')}")
+        log.info("recovery: %s", note.replace("--num", "eval.recovery_num"))
     shown = min(8, cfg.figure_samples) if kind == "image" else None
     recovered, rec_examples = ev.recovery(student, teacher, metric_fn, items, None, cfg.recovery_sigmas,
                                           rec_reference, seed=recipe.seed, device=device, keep=shown,
                                           batch_size=cfg.batch_size)
-    floor = rec.distance(metric_fn, items, rec_reference)
-    clean = rec.first(items, shown if shown is not None else len(items))
+    floor = ev.distance(metric_fn, items, rec_reference)
+    clean = first(items, shown if shown is not None else len(items))
     timings["recovery_s"] = time.perf_counter() - t0
 
-    figs = out / "figures"
-    figs.mkdir(exist_ok=True)
+    figs = run_dir.figures
+    figs.mkdir(parents=True, exist_ok=True)
     sweep = {"student": {cfg.student_sampler.name: {str(k): v for k, v in s_vals.items()}},
              "undistilled": {cfg.student_sampler.name: {str(k): v for k, v in u_vals.items()}},
              "teacher": {name: {str(k): v for k, v in vals.items()} for name, vals in t_vals.items()}}
     for name, vals in b_vals.items():  # baselines: their own role, sampled like the student (report.sweep_roles)
         sweep[name] = {cfg.student_sampler.name: {str(k): v for k, v in vals.items()}}
-    _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference_data, clean, rec_examples, sweep,
+    data_row = first(reference_items, cfg.figure_samples if kind == "image" else cfg.num_samples)
+    _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, data_row, clean, rec_examples, sweep,
              cfg.metric.name, progress, noise=noise, cross=cross and (cross, cross_grids), title=recipe.name)
     report = {
         "metric": cfg.metric.name,
@@ -203,11 +189,11 @@ def seed_spread(recipe, student, teacher, metric_fn, reference, s_vals, u_vals, 
             for k, v in vals.items():
                 out[role][name][str(k)].append(v)
         for spec in teacher_samplers:
-            if spec["name"] in wanted:
+            if spec.name in wanted:
                 vals, _ = ev.sweep_teacher(teacher, metric_fn, reference, samplers=[spec], schedule=teacher_schedule,
-                                           nfes=sorted(wanted[spec["name"]]), keep=0, **at)
-                for n, v in vals[spec["name"]].items():
-                    out["teacher"][spec["name"]][str(n)].append(v)
+                                           nfes=sorted(wanted[spec.name]), keep=0, **at)
+                for n, v in vals[spec.name].items():
+                    out["teacher"][spec.name][str(n)].append(v)
     spread = max((max(v) - min(v) for by in out.values() for vals in by.values() for v in vals.values()),
                  default=0.0)
     return {"seeds": seeds, "sweep": out, "seed_spread": spread}
@@ -218,7 +204,7 @@ def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, c
     try:
         from ..eval import figures
     except ImportError:  # pragma: no cover - matplotlib missing
-        progress.log("matplotlib is not installed; skipping figures (pip install dpdm-core[plots])")
+        log.warning("matplotlib is not installed; skipping figures (pip install dpdm-core[plots])")
         return
     n = cfg.figure_samples if kind == "image" else cfg.num_samples
     prefix = f"{title}: " if title else ""

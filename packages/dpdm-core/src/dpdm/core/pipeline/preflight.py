@@ -14,7 +14,7 @@ from ..config.bounds import bound_problems
 from ..config.recipe import Recipe
 from ..errors import ConfigError, DpdmError
 from ..eval.fid import load_stats
-from ..eval.metrics import make_metric
+from ..eval.metrics import make_metric, quadratic_cost_problem
 from ..io.cache import local_copy, needs_download
 from ..io.checkpoint import build_denoiser
 from ..plugins.registry import entry
@@ -104,6 +104,11 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
             b_specs[name] = student_spec(recipe, spec, base.train)
             if base.train.student is not None:
                 check(f"recipe.{key}.train.student", lambda: build_denoiser(b_specs[name]))
+    if train_set is not None:
+        metric = recipe.eval.metric
+        refusal = quadratic_cost_problem(metric.name, metric.options, train_set.kind, recipe.eval.num_samples)
+        if refusal:
+            problems.append(f"recipe.eval.metric: {refusal}")
     plan = Plan(recipe, source, train_set, test_set, spec, s_spec, b_specs, device)
     if check_metric is None:
         check_metric = os.environ.get("RANK", "0") == "0"

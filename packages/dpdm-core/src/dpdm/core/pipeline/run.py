@@ -63,7 +63,6 @@ def _publish_on_failure(run_dir: RunDir) -> None:
 def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bool) -> dict | None:
     """The run itself: config, both training phases (and baselines), checkpoints, evaluation, report."""
     recipe, train_set, spec = plan.recipe, plan.train_set, plan.spec
-    out = run_dir.local  # where the writers that need a local path write (the run, or its staging folder)
     if dist.is_main:
         prefetch(plan)
         run_dir.write_text(dump_yaml(recipe), CONFIG)
@@ -71,8 +70,7 @@ def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bo
     device = dist.device
     timings = {}
     with Tracker(run_dir.metrics_log, dist=dist, tensorboard=run_dir.tensorboard) as tracker:  # TB if installed
-        phase = RunContext(recipe, out, dist, progress, tracker, resume)
-        phase.root = (recipe.engine.checkpoint.dir or run_dir.snapshots).rstrip("/")  # a URL run's, not staged
+        phase = RunContext(recipe, run_dir, dist, progress, tracker, resume)
         t0 = time.perf_counter()
         if recipe.teacher.checkpoint:
             teacher, spec = load_checkpoint(recipe.teacher.checkpoint, device=device)
@@ -104,13 +102,13 @@ def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bo
     for name, (model, b_spec, _) in baselines.items():
         save_denoiser(run_dir.checkpoint(name), model, b_spec,
                       {"role": "baseline", "name": name, "steps": recipe.baselines[name].train.steps})
-    report = evaluate(plan, teacher, student, device, progress, out, baselines)
+    report = evaluate(plan, teacher, student, device, progress, run_dir, baselines)
     report["timings"].update(timings)
     report["recipe"] = recipe.name
     report["world_size"] = dist.world_size
     if resume:  # the phase times then cover this process only, not the one that trained
         report["resumed"] = True
-    write_report(report, out)
+    write_report(report, run_dir.report_json, run_dir.report_md)
     return report
 
 

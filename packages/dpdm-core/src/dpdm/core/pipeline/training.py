@@ -4,17 +4,17 @@ and each baseline, through the engine with snapshots, logs and sample grids."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from ..config.identity import config_hash
 from ..config.recipe import Recipe
 from ..errors import DpdmError
+from ..eval.generation import build_sampler
+from ..eval.hooks import SampleGrid
+from ..eval.protocols import reachable_steps
 from ..io.checkpoint import build_denoiser
 from ..losses import EDMLoss
-from ..eval import evaluate as ev
-from ..eval.scoring import reachable_steps
 from ..progress import Progress
 from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
@@ -22,8 +22,9 @@ from ..train.engine import Trainer
 from ..train.precision import Precision
 from ..train.snapshots import Snapshots
 from ..train.teacher import TeacherJob
-from ..train.tracking import SampleGrid, Tracker
+from ..train.tracking import Tracker
 from .build import batches, build_divergence
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,13 @@ class RunContext:
     """What every training phase of a run shares: the process group, precision, snapshot root, tracker, progress
     and whether the run resumes."""
 
-    def __init__(self, recipe: Recipe, out: Path, dist: Dist, progress: Progress, tracker: Tracker, resume: bool):
-        self.recipe, self.out, self.dist, self.progress, self.tracker = recipe, out, dist, progress, tracker
+    def __init__(self, recipe: Recipe, run_dir: RunDir, dist: Dist, progress: Progress, tracker: Tracker,
+                 resume: bool):
+        self.recipe, self.run_dir, self.dist, self.progress, self.tracker = recipe, run_dir, dist, progress, tracker
         self.resume = resume
         self.precision = Precision(recipe.engine.precision, dist.device)
-        ckpt = recipe.engine.checkpoint
-        self.root = (ckpt.dir or str(out / "checkpoints" / "train")).rstrip("/")
+        # the snapshots' root: a URL run's own URL (not its staging folder), or engine.checkpoint.dir
+        self.root = (recipe.engine.checkpoint.dir or run_dir.snapshots).rstrip("/")
         self.hash = config_hash(recipe)
 
     def trainer(self, job, data, seed: int, specs: dict, sample_grid=None) -> Trainer:
@@ -67,9 +69,8 @@ class RunContext:
         every = self.recipe.engine.sample_every
         if not every:
             return None
-        _, sample_fn, _ = ev._sampler(sampler)
-        return SampleGrid(every, self.out / "figures" / "progress", sampler=sample_fn,
-                          sigmas=ev.schedule_for(model, schedule)(steps), shape=shape, kind=kind, label_dim=label_dim,
+        return SampleGrid(every, self.run_dir.progress_figures, sampler=sampler, schedule=schedule, steps=steps,
+                          shape=shape, kind=kind, label_dim=label_dim,
                           num=self.recipe.eval.figure_samples if kind == "image" else 2000, seed=self.recipe.seed,
                           tracker=self.tracker)
 
@@ -88,7 +89,7 @@ def train_teacher(recipe: Recipe, spec: dict, train_set, phase: RunContext):
     grid = None
     if recipe.eval.teacher_samplers:  # the first teacher sampler at the largest teacher NFE it reaches
         sampler = recipe.eval.teacher_samplers[0]
-        reached = reachable_steps(ev._sampler(sampler)[2], max(recipe.eval.teacher_nfe))
+        reached = reachable_steps(build_sampler(sampler).nfe, max(recipe.eval.teacher_nfe))
         if reached is not None:
             grid = phase.sample_grid(denoiser, sampler, recipe.eval.teacher_schedule, reached[0], spec["shape"],
                                      train_set.kind, spec["label_dim"])

@@ -5,18 +5,15 @@ the same way everywhere. A record is ``{"phase", "step", "nimg", <losses>, <grad
 "images_per_s", "peak_mem_mb", "skipped", ...}`` (see ``engine.Trainer``); numbers also go to TensorBoard as
 ``{phase}/{key}`` scalars. Non-finite numbers are written as ``null`` (JSON has no NaN).
 
-``SampleGrid`` is a ``Trainer`` hook that draws a fixed-seed grid of samples from the model being trained
-every ``every`` steps (PNG files, and TensorBoard images for image data).
+The sample grids drawn during training are an evaluation hook (``eval.hooks.SampleGrid``) that writes through
+``Tracker.image``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
-
-import torch
 
 from .distributed import Dist
 
@@ -82,43 +79,3 @@ class Tracker:
 
     def __exit__(self, *exc):
         self.close()
-
-
-class SampleGrid:
-    """A ``Trainer`` hook: every ``every`` steps rank 0 draws ``num`` samples from the job's model at a fixed
-    seed (``evaluate.generate`` with ``sampler`` over ``sigmas``) and writes ``{out_dir}/{phase}-{step:09d}.png``
-    (matplotlib; skipped without it) and, for images, a TensorBoard image through ``tracker``.
-
-    The model is put in eval mode while sampling (and back), and the draws come from their own generator,
-    so sampling changes nothing in the training's random streams.
-    """
-
-    def __init__(self, every: int, out_dir: str | Path, *, sampler, sigmas: torch.Tensor, shape, kind: str,
-                 label_dim: int = 0, num: int = 64, seed: int = 0, tracker: Tracker | None = None):
-        self.every, self.out_dir = int(every), Path(out_dir)
-        self.sampler, self.sigmas, self.shape, self.kind = sampler, sigmas, tuple(shape), kind
-        self.label_dim, self.num, self.seed, self.tracker = int(label_dim), int(num), int(seed), tracker
-
-    def __call__(self, trainer, stats: dict) -> None:
-        if self.every <= 0 or trainer.step % self.every or not trainer.dist.is_main:
-            return
-        from ..eval.evaluate import generate
-
-        model = trainer.job.model
-        was_training = model.training
-        model.eval()
-        try:
-            x = generate(model, self.sampler, self.sigmas, self.num, self.shape, label_dim=self.label_dim,
-                         seed=self.seed, device=trainer.dist.device)
-        finally:
-            model.train(was_training)
-        phase = trainer.job.phase
-        if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - the [plots] extra is not installed
-            return
-        from ..eval.figures import image_grid, samples_figure
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        samples_figure({f"step {trainer.step}": x}, self.kind, self.out_dir / f"{phase}-{trainer.step:09d}.png",
-                       title=phase)
-        if self.tracker is not None and self.kind == "image":
-            self.tracker.image(f"{phase}/samples", image_grid(x), trainer.step)
