@@ -50,9 +50,8 @@ def main() -> None:
 
     recipe, teacher, student, metric, reference, common = scoring_setup(args.run, args.num)
     ckpts = args.run / "checkpoints"
-    s_sampler = {"name": recipe.eval.student_sampler.name, **recipe.eval.student_sampler.options}
-    s_schedule = {"name": recipe.eval.student_schedule.name, **recipe.eval.student_schedule.options}
-    t_schedule = {"name": recipe.eval.teacher_schedule.name, **recipe.eval.teacher_schedule.options}
+    s_sampler, s_schedule = recipe.eval.student_sampler, recipe.eval.student_schedule.as_dict()
+    t_schedule = recipe.eval.teacher_schedule
 
     def snapshots(phase: str) -> list[Path]:
         return sorted((ckpts / "train" / phase).glob("ckpt-*"))

@@ -34,9 +34,9 @@ def main():
         reference, _ = references(recipe, train, test, recipe.eval.num_samples)
         metric = make_metric(recipe.eval.metric.name, dict(recipe.eval.metric.options),
                              data=(recipe.data.name, recipe.data.options))
-        sampler = {"name": recipe.eval.student_sampler.name, **recipe.eval.student_sampler.options}
+        sampler = recipe.eval.student_sampler
         for rho in args.rho:
-            schedule = {"name": recipe.eval.student_schedule.name, **recipe.eval.student_schedule.options, "rho": rho}
+            schedule = {**recipe.eval.student_schedule.as_dict(), "rho": rho}
             got, _ = ev.sweep_student(student, metric, reference, sampler=sampler, schedule=schedule,
                                       steps=args.steps, num=recipe.eval.num_samples, shape=tuple(test.shape),
                                       label_dim=test.label_dim, seed=recipe.seed, device="cpu", keep=0)

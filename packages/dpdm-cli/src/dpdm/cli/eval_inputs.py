@@ -157,7 +157,7 @@ def sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str]
     student_sampler = cfg.student_sampler.name if cfg is not None else "dpdm"
     if sampler is None:
         if model == "student" and cfg is not None:
-            sampler_spec = {"name": cfg.student_sampler.name, **cfg.student_sampler.options}
+            sampler_spec = cfg.student_sampler.as_dict()
         else:
             sampler_spec = {"name": student_sampler if model == "student" else "heun"}
     else:

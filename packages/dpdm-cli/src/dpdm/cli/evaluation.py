@@ -229,10 +229,8 @@ def sweep_cmd(
         t0 = time.perf_counter()
         values, grids = nfe_sweep(
             student, teacher, metric=metric_fn, reference=reference,
-            student_sampler={"name": cfg.student_sampler.name, **cfg.student_sampler.options},
-            student_schedule={"name": cfg.student_schedule.name, **cfg.student_schedule.options}, student_nfe=s_nfe,
-            teacher_samplers=samplers,
-            teacher_schedule={"name": cfg.teacher_schedule.name, **cfg.teacher_schedule.options}, teacher_nfe=t_nfe,
+            student_sampler=cfg.student_sampler, student_schedule=cfg.student_schedule, student_nfe=s_nfe,
+            teacher_samplers=samplers, teacher_schedule=cfg.teacher_schedule, teacher_nfe=t_nfe,
             num=n, shape=tuple(spec["shape"]), label_dim=int(spec["label_dim"]), seed=seed, batch_size=batch,
             dist=dist, progress=progress, keep=cfg.figure_samples if kind == "image" else min(n, 2000))
         if dist.is_main:

@@ -273,10 +273,8 @@ def cross_samplings(recipe) -> dict:
     """Figure 6's two samplings: ``{"dpdm": (the dpdm sampler, the recipe's student schedule), "heun": (Heun, the
     Karras schedule: the recipe's teacher schedule when it is karras)}``."""
     cfg = recipe.eval
-    dpdm_sampler = ({"name": "dpdm", **cfg.student_sampler.options} if cfg.student_sampler.name == "dpdm"
-                    else {"name": "dpdm"})
-    karras = ({"name": "karras", **cfg.teacher_schedule.options} if cfg.teacher_schedule.name == "karras"
-              else {"name": "karras"})
+    dpdm_sampler = cfg.student_sampler.as_dict() if cfg.student_sampler.name == "dpdm" else {"name": "dpdm"}
+    karras = cfg.teacher_schedule.as_dict() if cfg.teacher_schedule.name == "karras" else {"name": "karras"}
     return {"dpdm": (dpdm_sampler, cfg.student_schedule.as_dict()), "heun": ({"name": "heun"}, karras)}
 
 
