@@ -36,7 +36,7 @@ from torch import nn
 from .distributed import Dist
 from ..divergences import Divergence
 from .ema import EMA
-from .trainable import Trainable, job_state, load_job_state
+from .trainable import EvaluatedModel, Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision, frozen_call
 from .teacher import device_of
@@ -87,7 +87,7 @@ def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, diverg
     return divergence(x0_hat, sigma, d_teacher.to(x0_hat.dtype), d_fake.to(x0_hat.dtype))
 
 
-class DistillJob:
+class DistillJob(EvaluatedModel):
     """Algorithm 1 as an engine job: each iteration takes ``fake_updates`` fake-score steps and one student step,
     in the order ``order`` (see the module docstring).
 
@@ -139,6 +139,7 @@ class DistillJob:
         self.fake = Trainable("fake", fake, lr=fake_lr if fake_lr is not None else lr,
                               betas=fake_betas if fake_betas is not None else betas, **common)
         self.parts = {"student": self.student, "fake": self.fake}
+        self.main = self.student  # what evaluation gets (its EMA if kept) and whose images nimg counts
         self.divergence, self.fake_loss = divergence, fake_loss
         self.fake_updates = int(fake_updates)
         self.order = order
@@ -146,16 +147,6 @@ class DistillJob:
         self.student.module.train(self.student_dropout)
         self.accum = int(accum)  # micro-batches per optimizer step
         self.ema = EMA(self.student.module, ema_halflife_nimg, ema_rampup) if ema_halflife_nimg else None
-
-    @property
-    def model(self) -> nn.Module:
-        """The student to evaluate: its EMA if kept, else the trained weights."""
-        return self.ema.model if self.ema is not None else self.student.module
-
-    @property
-    def nimg(self) -> int:
-        """Real images shown to the student (all ranks)."""
-        return self.student.nimg
 
     def fake_step(self, next_batch: Callable[[], tuple], generator=None, outputs: list | None = None) -> dict:
         """One optimizer step of the fake score on the student's outputs (Algorithm 1, line 1): on ``outputs``

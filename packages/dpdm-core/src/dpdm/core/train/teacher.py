@@ -12,7 +12,7 @@ from torch import nn
 
 from .distributed import Dist
 from .ema import EMA
-from .trainable import Trainable, job_state, load_job_state
+from .trainable import EvaluatedModel, Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision
 from ..defaults import TEACHER_BETAS, TEACHER_LR  # noqa: F401  (shared with the recipe schema)
@@ -27,7 +27,7 @@ def device_of(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-class TeacherJob:
+class TeacherJob(EvaluatedModel):
     """Adam on the EDM loss (per sample summed over pixels, averaged over the batch, as in EDM), with an
     optional EMA of the weights (EDM App. F half-life rule, ``ema.EMA``), lr warm-up and gradient clipping.
 
@@ -50,21 +50,13 @@ class TeacherJob:
                                    grad_clip=grad_clip, precision=precision, dist=dist,
                                    find_unused_parameters=find_unused_parameters)
         self.parts = {"model": self.trainable}
+        self.main = self.trainable
         self.ema = EMA(self.trainable.module, ema_halflife_nimg, ema_rampup) if ema_halflife_nimg else None
 
     @property
     def denoiser(self) -> nn.Module:
         """The trained weights (the raw module, never the DDP wrapper)."""
         return self.trainable.module
-
-    @property
-    def model(self) -> nn.Module:
-        """The model to evaluate: the EMA if kept, else the trained weights."""
-        return self.ema.model if self.ema is not None else self.trainable.module
-
-    @property
-    def nimg(self) -> int:
-        return self.trainable.nimg
 
     def iteration(self, next_batch, generator: torch.Generator | None = None) -> dict:
         """One EDM-loss optimizer step; the EMA follows every applied step."""

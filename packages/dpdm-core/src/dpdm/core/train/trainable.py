@@ -140,6 +140,24 @@ class Job(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class EvaluatedModel:
+    """What both jobs share about the model they hand to evaluation: ``main`` (the ``Trainable`` the EMA follows:
+    the teacher, or the student) and ``ema`` (an ``EMA`` or None)."""
+
+    main: Trainable
+    ema: object | None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model to evaluate: the EMA if kept, else the trained weights (the raw module, never the DDP wrapper)."""
+        return self.ema.model if self.ema is not None else self.main.module
+
+    @property
+    def nimg(self) -> int:
+        """Images shown to the main model (all ranks)."""
+        return self.main.nimg
+
+
 def job_state(job: Job) -> dict:
     """The non-weight state of a job's trained models: optimizers, loss scalers, counters."""
     return {"parts": {name: part.state_dict() for name, part in job.parts.items()}}
