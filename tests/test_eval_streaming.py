@@ -79,7 +79,8 @@ def test_recovery_items_and_training_reference_are_capped_subsets():
     assert name == "digits training split (50 random items of 370 (eval.num_samples), the other 30 are the noised ones)"
 
 
-def test_in_run_evaluation_never_reads_a_whole_split(tmp_path):
+def test_in_run_evaluation_never_reads_a_whole_split(tmp_path, caplog):
+    caplog.set_level("INFO", logger="dpdm")
     from dpdm.core.pipeline.evaluation import evaluate
     from dpdm.core.pipeline.preflight import Plan
 
@@ -98,6 +99,8 @@ def test_in_run_evaluation_never_reads_a_whole_split(tmp_path):
     assert len(set(train.read)) <= 40 + 80 + 10 + 40 < len(train)
     assert report["recovery_reference"] == "digits training split (40 random items of 990 (eval.num_samples), " \
                                            "the other 10 are the noised ones)"
+    notes = [r.getMessage() for r in caplog.records if r.name == "dpdm.core.pipeline.evaluation"]
+    assert "evaluate: energy compares with 40 random items of the 500-item test split (eval.num_samples)" in notes
 
 
 @pytest.mark.parametrize("metric_name", ["energy", "sliced-wasserstein"])

@@ -59,7 +59,7 @@ def evaluate(plan: Plan, teacher, student, device, progress: Progress, run_dir: 
                                          progress=progress)
     else:  # a data metric compares tensors: at most eval.num_samples items of the test split
         reference = ev.prepare(metric_fn, reference_items, batch_size=cfg.batch_size)
-        if len(reference_items) < len(test_set):
+        if not hasattr(test_set, "sample") and len(reference_items) < len(test_set):  # toy data: fresh samples
             log.info("evaluate: %s compares with %d random items of the %d-item test split (eval.num_samples)",
                      cfg.metric.name, len(reference_items), len(test_set))
     validation = ev.prepare(metric_fn, validation, batch_size=cfg.batch_size)
