@@ -5,6 +5,8 @@ and schedule of a model; and how they write JSON and sample grids."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -114,12 +116,21 @@ def model_of(run: Optional[str], checkpoint: Optional[str], model: str, device):
     return net, spec, run_dir.recipe(), run_dir, str(run_dir)
 
 
-def dist_and_progress(device: str):
+@contextmanager
+def on_ranks(device: str) -> Iterator[tuple]:
+    """``(dist, progress)`` for a command that runs on every rank (under torchrun or ``--nproc``): bars on rank 0
+    only; afterwards the process group is destroyed, with a barrier only when this rank finished (a rank that
+    failed must not wait for the others, which may never reach it)."""
     from dpdm.core.progress import Progress, RichProgress
     from dpdm.core.train.distributed import init_dist
 
     dist = init_dist(device)
-    return dist, (RichProgress(err) if dist.is_main else Progress())
+    finished = False
+    try:
+        yield dist, (RichProgress(err) if dist.is_main else Progress())
+        finished = True
+    finally:
+        dist.destroy(sync=finished)
 
 
 def open_dataset(dataset: str, data: list[str], split: str):

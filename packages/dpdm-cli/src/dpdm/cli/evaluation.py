@@ -2,8 +2,8 @@
 the NFE sweep of student and teacher samplers (``sweep``, the paper's Table 4), and the cross-use of models and
 samplers at one NFE (``cross``, Section 5.2 / Figure 6).
 
-The work happens in ``dpdm.core.eval.protocols`` (the evaluation engine) (what the commands load: ``eval_inputs``). Every command runs
-under torchrun (or ``--nproc N``): each rank generates or featurises its share of the items, statistics are summed
+The work happens in the evaluation engine, ``dpdm.core.eval.protocols`` (what the commands load: ``eval_inputs``).
+Every command runs under torchrun (or ``--nproc N``): each rank generates or featurises its share of the items, statistics are summed
 over the ranks, rank 0 writes.
 Numbers carry their metric's name: ``fid`` (the standard Inception-v3 detector) or a substitute such as
 ``fd-mnist`` (a small classifier; not comparable with published FIDs).
@@ -20,10 +20,10 @@ from rich.markup import escape
 
 from .common import console, ints, launch, local_path, user_errors
 from .eval_inputs import (
-    dist_and_progress,
     load_reference,
     metric_on_ranks,
     model_of,
+    on_ranks,
     open_dataset,
     run_models,
     sampling,
@@ -61,9 +61,7 @@ def ref_cmd(
     from dpdm.core.eval.protocols import dataset_stats, is_feature_metric
 
     ds = open_dataset(dataset, data or [], split)
-    dist, progress = dist_and_progress(device)
-    finished = False
-    try:
+    with on_ranks(device) as (dist, progress):
         name, metric_fn = metric_on_ranks(dist, metric, detector, None, progress)
         if not is_feature_metric(metric_fn):
             from dpdm.core.errors import DpdmError
@@ -76,10 +74,6 @@ def ref_cmd(
             console.print(f"wrote {escape(out)}: {name} statistics of {stats.num_images} images of {escape(dataset)} "
                           f"({split}), {len(stats.mu)} features, detector {escape(metric_fn.detector.key)}, "
                           f"{time.perf_counter() - t0:.1f} s", highlight=False)
-        finished = True
-    finally:
-        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
-
 
 
 @eval_app.command("fid")
@@ -117,9 +111,7 @@ def fid_cmd(
     from dpdm.core.errors import DpdmError
 
     step_list = ints(steps, "--steps")
-    dist, progress = dist_and_progress(device)
-    finished = False
-    try:
+    with on_ranks(device) as (dist, progress):
         from dpdm.core.io.checkpoint import checkpoint_role
 
         net, spec, recipe, run_dir, source = model_of(run, checkpoint, model, dist.device)
@@ -159,10 +151,6 @@ def fid_cmd(
                 run_dir.publish()
                 out_path = run_dir.final(out_path)
             console.print(f"wrote {escape(str(out_path))}", highlight=False)
-        finished = True
-    finally:
-        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
-
 
 
 def _fid_table(result: dict) -> None:
@@ -219,9 +207,7 @@ def sweep_cmd(
 
     for s in samplers:
         entry("sampler", s["name"])
-    dist, progress = dist_and_progress(device)
-    finished = False
-    try:
+    with on_ranks(device) as (dist, progress):
         student, teacher, spec, name, metric_fn, reference, ref_name = run_models(run_dir, recipe, dist, metric,
                                                                                    detector, ref, progress)
         n = num or cfg.num_samples
@@ -263,9 +249,6 @@ def sweep_cmd(
             console.print(Markdown(sweep_markdown(result)))
             run_dir.publish()
             console.print(f"wrote {escape(run_dir.final(folder))}/sweep.json, sweep.md, nfe_curve.png, grids/", highlight=False)
-        finished = True
-    finally:
-        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
 
 @eval_app.command("cross")
@@ -298,9 +281,7 @@ def cross_cmd(
     run_dir = resolve_run(run)
     recipe = run_dir.recipe()
     samplings = cross_samplings(recipe)
-    dist, progress = dist_and_progress(device)
-    finished = False
-    try:
+    with on_ranks(device) as (dist, progress):
         student, teacher, spec, name, metric_fn, reference, ref_name = run_models(run_dir, recipe, dist, metric,
                                                                                    detector, ref, progress)
         n = num or recipe.eval.num_samples
@@ -335,9 +316,6 @@ def cross_cmd(
             run_dir.publish()
             console.print(f"wrote {escape(run_dir.final(folder / 'cross.json'))}"
                           + (f", figure {escape(run_dir.final(figure))}" if figure else ""), highlight=False)
-        finished = True
-    finally:
-        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
 
 
 def _cross_table(result: dict):

@@ -49,6 +49,11 @@ REPORT_MD = "report.md"
 LOCK = ".lock"
 
 
+def _staged(part: str, doc: str) -> property:
+    """A part of the run that is written through a local path: under ``RunDir.local``."""
+    return property(lambda self: self.local / part, doc=doc)
+
+
 class RunDir:
     """A run directory at ``where`` (a path or fsspec URL): the paths of its parts, reading and writing them, and
     ``claim`` (the lock and the no-clobber check of ``dpdm run``)."""
@@ -107,34 +112,13 @@ class RunDir:
         self._stage.mkdir(exist_ok=True)  # again after a publish
         return self._stage
 
-    @property
-    def eval_dir(self) -> Path:
-        """What ``dpdm recover`` and ``dpdm eval`` write."""
-        return self.local / EVAL
-
-    @property
-    def figures(self) -> Path:
-        return self.local / FIGURES
-
-    @property
-    def progress_figures(self) -> Path:
-        return self.local / PROGRESS
-
-    @property
-    def metrics_log(self) -> Path:
-        return self.local / METRICS
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.local / TENSORBOARD
-
-    @property
-    def report_json(self) -> Path:
-        return self.local / REPORT_JSON
-
-    @property
-    def report_md(self) -> Path:
-        return self.local / REPORT_MD
+    eval_dir = _staged(EVAL, "What ``dpdm recover`` and ``dpdm eval`` write.")
+    figures = _staged(FIGURES, "The run's figures (``pipeline.evaluation``).")
+    progress_figures = _staged(PROGRESS, "Sample grids drawn during training (``eval.hooks.SampleGrid``).")
+    metrics_log = _staged(METRICS, "The training records (``train.tracking.Tracker``, JSONL).")
+    tensorboard = _staged(TENSORBOARD, "The same records for TensorBoard.")
+    report_json = _staged(REPORT_JSON, "The run's numbers (``eval.report``).")
+    report_md = _staged(REPORT_MD, "The same, with the claims' verdict, as Markdown.")
 
     def final(self, path: str | os.PathLike) -> str:
         """Where ``path`` ends up: for a file staged under ``local``, its URL in the run; else ``path`` itself."""
