@@ -364,10 +364,15 @@ def test_two_gloo_processes_generate_what_one_does(tmp_path):
         for idx, x in r["parts"]:
             union[idx] = x
     torch.testing.assert_close(union, single, rtol=0, atol=1e-6)
-    for r in ranks:  # every rank holds the statistics of all 23 items
+    # Every rank holds the statistics of all 23 items. The features are float32, and a network's float32 output may
+    # change in its last bits with the batch it runs in (the ranks' batches of 3 are not one process's), so the
+    # statistics agree to float32 resolution, not float64's: the mean to ~1e-8 relative, the covariance (a difference
+    # of second moments of size ~0.1) to ~1e-9 absolute, as seen here. One item missing or counted twice would move
+    # them by percents of their size (covariance entries ~1e-4 to 1e-2).
+    for r in ranks:
         assert r["n"] == 23
-        np.testing.assert_allclose(r["mu"], one["mu"], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(r["sigma"], one["sigma"], rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(r["mu"], one["mu"], rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(r["sigma"], one["sigma"], rtol=1e-7, atol=1e-8)
 
 
 @pytest.mark.slow
