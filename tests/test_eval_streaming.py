@@ -185,3 +185,26 @@ def test_peak_memory_of_a_run_does_not_grow_with_its_image_zip(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads((tmp_path / "eval_memory.json").read_text())
     assert result["ratio"] <= 1.25, result
+
+
+def test_the_fd_classifier_trains_on_batches_never_the_whole_split():
+    from dpdm.core.eval import classifier
+
+    class Labelled(NoWholeSplit):
+        def __init__(self, n: int, seed: int):
+            super().__init__(n, seed)
+            self.labels = torch.arange(n) % 3
+            self.label_dim = 3
+
+        def __getitems__(self, indices):
+            x, _ = super().__getitems__(indices)
+            return x, self.labels[list(indices)]
+
+    train, test = Labelled(50, 7), Labelled(20, 8)
+    net, acc = classifier.train_classifier(train, test, seed=0, epochs=2, batch_size=16)
+    assert sorted(train.read) == sorted(list(range(50)) * 2)  # each epoch reads every item once, in batches
+    assert sorted(test.read) == list(range(20)) and 0.0 <= acc <= 1.0
+    again = Labelled(50, 7)
+    net_b, acc_b = classifier.train_classifier(again, Labelled(20, 8), seed=0, epochs=2, batch_size=16)
+    assert again.read == train.read and acc_b == acc  # the same seeded order of batches
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net_b.state_dict().values()))

@@ -35,6 +35,7 @@ from ..datasets import to_model
 from .detectors import FeatureDetector
 from ..errors import DpdmError
 from .fid import _slug, feature_metric
+from .references import read
 from ..progress import Progress
 
 log = logging.getLogger(__name__)
@@ -82,21 +83,10 @@ class FDClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def load_images(dataset, *, description: str = "loading images", progress: Progress | None = None):
-    """All of ``dataset`` in memory: uint8 images (N, C, H, W) and int64 labels (N,) (``tensors()`` if it has it,
-    else its items stacked one by one, with progress)."""
-    if hasattr(dataset, "tensors"):
-        images, labels = dataset.tensors()
-        return torch.as_tensor(images), torch.as_tensor(labels).to(torch.int64)
-    images, labels = [], []
-    with (progress or Progress()).task(description, total=len(dataset)) as task:
-        for x, y in dataset:
-            images.append(torch.as_tensor(x))
-            labels.append(torch.as_tensor(y))
-            task.advance(1)
-    if not images:
-        return torch.zeros(0, *dataset.shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    return torch.stack(images), torch.stack(labels).to(torch.int64).reshape(-1)
+def read_labelled(dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B, C, H, W) and int64 labels (B,) of ``indices``: one batch read, never the whole split."""
+    images, labels = read(dataset, indices)
+    return torch.as_tensor(images), torch.as_tensor(labels).to(torch.int64).reshape(-1)
 
 
 def default_epochs(num_train: int, batch_size: int = BATCH_SIZE) -> int:
@@ -106,18 +96,18 @@ def default_epochs(num_train: int, batch_size: int = BATCH_SIZE) -> int:
 
 
 @torch.no_grad()
-def accuracy(net: FDClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """The fraction of ``images`` (uint8) that ``net`` classifies as ``labels``."""
-    if not len(images):
+def accuracy(net: FDClassifier, dataset, batch_size: int = 1000) -> float:
+    """The fraction of ``dataset``'s labelled uint8 images that ``net`` classifies right, read batch by batch."""
+    if not len(dataset):
         return float("nan")
     was_training = net.training
     net.eval()
     correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = net(to_model(images[i:i + batch_size]))
-        correct += (logits.argmax(1) == labels[i:i + batch_size]).sum().item()
+    for i in range(0, len(dataset), batch_size):
+        images, labels = read_labelled(dataset, range(i, min(i + batch_size, len(dataset))))
+        correct += (net(to_model(images)).argmax(1) == labels).sum().item()
     net.train(was_training)
-    return correct / len(images)
+    return correct / len(dataset)
 
 
 def train_classifier(train_set, test_set, *, seed: int = 0, epochs: int | None = None, batch_size: int = BATCH_SIZE,
@@ -129,35 +119,34 @@ def train_classifier(train_set, test_set, *, seed: int = 0, epochs: int | None =
     use ``seed`` only, and the global RNG state is restored afterwards. Returns ``(net in eval mode, test accuracy)``.
     """
     progress = progress or Progress()
-    images, labels = load_images(train_set, description="loading training images", progress=progress)
-    test_images, test_labels = load_images(test_set, description="loading test images", progress=progress)
-    if len(images) == 0:
+    num_train = len(train_set)  # read batch by batch (``read_labelled``): the split is never held whole
+    if num_train == 0:
         raise DpdmError("the fd classifier's training split is empty")
     num_classes = int(train_set.label_dim)
-    epochs = default_epochs(len(images), batch_size) if epochs is None else int(epochs)
+    epochs = default_epochs(num_train, batch_size) if epochs is None else int(epochs)
     if epochs < 1 or batch_size < 1:
         raise DpdmError(f"the fd classifier needs epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
-    steps_per_epoch = math.ceil(len(images) / batch_size)
+    steps_per_epoch = math.ceil(num_train / batch_size)
     with torch.random.fork_rng(devices=[]):  # the network's initialisation must not touch the global RNG
         torch.manual_seed(seed)
-        net = FDClassifier(tuple(images.shape[1:]), num_classes, feature_dim)
+        net = FDClassifier(tuple(train_set.shape), num_classes, feature_dim)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
     net.train()
     with progress.task("training the fd classifier", total=epochs * steps_per_epoch) as task:
         for epoch in range(epochs):
-            order = torch.randperm(len(images), generator=generator)
+            order = torch.randperm(num_train, generator=generator)
             for step in range(steps_per_epoch):
-                index = order[step * batch_size:(step + 1) * batch_size]
-                loss = nn.functional.cross_entropy(net(to_model(images[index])), labels[index])
+                images, labels = read_labelled(train_set, order[step * batch_size:(step + 1) * batch_size].tolist())
+                loss = nn.functional.cross_entropy(net(to_model(images)), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 task.advance(1, epoch=epoch + 1, loss=loss.item())
     net.eval()
-    return net, accuracy(net, test_images, test_labels)
+    return net, accuracy(net, test_set)
 
 
 class ClassifierDetector(FeatureDetector):
