@@ -62,12 +62,12 @@ class SampleGrid:
     def __call__(self, trainer, stats: dict) -> None:
         if self.every <= 0 or trainer.step % self.every or not trainer.dist.is_main:
             return
-        x = self.draw(trainer.job.model, trainer.dist.device)
-        phase = trainer.job.phase
         if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - the [plots] extra is not installed
-            return
+            return  # nothing could show the grid: do not draw it
         from .figures import image_grid, samples_figure
 
+        x = self.draw(trainer.job.model, trainer.dist.device)
+        phase = trainer.job.phase
         self.out_dir.mkdir(parents=True, exist_ok=True)
         samples_figure({f"step {trainer.step}": x}, self.kind, self.out_dir / f"{phase}-{trainer.step:09d}.png",
                        title=phase)

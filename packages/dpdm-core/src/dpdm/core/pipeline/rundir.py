@@ -225,9 +225,7 @@ def _filesystem(url: str):
     """The filesystem of ``url``; an unknown protocol or a missing backend is a ``DpdmError``."""
     try:
         return resolve(url)[0]
-    except ValueError as exc:  # fsspec: "Protocol not known: foo"
-        raise DpdmError(f"{url}: {first_line(exc)}") from None
-    except ImportError as exc:  # fsspec: "Install s3fs to access S3"
+    except (ValueError, ImportError) as exc:  # fsspec: "Protocol not known: foo", "Install s3fs to access S3"
         raise DpdmError(f"{url}: {first_line(exc)}") from None
 
 
