@@ -83,7 +83,7 @@ def _sqrtm():
         import scipy.linalg
     except ImportError:
         raise DpdmError("the Fréchet distance needs scipy (its sqrtm, as EDM uses): "
-                        "pip install 'dpdm-core[fid]' or pip install scipy") from None
+                        "pip install scipy") from None
     return scipy.linalg.sqrtm
 
 

@@ -1,6 +1,6 @@
 """PNG figures of a run: sample panels per NFE, the metric-vs-NFE curve, recovery panels.
 
-Needs matplotlib (``pip install dpdm-core[plots]``); imported lazily with the Agg backend.
+Needs matplotlib (dpdm-core's ``plots`` extra, or ``pip install matplotlib``); imported lazily with the Agg backend.
 Samples are in model space: 2-D vectors are scattered, images are tiled into grids.
 """
 

@@ -62,7 +62,8 @@ def batches(engine: EngineConfig, dataset, batch_size: int, dist: Dist, seed: in
     try:
         from dpdm.data.loader import Loader
     except ImportError:  # pragma: no cover - dpdm-core installed alone
-        raise DpdmError("training needs dpdm-data's resumable Loader; pip install dpdm-data") from None
+        raise DpdmError("training needs dpdm-data's resumable Loader; install dpdm-data "
+                        "(pip install packages/dpdm-data in a dpdm checkout)") from None
     per_rank = batch_size // (dist.world_size * engine.accum)
     loader = Loader(dataset, per_rank, seed=seed, rank=dist.rank, world_size=dist.world_size,
                     num_workers=engine.num_workers, persistent_workers=engine.num_workers > 0,

@@ -204,7 +204,7 @@ def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, c
     try:
         from ..eval import figures
     except ImportError:  # pragma: no cover - matplotlib missing
-        log.warning("matplotlib is not installed; skipping figures (pip install dpdm-core[plots])")
+        log.warning("matplotlib is not installed; skipping figures (pip install matplotlib)")
         return
     n = cfg.figure_samples if kind == "image" else cfg.num_samples
     prefix = f"{title}: " if title else ""

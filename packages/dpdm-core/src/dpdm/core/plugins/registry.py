@@ -73,8 +73,8 @@ def plugin_manager() -> pluggy.PluginManager:
             if pm.get_plugin("core") is None:
                 raise DpdmError("dpdm-core's own components (samplers, schedules, ...) register through its `dpdm` "
                                 "entry point, which this environment does not list: dpdm-core is importable but not "
-                                "installed. Install it (pip install dpdm-core, or pip install -e packages/dpdm-core "
-                                "in a checkout)")
+                                "installed. Install it (pip install packages/dpdm-core, or pip install -e "
+                                "packages/dpdm-core for development, in a dpdm checkout)")
             _pm = pm
         return _pm
 
