@@ -306,7 +306,8 @@ def cross_cmd(
             try:
                 from dpdm.core.eval import figures
 
-                panels = {m: {c: (f"{m}, {c} sampler, NFE {cell['nfe']}", grids[m][c]) for c, cell in row.items()}
+                panels = {m: {c: (f"{m}, {c} sampler, NFE {cell['nfe']}", grids[m][c], figures.colour(m, c))
+                              for c, cell in row.items()}
                           for m, row in cells.items()}
                 figures.panel_grid(panels, kind, figure, title=f"Models × samplers at NFE {nfe} (DPDM paper, "
                                                                 f"Figure 6): {recipe.name}")
