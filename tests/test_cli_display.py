@@ -15,12 +15,11 @@ from pathlib import Path
 import click
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from dpdm.cli.common import show_markdown, show_table
 from dpdm.cli.main import app
 from dpdm.cli.recover import PAPER_SIGMAS, recovery_table
 from dpdm.core.eval.report import sweep_table
+from typer.testing import CliRunner
 
 TOY2D = str(Path(__file__).resolve().parent.parent / "recipes" / "toy2d.yaml")
 NARROW = {"COLUMNS": "80"}  # what rich assumes when stdout is not a terminal
@@ -65,6 +64,20 @@ def test_a_markdown_report_is_printed_as_its_text_when_piped(capsys):
     assert "…" not in out and "0.0891" in out
 
 
+def test_a_terminal_keeps_rich_tables(capsys, monkeypatch):
+    from dpdm.cli import common
+    from rich.table import Table
+
+    monkeypatch.setattr(common.console, "_force_terminal", True)
+    t = Table(title="t")
+    t.add_column("a")
+    t.add_row("1")
+    show_table(t)
+    show_markdown("| x |\n|---|\n| 2 |")
+    out = capsys.readouterr().out
+    assert "|" not in out and "─" in out and "1" in out and "2" in out  # rich's layout, not the Markdown text
+
+
 def test_plugins_prints_a_markdown_table_when_piped():
     r = invoke("plugins")
     assert r.exit_code == 0, r.output
@@ -93,12 +106,12 @@ def test_version_prints_the_four_distributions_and_torch():
 def test_shell_completion_script_and_completions():
     env = {**cli_env(), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}  # the shell named, not detected
     script = subprocess.run([sys.executable, "-m", "dpdm.cli", "--show-completion", "bash"], env=env,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert script.returncode == 0, script.stderr
     assert "_DPDM_COMPLETE=complete_bash" in script.stdout
     assert "complete -o default -F _dpdm_completion dpdm" in script.stdout
     words = {**cli_env(), "_DPDM_COMPLETE": "complete_bash", "COMP_WORDS": "dpdm run --dr", "COMP_CWORD": "2"}
-    done = subprocess.run([sys.executable, "-m", "dpdm.cli"], env=words, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "dpdm.cli"], env=words, capture_output=True, text=True, check=False,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["--dry-run"], (done.stdout, done.stderr)
     help_text = invoke("--help").stdout
