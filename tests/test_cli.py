@@ -178,7 +178,7 @@ def test_plugins_json():
 
 def test_plugins_table():
     r = ok(invoke("plugins"))
-    rows = [squash(line.replace("│", " ")) for line in r.stdout.splitlines()]
+    rows = [squash(line.replace("|", " ")) for line in r.stdout.splitlines()]  # piped: Markdown tables
     core = importlib.metadata.version("dpdm-core")
     assert f"sampler heun dpdm-core {core} core" in rows
     assert f"backbone mlp dpdm-nets {importlib.metadata.version('dpdm-nets')} nets" in rows
@@ -206,6 +206,8 @@ def test_tiny_run_output(tiny_run):
     assert f"run directory: runs/{run.name}" in result.stderr
     assert f"done: runs/{run.name}/report.json, report.md, figures/" in result.stderr
     assert "Sampling quality vs NFE" in result.stdout and "Recovery (Section 5.1)" in result.stdout
+    lines = result.stdout.splitlines()  # piped: report.md as written, every number in full (not rich's layout)
+    assert any(line.startswith("| NFE | student dpdm |") for line in lines) and "…" not in result.stdout
 
 
 def test_latest_points_at_the_run(tiny_run):
@@ -392,7 +394,7 @@ def test_recover_table(tiny_run, tmp_path):
     fig = tmp_path / "rec.png"
     r = ok(invoke("recover", "--sigma", "2.0", "--sigma", "0.5", "--run", tiny_run["run"], "--figure", fig))
     assert "Recovery, paper protocol (energy, 300 training items)" in squash(r.stdout)  # wraps to the table's width
-    rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
+    rows = [squash(line.replace("|", " ")) for line in r.stdout.splitlines()]  # piped: Markdown tables
     assert "σ 2 0.5" in rows  # Table 1's layout: one column per σ, in the order given
     data = json.loads((tiny_run["run"] / "eval" / "recover.json").read_text())
     for name in ("noisy", "teacher", "student"):
@@ -756,7 +758,7 @@ def test_eval_cross_is_direct_generation_and_metric(tiny_run, tmp_path):
             assert cell["nfe"] == nfe and cell["sigmas"] == sigmas.tolist()
             x = ev.generate(model, sampler, sigmas, 150, (2,), seed=2)
             assert cell["value"] == pytest.approx(energy(x, reference), rel=1e-9), (model_name, column)
-    rows = [squash(line.replace("│", " ").replace("┃", " ")) for line in r.stdout.splitlines()]
+    rows = [squash(line.replace("|", " ")) for line in r.stdout.splitlines()]  # piped: Markdown tables
     cells = data["cells"]["student"]
     assert f"student {cells['dpdm']['value']:.4g} (NFE 4) {cells['heun']['value']:.4g} (NFE 3)" in rows, rows
     assert "lower is better" in squash(r.stdout) and "heun: heun sampler, karras schedule" in squash(r.stdout)

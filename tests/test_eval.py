@@ -239,7 +239,7 @@ def test_eval_ref_then_fid(small_detector, digits_checkpoint, tmp_path):
                                 label_dim=10, seed=0, batch_size=40)
         assert row["value"] == pytest.approx(metric(x, got), rel=1e-6)
     assert (tmp_path / "fid-steps01.png").read_bytes()[:4] == b"\x89PNG"
-    rows = [squash(line.replace("│", " ")) for line in r.stdout.splitlines()]
+    rows = [squash(line.replace("|", " ")) for line in r.stdout.splitlines()]  # piped: Markdown tables
     assert any(row.startswith(f"1 1 {data['results'][0]['value']:.4g} ") for row in rows), rows
 
 

@@ -1,4 +1,5 @@
-"""What every ``dpdm`` command shares: the two consoles, ``user_errors`` (a ``DpdmError`` is one red line and exit
+"""What every ``dpdm`` command shares: the two consoles, tables and Markdown on stdout (``show_table``,
+``show_markdown``: plain Markdown when piped), ``user_errors`` (a ``DpdmError`` is one red line and exit
 code 1), the handler that shows the library's log records (``show_logs``), the list options (``--steps 4 5 6``),
 number-list parsing, and the ``--nproc`` launcher.
 
@@ -68,6 +69,74 @@ def show_logs() -> None:
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR)
 
 
+def flags_take_no_value() -> None:
+    """Show a boolean flag in ``--help`` as a flag: ``--dry-run``, not ``--dry-run <bool>``. Typer's rich help (0.29)
+    prints every option's type, flags' (and ``--help``'s) included, though a flag takes no value; click's plain help
+    and earlier typers print none. A no-op where typer has no such method."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "dpdm_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.dpdm_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+def versions() -> dict[str, str | None]:
+    """The installed versions of dpdm's four distributions and torch (None: not installed), read from their
+    metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("dpdm-core", "dpdm-nets", "dpdm-data", "dpdm-cli", "torch"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def show_markdown(text: str) -> None:
+    """Markdown on stdout: rendered by rich on a terminal; piped or logged, the text itself (rich would lay it out
+    for 80 columns and cut the numbers of a wide table to ``0.0…``)."""
+    if console.is_terminal:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(text))
+    else:
+        console.out(text.rstrip("\n"), highlight=False)
+
+
+def show_table(table) -> None:
+    """A rich ``Table`` on stdout: as a table on a terminal; piped or logged, as Markdown (``table_markdown``)."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        console.out(table_markdown(table), highlight=False)
+
+
+def table_markdown(table) -> str:
+    """A rich ``Table`` as Markdown text: its title, header, rows and caption, every cell in full."""
+    from rich.text import Text
+
+    def plain(cell) -> str:
+        text = cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+        return text.replace("\n", " ").replace("|", "\\|")
+
+    columns = table.columns
+    lines = [plain(table.title), ""] if table.title else []
+    lines.append("| " + " | ".join(plain(c.header) for c in columns) + " |")
+    lines.append("|" + "|".join("---:" if c.justify == "right" else "---" for c in columns) + "|")
+    lines += ["| " + " | ".join(map(plain, row)) + " |" for row in zip(*(list(c.cells) for c in columns))]
+    if table.caption:
+        lines += ["", plain(table.caption)]
+    return "\n".join(lines)
+
+
 def join_list_options(args: list[str]) -> list[str]:
     """``[..., "--steps", "4", "5", "--num", "8"]`` → ``[..., "--steps", "4,5", "--num", "8"]``."""
     out, i = [], 0
@@ -121,7 +190,8 @@ def user_errors(fn):
 
 def error(message: str) -> None:
     """``error: <message>`` in red on stderr, the message printed verbatim (not as markup)."""
-    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    # soft_wrap: no line breaks of rich's own (80 columns when piped), so a logged message stays whole
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def _numbers(values: list[str] | None, option: str, parse: Callable[[str], float], what: str) -> list:

@@ -198,5 +198,5 @@ def save_grids(folder: Path, stem: str, grids: dict) -> None:
 
     for key, x in grids.items():
         if len(x):
-            figures.save_samples(x, folder / f"{stem}-{key}.png")
+            figures.save_samples(x, folder / f"{stem}-{key}.png", title=f"{stem} {key}")
 

@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, ints, launch, local_path, user_errors
+from .common import console, ints, launch, local_path, show_markdown, show_table, user_errors
 from .eval_inputs import (
     load_reference,
     metric_on_ranks,
@@ -162,7 +162,7 @@ def _fid_table(result: dict) -> None:
         t.add_column(col, justify="right")
     for r in result["results"]:
         t.add_row(str(r["steps"]), str(r["nfe"]), f"{r['value']:.4g}", f"{r['seconds']:.1f}")
-    console.print(t)
+    show_table(t)
 
 
 @eval_app.command("sweep")
@@ -244,9 +244,7 @@ def sweep_cmd(
             for role, by_sampler in grids.items():
                 save_grids(folder / "grids", role, {f"{s}-nfe{k:02d}": x for s, by in by_sampler.items()
                                                 for k, x in by.items()})
-            from rich.markdown import Markdown
-
-            console.print(Markdown(sweep_markdown(result)))
+            show_markdown(sweep_markdown(result))
             run_dir.publish()
             console.print(f"wrote {escape(run_dir.final(folder))}/sweep.json, sweep.md, nfe_curve.png, grids/", highlight=False)
 
@@ -306,13 +304,14 @@ def cross_cmd(
             try:
                 from dpdm.core.eval import figures
 
-                panels = {m: {c: (f"{m}, {c} sampler, NFE {cell['nfe']}", grids[m][c]) for c, cell in row.items()}
+                panels = {m: {c: (f"{m}, {c} sampler, NFE {cell['nfe']}", grids[m][c], figures.colour(m, c))
+                              for c, cell in row.items()}
                           for m, row in cells.items()}
                 figures.panel_grid(panels, kind, figure, title=f"Models × samplers at NFE {nfe} (DPDM paper, "
                                                                 f"Figure 6): {recipe.name}")
             except ImportError:
                 figure = None
-            console.print(_cross_table(result))
+            show_table(_cross_table(result))
             run_dir.publish()
             console.print(f"wrote {escape(run_dir.final(folder / 'cross.json'))}"
                           + (f", figure {escape(run_dir.final(figure))}" if figure else ""), highlight=False)

@@ -16,18 +16,42 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import ListOptionsGroup, command_argv, console, err, launch, show_logs, sigterm_exits, user_errors
+from .common import (
+    ListOptionsGroup,
+    command_argv,
+    console,
+    err,
+    launch,
+    flags_take_no_value,
+    show_logs,
+    show_markdown,
+    show_table,
+    sigterm_exits,
+    user_errors,
+    versions,
+)
 from .data import data_app
 from .evaluation import eval_app
 from .recover import recover
 from .sample import sample
 
-app = typer.Typer(cls=ListOptionsGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=ListOptionsGroup, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-Prediction Denoising Models: distill EDM teachers into few-step denoisers.")
+flags_take_no_value()
+
+
+def _print_versions(value: bool) -> None:
+    if value:
+        for name, version in versions().items():
+            console.out(f"{name} {version or 'not installed'}", highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
-def _every_command() -> None:
+def _every_command(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_versions,
+                                 help="Print the versions of dpdm-core, dpdm-nets, dpdm-data, dpdm-cli and torch"),
+) -> None:
     show_logs()  # also when the app is invoked in-process (typer's CliRunner), not only through main()
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -79,9 +103,7 @@ def run(
                           + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))
             run_recipe(plan, run_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
             if dist.is_main:
-                from rich.markdown import Markdown
-
-                console.print(Markdown(run_dir.read_text(REPORT_MD)))
+                show_markdown(run_dir.read_text(REPORT_MD))
                 err.print(f"[green]done:[/] {escape(str(run_dir))}/report.json, report.md, figures/")
             finished = True
     finally:
@@ -100,7 +122,7 @@ def _claim_run_dir(recipe, out: Optional[str], resume: Optional[str]):
     if resume is None:
         run_dir = RunDir(out if out is not None else new_run_dir(recipe.name))
     elif resume == "latest":
-        run_dir = resolve_run(out)
+        run_dir = resolve_run(out, given_by="the run: --resume RUN_DIR, or --out RUN_DIR --resume latest")
     else:
         run_dir = resolve_run(resume)
         if out is not None and RunDir(out) != run_dir:
@@ -136,7 +158,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print machine-re
     for kind, rows in data.items():
         for r in rows:
             t.add_row(kind, r["name"], r["distribution"] or "?", r["version"] or "?", r["plugin"])
-    console.print(t)
+    show_table(t)
 
 
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints from other code bases into dpdm checkpoints.")

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, err, floats, local_path, user_errors
+from .common import console, err, floats, local_path, show_table, user_errors
 from .eval_inputs import resolve_metric
 
 PAPER_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 2.0, 5.0, 7.5, 10.0]  # Table 1 of the DPDM paper
@@ -121,7 +121,7 @@ def recover(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    console.print(recovery_table(result))
+    show_table(recovery_table(result))
     console.print(f"wrote {escape(str(out_path))}" + (f", figure {escape(result['figure'])}" if fig_path else ""),
                   highlight=False)
 

@@ -3,6 +3,7 @@ of Figure 6 and recovery (Section 5.1); writes the figures and returns the repor
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 
@@ -201,29 +202,38 @@ def seed_spread(recipe, student, teacher, metric_fn, reference, s_vals, u_vals, 
 
 def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, clean, rec_examples, sweep, metric,
              progress, *, noise: dict | None = None, cross=None, title: str = ""):
-    try:
-        from ..eval import figures
-    except ImportError:  # pragma: no cover - matplotlib missing
+    if importlib.util.find_spec("matplotlib") is None:  # the figures module imports it only when drawing
         log.warning("matplotlib is not installed; skipping figures (pip install matplotlib)")
         return
+    from ..eval import figures
+
     n = cfg.figure_samples if kind == "image" else cfg.num_samples
     prefix = f"{title}: " if title else ""
-    panels = {"data": reference[:n]}
-    panels.update({f"NFE {k}": v[:n] for k, v in s_samples.items()})
+    student = cfg.student_sampler.name
+
+    def panel_row(samples: dict, role: str, sampler: str, best=None) -> tuple[dict, dict]:
+        """The real data, then one panel per NFE; each panel coloured like its model/sampler everywhere."""
+        panels = {"data": reference[:n]}
+        panels.update({f"NFE {k}" + (" (best)" if k == best else ""): v[:n] for k, v in samples.items()})
+        return panels, {label: figures.colour("data" if label == "data" else role, sampler) for label in panels}
+
+    panels, colours = panel_row(s_samples, "student", student)
     panels[f"NFE 1, σmax={one['best_sigma_max']:g}"] = one["samples"][:n]
-    figures.samples_figure(panels, kind, figs / "samples_student.png", title=f"{prefix}DPDM student (dpdm sampler)")
-    for name, by_nfe in t_samples.items():  # the student's step counts, and the teacher's largest NFE (its best)
-        top = max(by_nfe, default=None)
-        shown = {k: v for k, v in by_nfe.items() if k in s_samples or k == top}
-        panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in shown.items()}}
-        figures.samples_figure(panels, kind, figs / f"samples_teacher_{name}.png",
-                               title=f"{prefix}teacher, {name} sampler")
-    panels = {"data": reference[:n], **{f"NFE {k}": v[:n] for k, v in u_samples.items()}}
-    figures.samples_figure(panels, kind, figs / "samples_undistilled.png",
-                           title=f"{prefix}undistilled teacher, {cfg.student_sampler.name} with the student's schedule")
+    colours[f"NFE 1, σmax={one['best_sigma_max']:g}"] = figures.colour("student", student)
+    figures.samples_figure(panels, kind, figs / "samples_student.png", colours=colours,
+                           title=f"{prefix}DPDM student ({student} sampler)")
+    for name, by_nfe in t_samples.items():  # the student's step counts, the NFE where this sampler scored best, its top
+        scores, top = sweep["teacher"].get(name, {}), max(by_nfe, default=None)
+        best = int(min(scores, key=scores.get)) if scores else top
+        shown = {k: v for k, v in sorted(by_nfe.items()) if k in s_samples or k in (best, top)}
+        panels, colours = panel_row(shown, "teacher", name, best)
+        figures.samples_figure(panels, kind, figs / f"samples_teacher_{name}.png", colours=colours,
+                               title=f"{prefix}teacher, {name} sampler (best: NFE {best})")
+    panels, colours = panel_row(u_samples, "undistilled", student)
+    figures.samples_figure(panels, kind, figs / "samples_undistilled.png", colours=colours,
+                           title=f"{prefix}undistilled teacher, {student} with the student's schedule")
     floor = noise["real"] if noise else None
-    figures.curve_figure(sweep, metric, figs / "nfe_curve.png", floor=floor,
-                         title=f"{prefix}sample quality vs NFE")
+    figures.curve_figure(sweep, metric, figs / "nfe_curve.png", floor=floor, title=f"{prefix}{metric} vs NFE")
     m = min(8, cfg.figure_samples) if kind == "image" else len(clean)  # Figure 4: a strip of 8 items per cell
     shown = {s: {k: v[:m] for k, v in ex.items()} for s, ex in rec_examples.items()}
     figures.recovery_figure(clean[:m], shown, kind, figs / "recovery.png",
@@ -231,8 +241,8 @@ def _figures(figs, kind, cfg, s_samples, t_samples, u_samples, one, reference, c
     if cross is not None:
         result, grids = cross
         panels = {model: {c: (f"{model} + {c} sampler, NFE {cell['nfe']}\n{metric} {cell['value']:.4g}",
-                              grids[model][c][:n]) for c, cell in row.items()}
+                              grids[model][c][:n], figures.colour(model, c)) for c, cell in row.items()}
                   for model, row in result["cells"].items()}
         figures.panel_grid(panels, kind, figs / "cross.png",
                            title=f"{prefix}models × samplers at NFE {result['nfe']} (Figure 6)\n"
-                                 f"{metric}, lower is better")
+                                 f"{figures.metric_label(metric)}")

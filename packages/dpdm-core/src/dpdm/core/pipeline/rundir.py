@@ -281,13 +281,15 @@ def update_latest(run_dir: str | os.PathLike | RunDir) -> None:
     os.replace(tmp, link)
 
 
-def resolve_run(run: str | os.PathLike | RunDir | None, root: str | os.PathLike = DEFAULT_ROOT) -> RunDir:
-    """The run to use: ``run`` (a path or URL) if given, else ``root/latest``; clear errors if absent."""
+def resolve_run(run: str | os.PathLike | RunDir | None, root: str | os.PathLike = DEFAULT_ROOT, *,
+                given_by: str = "--run DIR") -> RunDir:
+    """The run to use: ``run`` (a path or URL) if given, else ``root/latest``; clear errors if absent.
+    ``given_by``: how the caller's command names a run, for the message when there is none."""
     if run is None:
         latest = Path(root) / "latest"
         if not latest.exists():
             raise DpdmError(f"no run given and {latest} does not exist; run a recipe first "
-                            "(`dpdm run recipes/toy2d.yaml`) or pass --run DIR")
+                            f"(`dpdm run recipes/toy2d.yaml`) or pass {given_by}")
         return RunDir(latest.resolve())
     found = run if isinstance(run, RunDir) else RunDir(run)
     if found.is_local:
