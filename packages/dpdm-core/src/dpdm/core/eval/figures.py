@@ -1,9 +1,10 @@
 """PNG figures of a run: sample panels per NFE, the metric-vs-NFE curve, recovery panels.
 
-Needs matplotlib (dpdm-core's ``plots`` extra, or ``pip install matplotlib``); imported lazily with the Agg backend. Each figure has a builder
-that returns the matplotlib ``Figure`` (``nfe_curve``, ``grid``, ``recovery``; tests read them) and a ``*_figure``
-function that saves it. Samples are in model space: 2-D vectors are scattered, images are tiled into grids. Every
-figure colours a model/sampler the same way (``colour``); every metric is lower-is-better (``metric_label``).
+Needs matplotlib (dpdm-core's ``plots`` extra, or ``pip install matplotlib``); imported lazily with the Agg
+backend. Each figure has a builder that returns the matplotlib ``Figure`` (``nfe_curve``, ``grid``, ``recovery``;
+tests read them) and a ``*_figure`` function that saves it. Samples are in model space: 2-D vectors are scattered,
+images are tiled into grids. Every figure colours a model/sampler the same way (``colour``); every metric is
+lower-is-better (``metric_label``).
 """
 
 from __future__ import annotations
