@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, err, user_errors
+from .common import console, err, sigterm_exits, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare EDM dataset ZIPs, describe datasets, download official "
                                                   "dataset files.")
@@ -82,9 +82,10 @@ def prepare(
     from dpdm.core.progress import RichProgress
     from dpdm.data.prepare import prepare as run_prepare
 
-    report = run_prepare(src, dst, resolution=resolution, transform=transform, kind=source, split=split,
-                         labels=labels, channels=channels, max_images=max_images, workers=workers,
-                         overwrite=overwrite, progress=RichProgress(err))
+    with sigterm_exits():  # a SIGTERM unwinds: the worker pool is shut down and the temporary ZIP removed (exit 143)
+        report = run_prepare(src, dst, resolution=resolution, transform=transform, kind=source, split=split,
+                             labels=labels, channels=channels, max_images=max_images, workers=workers,
+                             overwrite=overwrite, progress=RichProgress(err))
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
