@@ -503,7 +503,7 @@ def test_info_text_json_and_grid(classes, tmp_path):
     facts = json.loads(ok(invoke("info", dst, "--json")).stdout)
     assert facts == {"dataset": "image-zip", "path": str(dst), "kind": "image", "count": 9, "shape": [3, 8, 8],
                      "resolution": 8, "channels": 3, "label_dim": 3, "classes": ["n01", "n02", "n03"],
-                     "histogram": [3, 2, 4]}
+                     "histogram": [3, 2, 4], "labels_from": "dataset.json", "unreadable": []}
     facts = json.loads(ok(invoke("info", dst, "--json", "--set", "xflip=true", "--set", "labels=false")).stdout)
     assert facts["count"] == 18 and facts["label_dim"] == 0 and facts["histogram"] is None
 

@@ -13,12 +13,13 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, err, user_errors
+from .common import console, err, sigterm_exits, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare EDM dataset ZIPs, describe datasets, download official "
                                                   "dataset files.")
 
 SHOWN_SKIPPED = 100  # skipped files listed in the text report (--json lists them all)
+SHOWN_UNREADABLE = 5  # unreadable files named by `data info` (--json lists them all)
 
 
 def _print_report(report) -> None:
@@ -81,9 +82,10 @@ def prepare(
     from dpdm.core.progress import RichProgress
     from dpdm.data.prepare import prepare as run_prepare
 
-    report = run_prepare(src, dst, resolution=resolution, transform=transform, kind=source, split=split,
-                         labels=labels, channels=channels, max_images=max_images, workers=workers,
-                         overwrite=overwrite, progress=RichProgress(err))
+    with sigterm_exits():  # a SIGTERM unwinds: the worker pool is shut down and the temporary ZIP removed (exit 143)
+        report = run_prepare(src, dst, resolution=resolution, transform=transform, kind=source, split=split,
+                             labels=labels, channels=channels, max_images=max_images, workers=workers,
+                             overwrite=overwrite, progress=RichProgress(err))
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -107,6 +109,7 @@ def info(
     --grid OUT.png writes a grid of --num images spread evenly over the dataset."""
     from dpdm.core.config.structure import parse_value
     from dpdm.core.errors import DpdmError
+    from dpdm.core.progress import RichProgress
     from dpdm.data import info as di
 
     options = {}
@@ -116,7 +119,7 @@ def info(
             raise DpdmError(f"--set {item!r}: expected key=value, e.g. --set xflip=true")
         options[key.strip()] = parse_value(value)
     name, ds = di.open_dataset(path, dataset, split, options)
-    facts = di.describe(name, ds, path)
+    facts = di.describe(name, ds, path, progress=RichProgress(err), labels=options.get("labels", True) is not False)
     if grid:
         di.save_png(di.sample_grid(ds, num), grid)
         facts["grid"] = grid
@@ -125,12 +128,21 @@ def info(
         return
     console.print(f"{escape(path or name)}: {name}, split {split}", highlight=False)
     console.print(f"  count       {facts['count']}", highlight=False)
+    bad = facts.get("unreadable") or []
+    if bad:
+        shown = ", ".join(bad[:SHOWN_UNREADABLE]) + (", ..." if len(bad) > SHOWN_UNREADABLE else "")
+        console.print(f"  unreadable  {len(bad)} file{'s' if len(bad) != 1 else ''} that cannot be decoded, not "
+                      f"counted: {escape(shown)} (--json lists them all)", highlight=False)
     if facts["kind"] == "image":
         console.print(f"  resolution  {facts['resolution']}", highlight=False)
         console.print(f"  channels    {facts['channels']}", highlight=False)
     else:
         console.print(f"  shape       {tuple(facts['shape'])} ({facts['kind']})", highlight=False)
     console.print(f"  label_dim   {facts['label_dim']}", highlight=False)
+    if facts.get("labels_from") == "class folders":
+        console.print("  labels      from the class folders, as `dpdm data prepare` writes them (the image-folder "
+                      "dataset reads labels from dataset.json only: prepare a ZIP to train with them)",
+                      highlight=False)
     if facts["histogram"] is not None:
         names = facts["classes"] or []
         for i, n in enumerate(facts["histogram"]):

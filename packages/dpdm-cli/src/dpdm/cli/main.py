@@ -191,6 +191,44 @@ def convert_edm_pkl(
         console.print(f"  [yellow]note:[/] {escape(note)}", highlight=False)
     console.print(f"wrote {escape(dst)}", highlight=False)
 
+
+@convert_app.command("state-dict")
+@user_errors
+def convert_state_dict(
+    src: str = typer.Argument(..., help="A bare state dict, torch.save(model.state_dict(), SRC): a path or URL"),
+    dst: str = typer.Argument(..., help="Where to write the dpdm checkpoint (.safetensors), a path or fsspec URL"),
+    backbone: str = typer.Option(..., "--backbone", help="The network the weights belong to, by registry name and "
+                                                         "options as in a recipe: 'mlp' or '{name: mlp, hidden: 256}'"),
+    shape: str = typer.Option(..., "--shape", help="Shape of one data item: C,H,W for images, D for points"),
+    label_dim: int = typer.Option(0, "--label-dim", min=0, help="Number of classes (0: unconditional)"),
+    precond: str = typer.Option("edm", "--precond", help="Preconditioning, as in a recipe: 'edm' or "
+                                                         "'{name: edm, sigma_data: 0.5}'"),
+):
+    """Load a bare state dict (a backbone's or a denoiser's weights, read without running any code) into a registered
+    backbone, strictly, and save it as a dpdm checkpoint that `dpdm eval --checkpoint` and recipes can use."""
+    from dpdm.core.config.recipe import ModelConfig
+    from dpdm.core.config.structure import structure
+    from dpdm.core.config.yaml import parse_value
+    from dpdm.core.errors import ConfigError, DpdmError
+    from dpdm.core.io.checkpoint import convert_state_dict as convert
+    from dpdm.core.io.checkpoint import network_spec
+
+    try:
+        dims = [int(d) for d in shape.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise DpdmError(f"--shape: expected positive integers separated by commas (3,32,32 or 2), got {shape!r}")
+    try:
+        model = structure(ModelConfig, {"backbone": parse_value(backbone), "precond": parse_value(precond)}, path="-")
+    except ConfigError as exc:  # "-.backbone.name: ..." -> "--backbone.name: ..."
+        raise DpdmError("; ".join(p.replace("-.", "--", 1) for p in exc.problems)) from None
+    spec = network_spec(model.backbone.as_dict(), model.precond.as_dict(), dims, label_dim)
+    net = convert(src, dst, spec)
+    params = sum(p.numel() for p in net.parameters())
+    console.print(f"{escape(src)}: {params:,} parameters into {spec['backbone']['name']}, shape {dims}, label_dim "
+                  f"{label_dim}\nwrote {escape(dst)}", highlight=False)
+
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 

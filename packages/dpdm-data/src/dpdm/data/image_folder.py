@@ -272,6 +272,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self._tensors = (data, labels)
         return self._tensors
 
+    def check(self, progress=None) -> tuple[list[str], list[str]]:
+        """``(files, unreadable)``: the image files this dataset uses, in order, and those of them that cannot be
+        decoded or differ in size from the first (reading would stop at them; ``dpdm data info`` counts them apart).
+        Decodes every file; ``progress``: a ``dpdm.core.progress.Progress``."""
+        from dpdm.core.progress import Progress
+
+        files, bad = [self._files[raw] for raw in self._raw_idx], []
+        with (progress or Progress()).task("check", len(files)) as task:
+            for raw in self._raw_idx:
+                try:
+                    self._decode(int(raw))
+                except DpdmError:
+                    bad.append(self._files[raw])
+                task.advance(1)
+        return files, bad
+
     def close(self) -> None:
         """Close the ZIP handle of this process (it is reopened on the next read)."""
         self._reader.close()

@@ -94,16 +94,52 @@ def _labels(name: str, dataset, path: str | None) -> tuple[list[int] | None, lis
     return histogram, classes
 
 
-def describe(name: str, dataset, path: str | None = None) -> dict:
+def _prepare_labels(name: str, path: str, files: list[str]) -> tuple[list[int] | None, list[str] | None]:
+    """The labels ``dpdm data prepare`` would write for ``files`` of the folder or ZIP ``path`` (its class folders,
+    see ``sources.open_source``) and their class names, or ``(None, None)``."""
+    from .sources import open_source
+
+    try:
+        source = open_source(path, "folder" if name == "image-folder" else "zip")
+    except DpdmError:  # e.g. loose images beside class folders: prepare needs --no-labels, so no labels
+        return None, None
+    try:
+        if source.labels is None:
+            return None, None
+        by_name = {source.name(i): int(source.labels[i]) for i in range(source.count)}
+    finally:
+        source.close()
+    return [by_name[f] for f in files if f in by_name], source.classes
+
+
+def describe(name: str, dataset, path: str | None = None, progress=None, labels: bool = True) -> dict:
     """The dataset's facts as plain data: dataset, path, kind, count, shape, resolution, channels, label_dim,
-    classes and histogram (``resolution``/``channels`` None for vector data)."""
+    classes and histogram (``resolution``/``channels`` None for vector data). EDM image folders and ZIPs are
+    decoded whole: ``count`` leaves out the images that cannot be read, which ``unreadable`` lists; a folder (or
+    ZIP) whose labels come from its class folders, as ``dpdm data prepare`` writes them, has
+    ``labels_from: "class folders"`` (the dataset itself reads labels from dataset.json only); ``labels=False``: the
+    dataset was opened without labels, so none are looked for."""
     shape = [int(s) for s in dataset.shape]
     image = dataset.kind == "image"
     histogram, classes = _labels(name, dataset, path)
-    return {"dataset": name, "path": path, "kind": dataset.kind, "count": len(dataset), "shape": shape,
-            "resolution": (shape[1] if shape[1] == shape[2] else f"{shape[2]}x{shape[1]}") if image else None,
-            "channels": shape[0] if image else None, "label_dim": int(dataset.label_dim), "classes": classes,
-            "histogram": histogram}
+    facts = {"dataset": name, "path": path, "kind": dataset.kind, "count": len(dataset), "shape": shape,
+             "resolution": (shape[1] if shape[1] == shape[2] else f"{shape[2]}x{shape[1]}") if image else None,
+             "channels": shape[0] if image else None, "label_dim": int(dataset.label_dim), "classes": classes,
+             "histogram": histogram, "labels_from": None}
+    if dataset.label_dim:  # where the labels come from: an EDM folder's or ZIP's dataset.json, or the dataset's files
+        facts["labels_from"] = "dataset.json" if name in ("image-folder", "image-zip") else "dataset"
+    if name in ("image-folder", "image-zip"):
+        files, bad = dataset.check(progress)
+        facts["count"] = len(dataset) * (len(files) - len(bad)) // len(files)  # xflip: two items per file
+        facts["unreadable"] = bad
+        if labels and not dataset.label_dim and path and _edm_metadata(path, name) is None:  # a raw tree
+            bad_set = set(bad)
+            values, names = _prepare_labels(name, path, [f for f in files if f not in bad_set])
+            if values:
+                label_dim = max(values) + 1
+                facts.update(label_dim=label_dim, classes=names, labels_from="class folders",
+                             histogram=np.bincount(values, minlength=label_dim).tolist())
+    return facts
 
 
 def sample_grid(dataset, num: int = 64) -> np.ndarray:

@@ -25,16 +25,22 @@ ZIP is the same, byte for byte, for any number of workers.
 Writing: ``dst`` is a local path or any fsspec URL ending in ``.zip``, written through
 ``dpdm.core.io.storage.AtomicPath``: a local ZIP goes to a hidden temporary sibling of ``dst`` renamed over it at the
 end; other storage gets a local temporary file uploaded at the end (to ``dst`` itself on object stores, whose uploads
-are atomic, else beside it and then moved onto it). Any failure (or Ctrl-C) removes the temporary files, so ``dst`` is
-either complete or untouched.
+are atomic, else beside it and then moved onto it). Any failure (or Ctrl-C, or a SIGTERM to ``dpdm data prepare``)
+removes the temporary files, so ``dst`` is either complete or untouched. A process killed outright (SIGKILL) cannot:
+its temporary file carries its pid, and the next write to ``dst`` removes it (``storage.remove_stale``). The worker
+processes end with the parent however it ends (``end_with_parent``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import posixpath
+import signal
+import threading
+import time
 import zipfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -57,6 +63,7 @@ from .transforms import Spec, convert_chunk, parse_resolution
 CHUNK = 64  # at most this many items per task sent to a worker process
 DATE_TIME = (1980, 1, 1, 0, 0, 0)  # every member's timestamp: the earliest a ZIP can hold
 MAX_WORKERS = 8
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
 def member_name(idx: int) -> str:
@@ -168,7 +175,8 @@ def _results(source: Source, spec: Spec, workers: int) -> Iterator[tuple]:
         for a, b in ranges:
             yield from convert_chunk([source.read(i) for i in range(a, b)], spec)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))  # never fork a process that holds torch
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),  # never fork a process that holds torch
+                               initializer=end_with_parent, initargs=(os.getpid(),))
     pending = deque()
 
     def submit(a: int, b: int) -> None:
@@ -190,6 +198,25 @@ def _results(source: Source, spec: Spec, workers: int) -> Iterator[tuple]:
             yield from converted
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def end_with_parent(parent: int) -> None:
+    """Pool worker initializer: the worker ends with ``parent``. Ctrl-C is the parent's to handle (it shuts the pool
+    down); if the parent dies, even by SIGKILL, the kernel sends SIGTERM (Linux's ``PR_SET_PDEATHSIG``) or, elsewhere,
+    a thread that watches the parent pid ends the worker within a second."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (AttributeError, OSError, TypeError):  # not Linux
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _check_size(source: Source, i: int, size: tuple[int, int], first: tuple[int, tuple[int, int]] | None) -> None:

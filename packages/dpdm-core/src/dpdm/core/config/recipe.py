@@ -56,7 +56,9 @@ class TeacherTrainConfig:
 class TeacherConfig:
     """Where the teacher comes from: trained here (``train``) or loaded (``checkpoint``)."""
 
-    checkpoint: str | None = None  # path or URL of a dpdm checkpoint (.safetensors) or an official EDM .pkl
+    # path or URL of a dpdm checkpoint (.safetensors), an official EDM .pkl, or a bare state dict
+    # (torch.save(net.state_dict())) of the network `model` names
+    checkpoint: str | None = None
     train: TeacherTrainConfig = attrs.field(factory=TeacherTrainConfig)
 
 

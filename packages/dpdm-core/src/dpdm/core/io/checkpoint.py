@@ -30,6 +30,7 @@ from torch import nn
 
 from . import storage
 from .cache import import_cache_path, local_copy
+from .torch_files import PICKLE, TORCH_ZIP, BareStateDict, file_format
 from ..errors import DpdmError, UnknownComponentError
 from ..plugins.registry import get
 
@@ -134,37 +135,53 @@ def safetensors_metadata(data: bytes) -> dict:
 
 def _instantiate(state: dict, spec: dict, url: str, fit: str = "its own network spec") -> nn.Module:
     """The network of ``spec`` with the weights ``state`` (all of them, exactly)."""
+    return _load_into(_build(spec, url), state, url, fit)
+
+
+def _build(spec: dict, url: str) -> nn.Module:
     try:
-        model = build_denoiser(spec)
+        return build_denoiser(spec)
     except UnknownComponentError as exc:
         raise DpdmError(f"checkpoint {url!r}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise DpdmError(f"checkpoint {url!r}: cannot build its network {spec['backbone']} ({exc})") from None
+
+
+def _load_into(model: nn.Module, state: dict, url: str, fit: str) -> nn.Module:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise DpdmError(f"checkpoint {url!r} does not fit {fit}: {exc}") from None
+    except RuntimeError as exc:  # shape mismatches: torch lists each on a line of its own
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+        raise DpdmError(f"checkpoint {url!r} does not fit {fit}: {_few(lines)}") from None
     if missing or unexpected:
-        raise DpdmError(f"checkpoint {url!r} does not fit {fit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise DpdmError(f"checkpoint {url!r} does not fit {fit}: missing {_few(missing)}, unexpected {_few(unexpected)}")
     return model
 
 
-def sniff(url: str, local: str | None = None) -> str:
-    """``"edm"`` for pickles (protocol 2+) and torch zip files, else ``"safetensors"``.
+def _few(items: list[str]) -> str:
+    """At most five of ``items``, with their count when there are more."""
+    return f"{items[:5]}" + (f" ({len(items)} in all)" if len(items) > 5 else "")
 
-    A safetensors file starts with its header's length (8 bytes, little-endian) and the header's
-    ``{``; a pickle with the byte 0x80 and its protocol, then (protocols 4 and 5) a FRAME opcode.
-    Anything else is left to the safetensors reader, which explains what is wrong with it.
-    """
+
+def state_dict_model(state: dict, spec: dict, url: str) -> nn.Module:
+    """The network of ``spec`` with the weights of a bare state dict: the denoiser's own (``model.``-prefixed keys)
+    or those of its backbone alone (a backbone's ``state_dict()``; the preconditioning keeps it as ``model``)."""
+    model = _build(spec, url)
+    own = set(model.state_dict())
+    if len(set(state) & own) < len({f"model.{k}" for k in state} & own):
+        state = {f"model.{k}": v for k, v in state.items()}
+    options = {k: v for k, v in spec["backbone"].items() if k != "name"}
+    fit = f"the backbone {spec['backbone']['name']} {json.dumps(options)} for shape {list(spec['shape'])}"
+    return _load_into(model, state, url, fit)
+
+
+def sniff(url: str, local: str | None = None) -> str:
+    """``"edm"`` for pickles (any protocol) and torch zip files, else ``"safetensors"`` (``torch_files.file_format``
+    tells them apart by their first bytes). Anything else is left to the safetensors reader, which explains what is
+    wrong with it."""
     with _open(local or local_copy(url), url) as f:
-        head = _read(f, url, 16)
-    if head[8:9] == b"{":
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04":
-        return "edm"
-    if len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and (head[2] == 0x95 or (head[1] < 4 and head[2])):
-        return "edm"
-    return "safetensors"
+        head = _read(f, url, 256)
+    return "edm" if file_format(head) in (TORCH_ZIP, PICKLE) else "safetensors"
 
 
 def import_edm(url: str, local: str | None = None):
@@ -204,12 +221,18 @@ def _load_edm(url: str, local: str) -> tuple[nn.Module, dict]:
     return model, spec
 
 
-def load_checkpoint(url: str, device="cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(url: str, device="cpu", spec: dict | None = None) -> tuple[nn.Module, dict]:
     """``(denoiser, network_spec)`` from a dpdm checkpoint or an official EDM snapshot (imported on
-    the fly, cached); the denoiser ``D(x, sigma, class_labels=None)`` is in eval mode."""
+    the fly, cached); the denoiser ``D(x, sigma, class_labels=None)`` is in eval mode. ``spec``: the network a bare
+    state dict (``torch.save(model.state_dict())``) is loaded into; without it such a file is an error."""
     local = local_copy(url)
     if sniff(url, local) == "edm":
-        model, spec = _load_edm(url, local)
+        try:
+            model, spec = _load_edm(url, local)
+        except BareStateDict as exc:
+            if spec is None:
+                raise
+            model = state_dict_model(exc.state, spec, url)
     else:
         with _open(local, url) as f:
             state, spec, _ = _parse(_read(f, url), url)
@@ -253,3 +276,21 @@ def convert_edm_pickle(src: str, dst: str):
     model, spec, snapshot, notes = import_edm(src, local)
     save_denoiser(dst, model, spec, _edm_extra(src, snapshot))
     return spec, snapshot, notes
+
+
+def convert_state_dict(src: str, dst: str, spec: dict) -> nn.Module:
+    """Load the bare state dict ``src`` (``torch.save(model.state_dict(), ...)``, read without running code) into
+    the network of ``spec`` and save it as the dpdm checkpoint ``dst``; returns the network."""
+    local = local_copy(src)
+    if sniff(src, local) != "edm":
+        raise DpdmError(f"{src!r} is not a torch.save file or pickle; if it is a dpdm checkpoint already, there is "
+                        "nothing to convert")
+    try:
+        import_edm(src, local)
+    except BareStateDict as exc:
+        model = state_dict_model(exc.state, spec, src)
+    else:
+        raise DpdmError(f"{src!r} is an official EDM snapshot, not a bare state dict: convert it with "
+                        "`dpdm convert edm-pkl`")
+    save_denoiser(dst, model, spec, {"source": src})
+    return model

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import DpdmError
 from .storage import first_line
+from .torch_files import BareStateDict, is_state_dict, pickled_module_class, whole_module_error
 
 # Preconditioning and backbone classes we can map, with the names they get in our registry.
 PRECONDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
@@ -145,6 +146,10 @@ ALLOWED = {
 }
 
 
+class RefusedGlobal(DpdmError):
+    """A pickle that references a global outside ``ALLOWED``."""
+
+
 class EDMUnpickler(pickle.Unpickler):
     """Unpickles an EDM snapshot; any global outside ``ALLOWED`` raises a ``DpdmError``."""
 
@@ -154,9 +159,9 @@ class EDMUnpickler(pickle.Unpickler):
         try:
             return ALLOWED[(module, name)]
         except (KeyError, TypeError):
-            raise DpdmError(f"refusing to load {self.source!r}: it references the global '{module}.{name}', which "
-                            "an EDM snapshot never needs; the file is not an official EDM snapshot or has been "
-                            "tampered with") from None
+            raise RefusedGlobal(f"refusing to load {self.source!r}: it references the global '{module}.{name}', "
+                                "which an EDM snapshot never needs; the file is not an official EDM snapshot or has "
+                                "been tampered with") from None
 
 
 def unpickler_for(source: str) -> type[EDMUnpickler]:
@@ -268,6 +273,11 @@ def read_edm_snapshot(file, source: str) -> EDMSnapshot:
     """Read an EDM snapshot from the binary, seekable ``file``; ``source`` names it in messages."""
     try:
         top = _unpickle(file, source)
+    except RefusedGlobal:
+        module_class = pickled_module_class(file, {f"{m}.{n}" for m, n in ALLOWED})  # torch.save(model): say so
+        if module_class:
+            raise whole_module_error(source, module_class) from None
+        raise
     except DpdmError:
         raise
     except UnsafeTensorBlob as exc:
@@ -276,8 +286,11 @@ def read_edm_snapshot(file, source: str) -> EDMSnapshot:
     except Exception as exc:  # truncated data (EOFError, UnpicklingError), our checks on tensors
         raise DpdmError(f"cannot read {source!r}: the pickle is truncated or corrupt ({first_line(exc)}); "
                         "download it again or check that it is an official EDM snapshot") from None
+    if is_state_dict(top):
+        raise BareStateDict(source, top)
     if not isinstance(top, dict) or not ({"ema", "net"} & set(top)):
         keys = sorted(map(str, top)) if isinstance(top, dict) else None
+        keys = keys[:8] + [f"... {len(keys)} in all"] if keys and len(keys) > 8 else keys
         raise DpdmError(f"{source!r} holds {f'the keys {keys}' if keys is not None else f'a {_describe(top)}'}, not "
                         "an EDM network: only network snapshot pickles (network-snapshot-*.pkl, with 'ema') and "
                         "training states (training-state-*.pt, with 'net') are supported")

@@ -18,9 +18,11 @@ environment, read by s3fs/botocore and by fsspec's configuration:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -29,6 +31,10 @@ from typing import Callable
 import fsspec
 from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+STAGE = "dpdm-stage-"  # AtomicPath's local staging folders for remote storage: dpdm-stage-<pid>-<random>
+_HOST = socket.gethostname().replace("/", "_") or "host"  # in temporary names: a shared folder holds several hosts'
 
 # protocols whose "folders" are key prefixes inside buckets: a missing bucket is an error, never created, and
 # one upload is atomic (the object appears only once complete; a failed multipart upload is aborted)
@@ -144,10 +150,12 @@ class AtomicPath:
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
             _make_parent(self.fs, self.target)
+            remove_stale(self.target)
             self._folder = None
             self.path = _sibling(self.target)
         else:  # staged on this machine, uploaded by commit
-            self._folder = tempfile.mkdtemp(prefix="dpdm-")
+            _remove_stale_stages()
+            self._folder = tempfile.mkdtemp(prefix=f"{STAGE}{os.getpid()}-")
             self.path = os.path.join(self._folder, posixpath.basename(self.target) or "upload")
 
     def commit(self) -> None:
@@ -177,9 +185,54 @@ class AtomicPath:
 
 
 def _sibling(path: str) -> str:
-    """A fresh hidden name beside ``path``: ``.<name>.tmp-<random>``."""
+    """A fresh hidden name beside ``path``: ``.<name>.tmp-<pid>-<host>-<random>``; the pid and host let the next
+    write to ``path`` remove what a killed process left (``remove_stale``)."""
     parent, name = posixpath.split(path)
-    return posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    return posixpath.join(parent, f".{name}.tmp-{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale(path: str) -> list[str]:
+    """Remove the temporary siblings of the local file ``path`` (``_sibling``) left by processes of this host that
+    are gone (killed while writing, so they could not remove them); returns their paths."""
+    parent, name = os.path.split(path)
+    prefix = f".{name}.tmp-"
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid, _, rest = entry[len(prefix):].partition("-")
+        if not pid.isdigit() or rest.rpartition("-")[0] != _HOST or _alive(int(pid)):
+            continue  # not ours, another host's (a shared filesystem), or still being written
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(parent, entry))
+            removed.append(os.path.join(parent, entry))
+    for stale in removed:
+        logger.info("removed %s, left by a process that was killed while writing %s", stale, path)
+    return removed
+
+
+def _remove_stale_stages() -> None:
+    """Remove the staging folders (``AtomicPath`` for remote storage) that killed processes left in the temp dir."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(root):
+            pid = entry[len(STAGE):].partition("-")[0]
+            if entry.startswith(STAGE) and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user's
+        return True
+    return True
 
 
 def _make_parent(fs, path: str) -> None:

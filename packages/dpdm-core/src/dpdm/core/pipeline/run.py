@@ -73,7 +73,8 @@ def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bo
         phase = RunContext(recipe, run_dir, dist, progress, tracker, resume)
         t0 = time.perf_counter()
         if recipe.teacher.checkpoint:
-            teacher, spec = load_checkpoint(recipe.teacher.checkpoint, device=device)
+            # the recipe's model: the network a bare state dict (torch.save(net.state_dict())) is loaded into
+            teacher, spec = load_checkpoint(recipe.teacher.checkpoint, device=device, spec=spec)
             check_teacher_fits(spec, train_set, recipe.teacher.checkpoint)
         else:
             teacher = train_teacher(recipe, spec, train_set, phase)
