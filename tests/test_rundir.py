@@ -285,6 +285,19 @@ def test_the_same_recipe_resumes(finished):
     assert not (finished / ".lock").exists()
 
 
+def test_a_resume_without_a_snapshot_says_the_phase_starts_over(finished, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "checkpoints" / "train" / "student")  # killed before the student's first snapshot
+    result = invoke("run", TOY2D, *sets(TINY), "--out", run, "--resume", "latest")
+    assert result.exit_code == 0, result.output
+    log = " ".join(result.stderr.split())
+    assert "teacher: resumed from" in log
+    assert "student: --resume found no training snapshot under" in log and "starts from step 0" in log
+
+
 # --- fsspec URLs ---------------------------------------------------------------------------------------------------
 
 

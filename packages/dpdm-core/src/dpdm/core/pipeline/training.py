@@ -56,6 +56,9 @@ class RunContext:
         if self.resume:
             if trainer.resume():
                 log.info("%s: resumed from %s (step %d)", job.phase, trainer.last_saved, trainer.step)
+            else:  # killed before its first snapshot, or a phase that had not started: said, not silent
+                log.warning("%s: --resume found no training snapshot under %s; this phase starts from step 0",
+                            job.phase, snapshots.root)
         else:
             found = self.dist.broadcast_object(snapshots.latest() if self.dist.is_main else None)
             if found is not None:
