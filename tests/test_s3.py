@@ -424,6 +424,32 @@ def test_cli_on_unreachable_storage(unreachable, tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_a_checkpoint_dir_on_unreachable_storage_is_a_recipe_problem(unreachable, tmp_path, monkeypatch):
+    """``engine.checkpoint.dir`` is refused by ``--dry-run`` (and so before a real run makes its directory) in one
+    line, as a data path on that storage is, not with botocore's traceback at the first snapshot."""
+    monkeypatch.chdir(tmp_path)
+    started = time.perf_counter()
+    url = f"s3://{BUCKET}/ckpt"
+    lines = _cli_error("run", TOY2D, "--dry-run", "--set", f"engine.checkpoint.dir={url}")
+    assert lines[0].endswith("(1 problem):") and len(lines) == 2, lines
+    assert lines[1].startswith(f"  - recipe.engine.checkpoint.dir: cannot write {url}: Could not connect to the "
+                               f"endpoint URL") and ENDPOINT_HINT in lines[1]
+    (line,) = _cli_error("run", TOY2D, "--out", f"s3://{BUCKET}/run")  # not "the bucket does not exist"
+    assert line.startswith(f"error: cannot write the run directory s3://{BUCKET}/run: Could not connect to the "
+                           f"endpoint URL")
+    assert list(tmp_path.iterdir()) == [] and time.perf_counter() - started < 20
+
+
+def test_a_checkpoint_dir_in_a_missing_bucket_is_a_recipe_problem(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = _cli_error("run", TOY2D, "--dry-run", "--set", f"engine.checkpoint.dir=s3://{MISSING_BUCKET}/ckpt")
+    assert lines[1].startswith(f"  - recipe.engine.checkpoint.dir: cannot write s3://{MISSING_BUCKET}/ckpt: bucket "
+                               f"{MISSING_BUCKET!r} does not exist (dpdm does not create buckets)")
+    assert not s3.exists(MISSING_BUCKET) and list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(app, ["run", TOY2D, "--dry-run", "--set", f"engine.checkpoint.dir=s3://{BUCKET}/ok"])
+    assert result.exit_code == 0, result.output
+
+
 # --- a run directory on S3 ----------------------------------------------------------------------------------------
 
 RUN_TINY = ["teacher.train.steps=3", "train.steps=2", "train.fake_updates=1", "eval.num_samples=50",

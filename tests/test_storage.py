@@ -8,6 +8,7 @@ import uuid
 import fsspec
 import pytest
 
+from dpdm.core.errors import DpdmError
 from dpdm.core.io import storage
 from dpdm.core.io.storage import AtomicPath, write_atomic
 
@@ -111,3 +112,66 @@ def test_local_files_get_the_umask_permissions(tmp_path):
 def test_first_line():
     assert storage.first_line(ValueError("one\ntwo")) == "one"
     assert storage.first_line(ValueError("  \n")) == "ValueError"
+
+
+# --- destinations: refused before any work, nothing written ---------------------------------------------------------
+
+
+def _tree(folder) -> list:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def test_a_destination_below_a_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for url, folder in ((tmp_path / "afile" / "x.png", False), (tmp_path / "afile" / "a" / "b", True)):
+        with pytest.raises(DpdmError) as info:
+            storage.check_destination(str(url), folder=folder, what="--out ")
+        assert str(info.value) == f"cannot write --out {url}: {tmp_path / 'afile'} is a file, not a folder"
+    assert _tree(tmp_path) == [tmp_path.joinpath("afile").relative_to(tmp_path)]
+
+
+def test_a_file_where_a_folder_is_wanted_and_the_reverse(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(DpdmError, match=rf"^cannot write {tmp_path}/f: {tmp_path}/f is a file, not a folder$"):
+        storage.check_destination(str(tmp_path / "f"), folder=True)
+    with pytest.raises(DpdmError, match=rf"^cannot write {tmp_path}: {tmp_path} is a folder, not a file$"):
+        storage.check_destination(str(tmp_path))
+
+
+def test_an_unknown_protocol_is_refused():
+    with pytest.raises(DpdmError, match=r"^cannot write foo://b/x.png: Protocol not known: foo$"):
+        storage.check_destination("foo://b/x.png")
+
+
+def test_writable_destinations_pass_and_nothing_is_created(tmp_path):
+    storage.check_destination(str(tmp_path / "new" / "deeper" / "x.json"))
+    storage.check_destination(str(tmp_path / "new" / "run"), folder=True)
+    storage.check_destination(str(tmp_path / "x.json"))
+    storage.check_destination(str(tmp_path), folder=True)
+    storage.check_destination(f"memory://check-{uuid.uuid4().hex[:8]}/x.json")
+    assert _tree(tmp_path) == []
+
+
+def test_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
+    """As root, chmod does not deny; the permission answer is then simulated."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    with pytest.raises(DpdmError, match=rf"^cannot write {locked}/a/x.png: {locked} is not writable "
+                                                r"\(permission denied\)$"):
+        storage.check_destination(str(locked / "a" / "x.png"))
+    assert list(locked.iterdir()) == []
+    locked.chmod(0o700)
+
+
+def test_a_read_only_file_system_is_refused(tmp_path, monkeypatch):
+    real = os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if str(p) == str(tmp_path) else real(p))
+    with pytest.raises(DpdmError, match=rf"{tmp_path} is on a read-only file system$"):
+        storage.check_destination(str(tmp_path / "x.json"))

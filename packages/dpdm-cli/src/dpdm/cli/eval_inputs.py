@@ -13,13 +13,13 @@ from typing import Optional
 from .common import err
 
 
-def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, device="cpu", progress=None):
-    """``(name, metric fn)``: ``--detector`` alone means ``fid`` with that detector; ``--metric NAME`` any metric
-    (``fid`` takes ``--detector``); neither: the run's ``eval.metric``."""
+def metric_spec(metric: str | None, detector: str | None, recipe=None, kind: str | None = None):
+    """``(name, options)`` of the metric to use, checked without building it: ``--detector`` alone means ``fid``
+    with that detector; ``--metric NAME`` any metric (``fid`` takes ``--detector``); neither: the run's
+    ``eval.metric``. ``kind``: the data's (``image`` or ``vector``); a metric that does not apply to it is refused."""
     from dpdm.core.errors import DpdmError
-    from dpdm.core.eval.metrics import make_metric
+    from dpdm.core.eval.metrics import data_problem
 
-    data = (recipe.data.name, recipe.data.options) if recipe is not None else None
     if metric is None and detector is None:
         if recipe is None:
             raise DpdmError("no metric: give --detector PATH (the FID Inception-v3) or --metric NAME "
@@ -32,21 +32,35 @@ def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, 
             if name != "fid":
                 raise DpdmError(f"--detector is the FID Inception-v3; metric {name!r} does not take it")
             options["detector"] = detector
-    if name == "fid":
-        if "detector" not in options:
-            raise DpdmError("metric fid needs the FID Inception-v3: give --detector PATH or URL "
-                            "(inception-2015-12-05.pkl/.pt, or pytorch-fid's pt_inception-2015-12-05-*.pth)")
+    unfit = data_problem(name, kind) if kind is not None else None
+    if unfit:
+        raise DpdmError(("the run's eval.metric " if metric is None and detector is None else "--metric ") + unfit)
+    if name == "fid" and "detector" not in options:
+        raise DpdmError("metric fid needs the FID Inception-v3: give --detector PATH or URL "
+                        "(inception-2015-12-05.pkl/.pt, or pytorch-fid's pt_inception-2015-12-05-*.pth)")
+    return name, options
+
+
+def resolve_metric(metric: Optional[str], detector: Optional[str], recipe=None, device="cpu", progress=None,
+                   kind: str | None = None):
+    """``(name, metric fn)``: the metric of ``metric_spec``, built."""
+    from dpdm.core.eval.metrics import make_metric
+
+    name, options = metric_spec(metric, detector, recipe, kind)
+    data = (recipe.data.name, recipe.data.options) if recipe is not None else None
     return name, make_metric(name, options, data=data, progress=progress, device=device)
 
 
-def metric_on_ranks(dist, metric, detector, recipe, progress):
+def metric_on_ranks(dist, metric, detector, recipe, progress, kind=None):
     """``resolve_metric`` on rank 0 first (it may download a detector or train an fd classifier into the cache),
-    then on the other ranks, which find it cached."""
+    then on the other ranks, which find it cached. The options are checked on every rank first, so that a refused
+    metric stops every rank rather than leaving the others waiting at the barrier."""
+    metric_spec(metric, detector, recipe, kind)
     if dist.is_main:
-        result = resolve_metric(metric, detector, recipe, dist.device, progress)
+        result = resolve_metric(metric, detector, recipe, dist.device, progress, kind)
     dist.barrier()
     if not dist.is_main:
-        result = resolve_metric(metric, detector, recipe, dist.device)
+        result = resolve_metric(metric, detector, recipe, dist.device, kind=kind)
     return result
 
 
@@ -91,7 +105,8 @@ def run_models(run_dir, recipe, dist, metric, detector, ref, progress):
 
     student, spec = load_checkpoint(run_dir.checkpoint("student"), device=dist.device)
     teacher, _ = load_checkpoint(run_dir.checkpoint("teacher"), device=dist.device)
-    name, metric_fn = metric_on_ranks(dist, metric, detector, recipe, progress)
+    kind = "image" if len(spec["shape"]) == 3 else "vector"
+    name, metric_fn = metric_on_ranks(dist, metric, detector, recipe, progress, kind)
     reference, ref_name = load_reference(ref, metric_fn, recipe, dist, progress)
     return student, teacher, spec, name, metric_fn, reference, ref_name
 
@@ -155,6 +170,14 @@ def open_dataset(dataset: str, data: list[str], split: str):
         return get("dataset", name)(split=split, **options)
     except (ValueError, TypeError) as exc:
         raise DpdmError(f"dataset {dataset!r} ({name}): {exc}") from None
+
+
+def check_sigma_max(sigma_max: float | None) -> None:
+    """Refuse a ``--sigma-max`` that is not a positive noise level, before anything is loaded."""
+    from dpdm.core.errors import DpdmError
+
+    if sigma_max is not None and not sigma_max > 0:
+        raise DpdmError(f"--sigma-max: the schedule's largest noise level must be positive, got {sigma_max:g}")
 
 
 def sampling(recipe, model: str, sampler: Optional[str], schedule: Optional[str], sigma_max: Optional[float]):

@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from .common import console, ints, launch, local_path, show_markdown, show_table, user_errors
 from .eval_inputs import (
+    check_sigma_max,
     load_reference,
     metric_on_ranks,
     model_of,
@@ -59,7 +60,9 @@ def ref_cmd(
         launch(nproc)
     from dpdm.core.eval.fid import save_stats
     from dpdm.core.eval.protocols import dataset_stats, is_feature_metric
+    from dpdm.core.io.storage import check_destination
 
+    check_destination(out)  # before a detector is loaded or an image read
     ds = open_dataset(dataset, data or [], split)
     with on_ranks(device) as (dist, progress):
         name, metric_fn = metric_on_ranks(dist, metric, detector, None, progress)
@@ -97,7 +100,7 @@ def fid_cmd(
                                                                     "schedule, else dpdm, for dpdm; the run's teacher "
                                                                     "schedule, else karras, for the others)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule"),
-    seed: int = typer.Option(0, "--seed", help="Image i uses the seed derived from (seed, i)"),
+    seed: int = typer.Option(0, "--seed", min=0, help="Image i uses the seed derived from (seed, i)"),
     batch: int = typer.Option(256, "--batch", min=1, help="Images per generation batch on each rank"),
     out: Optional[Path] = typer.Option(None, "--out", callback=local_path,
                                        help="JSON result (default: RUN/eval/fid-<model>.json or "
@@ -109,12 +112,18 @@ def fid_cmd(
     if nproc is not None:
         launch(nproc)
     from dpdm.core.errors import DpdmError
+    from dpdm.core.io.storage import check_destination
+    from dpdm.core.pipeline.rundir import EVAL
 
     step_list = ints(steps, "--steps")
+    check_sigma_max(sigma_max)
     with on_ranks(device) as (dist, progress):
         from dpdm.core.io.checkpoint import checkpoint_role
 
         net, spec, recipe, run_dir, source = model_of(run, checkpoint, model, dist.device)
+        default = (run_dir.file(EVAL, f"fid-{model}.json") if run_dir is not None
+                   else f"fid-{Path(source.rstrip('/')).stem}.json")
+        check_destination(str(out or default), what="--out " if out else "")  # before any image is generated
         if not step_list:
             step_list = list(recipe.eval.student_steps) if recipe is not None and model == "student" else [4, 5, 6, 7, 8]
         role = model if recipe is not None else checkpoint_role(checkpoint)  # a teacher by default: heun + karras
@@ -181,7 +190,7 @@ def sweep_cmd(
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (fid / fd-<dataset>)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
     metric: Optional[str] = typer.Option(None, "--metric", help="Default: the run's eval.metric"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     batch: int = typer.Option(256, "--batch", min=1, help="Items per generation batch on each rank"),
     out: Optional[Path] = typer.Option(None, "--out", callback=local_path,
                                        help="Output folder (default: RUN/eval/sweep)"),
@@ -193,11 +202,14 @@ def sweep_cmd(
     if nproc is not None:
         launch(nproc)
     from dpdm.core.eval.protocols import nfe_sweep
-    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.io.storage import check_destination
+    from dpdm.core.pipeline.rundir import EVAL, resolve_run
 
     s_nfe = ints(student_nfe, "--student-nfe") or list(DEFAULT_STUDENT_NFE)
     t_nfe = ints(teacher_nfe, "--teacher-nfe") or list(DEFAULT_TEACHER_NFE)
     run_dir = resolve_run(run)
+    # before any point is computed
+    check_destination(str(out) if out else run_dir.file(EVAL, "sweep"), folder=True, what="--out " if out else "")
     recipe = run_dir.recipe()
     cfg = recipe.eval
     names = [x.strip() for v in (teacher_sampler or []) for x in v.split(",") if x.strip()]
@@ -259,7 +271,7 @@ def cross_cmd(
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference statistics .npz (fid / fd-<dataset>)"),
     detector: Optional[str] = typer.Option(None, "--detector", help="FID Inception-v3 file or URL"),
     metric: Optional[str] = typer.Option(None, "--metric", help="Default: the run's eval.metric"),
-    seed: int = typer.Option(0, "--seed", help="Sample i uses the seed derived from (seed, i), in every cell"),
+    seed: int = typer.Option(0, "--seed", min=0, help="Sample i uses the seed derived from (seed, i), in every cell"),
     batch: int = typer.Option(256, "--batch", min=1, help="Items per generation batch on each rank"),
     out: Optional[Path] = typer.Option(None, "--out", callback=local_path, help="Output folder (default: RUN/eval)"),
     device: str = typer.Option("auto", "--device"),
@@ -274,9 +286,11 @@ def cross_cmd(
     if nfe < 1:
         raise DpdmError(f"--nfe: the number of evaluations must be at least 1, got {nfe}")
     from dpdm.core.eval.protocols import cross_samplings, cross_use
-    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.io.storage import check_destination
+    from dpdm.core.pipeline.rundir import EVAL, resolve_run
 
     run_dir = resolve_run(run)
+    check_destination(str(out) if out else run_dir.file(EVAL), folder=True, what="--out " if out else "")
     recipe = run_dir.recipe()
     samplings = cross_samplings(recipe)
     with on_ranks(device) as (dist, progress):

@@ -77,9 +77,12 @@ def run(
     from dpdm.core.config.recipe import read_recipe
     from dpdm.core.config.structure import dump_yaml, unstructure
     from dpdm.core.pipeline.preflight import preflight
+    from dpdm.core.pipeline.rundir import DEFAULT_ROOT, check_writable
 
     # bounds, then every build (data, nets, divergence, metric, schedules): all problems in one error, before any work
     resolved, _ = read_recipe(str(recipe), list(set_ or []))
+    if out is not None or not (dry_run or resume):  # where the run goes, before anything is built
+        check_writable(out if out is not None else DEFAULT_ROOT)
     plan = preflight(resolved, str(recipe))
     if dry_run:
         console.out(dump_yaml(unstructure(resolved)), highlight=False, end="")  # raw: no wrapping, markup or emoji

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from .common import console, err, floats, local_path, show_table, user_errors
-from .eval_inputs import resolve_metric
+from .eval_inputs import metric_spec, resolve_metric
 
 PAPER_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.5, 0.75, 1.0, 2.0, 5.0, 7.5, 10.0]  # Table 1 of the DPDM paper
 
@@ -44,7 +44,7 @@ def recover(
                                           help="Where to save the panels (default: RUN/figures/recover.png)"),
     figure_sigma: Optional[List[str]] = typer.Option(None, "--figure-sigma", help="σ shown in the figure (default: "
                                                                                   "4 spread over --sigma)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the subset (paper) and each item's noise at each "
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seeds the subset (paper) and each item's noise at each "
                                                             "σ (default: the recipe's seed, as the run's report)"),
     device: str = typer.Option("cpu", "--device"),
 ):
@@ -52,8 +52,10 @@ def recover(
     each recovered set's distance to real data; a table (σ in columns), JSON, and a Figure-4-style panel (rows
     clean / noisy / teacher / student)."""
     from dpdm.core.errors import DpdmError
+    from dpdm.core.eval.figures import check_format
     from dpdm.core.eval.recovery import check_protocol
-    from dpdm.core.pipeline.rundir import resolve_run
+    from dpdm.core.io.storage import check_destination
+    from dpdm.core.pipeline.rundir import EVAL, FIGURES, resolve_run
 
     check_protocol(protocol)
     sigmas = floats(sigma, "--sigma") if sigma else list(PAPER_SIGMAS)
@@ -63,7 +65,15 @@ def recover(
     missing = [s for s in shown if s not in sigmas]
     if missing:
         raise DpdmError(f"--figure-sigma {missing} are not among --sigma {sigmas}")
+    if num is not None and num < 2:
+        raise DpdmError(f"--num must be at least 2, got {num}")
+    if figure is not None:
+        check_format(figure, "--figure")
     run_dir = resolve_run(run)
+    # where the results go, before anything is loaded or computed
+    check_destination(str(out) if out else run_dir.file(EVAL, "recover.json"), what="--out " if out else "")
+    check_destination(str(figure) if figure else run_dir.file(FIGURES, "recover.png"),
+                      what="--figure " if figure else "")
 
     import torch
     from dpdm.core.eval import protocols as ev
@@ -72,12 +82,12 @@ def recover(
     from dpdm.core.train.distributed import resolve_device
 
     dev = resolve_device(device)
-    recipe, teacher, student = load_run(run_dir, device=dev)
+    recipe = run_dir.recipe()
     train_set, test_set = make_dataset(recipe.data, "train"), make_dataset(recipe.data, "test")
-    n = num or recipe.eval.recovery_num
+    metric_spec(metric, detector, recipe, test_set.kind)  # a metric that does not apply: refused before loading
+    recipe, teacher, student = load_run(run_dir, device=dev)
+    n = num if num is not None else recipe.eval.recovery_num
     seed = recipe.seed if seed is None else seed
-    if n < 2:
-        raise DpdmError(f"--num must be at least 2, got {n}")
     from dpdm.core.progress import RichProgress
 
     progress = RichProgress(err)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from .common import console, local_path, user_errors
-from .eval_inputs import sampling
+from .eval_inputs import check_sigma_max, sampling
 
 
 @user_errors
@@ -22,17 +22,22 @@ def sample(
                                                                     "student schedule for dpdm, its teacher schedule, "
                                                                     "karras, for heun and the other ODE samplers)"),
     model: str = typer.Option("student", "--model", help="student or teacher"),
-    num: Optional[int] = typer.Option(None, "--num", help="Samples (default: 64 images or 2000 points)"),
+    num: Optional[int] = typer.Option(None, "--num", min=1, help="Samples (default: 64 images or 2000 points)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule (default: the recipe's)"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(..., "--out", callback=local_path, help="Output PNG"),
+    seed: int = typer.Option(0, "--seed", min=0),
+    out: Path = typer.Option(..., "--out", callback=local_path, help="Output figure: .png, .jpg, .pdf or .svg"),
 ):
     """Draw samples from a run's student (or teacher) and save them as a PNG grid or scatter."""
     from dpdm.core.errors import DpdmError
+    from dpdm.core.eval.figures import check_format
+    from dpdm.core.io.storage import check_destination
     from dpdm.core.pipeline.rundir import resolve_run
 
     if model not in ("student", "teacher"):
         raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
+    check_sigma_max(sigma_max)
+    check_format(out, "--out")
+    check_destination(str(out), what="--out ")  # before the run is loaded or a sample drawn
     run_dir = resolve_run(run)
     from dpdm.core.eval import protocols as ev
     from dpdm.core.eval import figures
@@ -50,7 +55,7 @@ def sample(
         given = f" and --sigma-max {sigma_max:g}" if sigma_max is not None else ""
         raise DpdmError(f"--schedule {schedule_spec['name']} with --steps {steps}{given}: {exc}") from None
     ds = make_dataset(recipe.data, "test")
-    n = num or (64 if ds.kind == "image" else 2000)
+    n = num if num is not None else (64 if ds.kind == "image" else 2000)
     x = ev.generate(net, sample_fn, sigmas, n, tuple(ds.shape), label_dim=ds.label_dim, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     what = f"{sampler_spec['name']} sampler, {schedule_spec['name']} schedule"

@@ -129,6 +129,9 @@ class IKL(Divergence):
     def __init__(self, sigma: SigmaDist, weighting: str = "diffusion", normalize: bool = False,
                  generator_sigma: float = 80.0, eps: float = 1e-8, sigma_data: float = 0.5):
         super().__init__(sigma, weighting, normalize, eps, sigma_data)
+        if not generator_sigma > 0:
+            raise ValueError(f"generator_sigma (the noise level the generator starts from) must be positive, "
+                             f"got {generator_sigma}")
         self.generator_sigma = float(generator_sigma)  # the σ the one-step generator starts from
 
     def student_input(self, x0: torch.Tensor, generator=None):

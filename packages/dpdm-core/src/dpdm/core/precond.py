@@ -80,12 +80,24 @@ class Precond(nn.Module):
         return c_skip * x_in + c_out * f.to(dtype)
 
 
+def _check_range(sigma_min, sigma_max, low: float | None) -> None:
+    """The σ range a network supports: ``low <= sigma_min <= sigma_max`` (``low`` None: ``0 < sigma_min``)."""
+    bottom = sigma_min >= low if low is not None else sigma_min > 0
+    if not (bottom and sigma_min <= sigma_max):
+        need = f"{low:g} <= sigma_min" if low is not None else "0 < sigma_min"
+        raise ValueError(f"need {need} <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
 class EDMPrecond(Precond):
     """EDM preconditioning (Karras et al. 2022, Table 1, "Ours")."""
 
     def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.0,
                  sigma_max: float = math.inf, label_dim: int | None = None):
         super().__init__(backbone, label_dim)
+        if not sigma_data > 0:  # c_in = 1/√(σ² + σ_data²) and c_skip would silently use |σ_data|
+            raise ValueError(f"sigma_data (the standard deviation of the training data) must be positive, "
+                             f"got {sigma_data}")
+        _check_range(sigma_min, sigma_max, low=0.0)
         self.sigma_data = float(sigma_data)  # std of the data the net is trained on
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
@@ -104,6 +116,11 @@ class VPPrecond(Precond):
     def __init__(self, backbone: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000,
                  epsilon_t: float = 1e-5, label_dim: int | None = None):
         super().__init__(backbone, label_dim)
+        problems = [f"{name} must be {what}, got {value}" for name, value, ok, what in (
+            ("beta_d", beta_d, beta_d > 0, "positive"), ("beta_min", beta_min, beta_min >= 0, "at least 0"),
+            ("M", M, M >= 1, "at least 1"), ("epsilon_t", epsilon_t, 0 < epsilon_t < 1, "in (0, 1)")) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
         # EDM computes these in float32: 2**-10 and 152.16697692871094.
         self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, dtype=torch.float32)))
@@ -133,6 +150,7 @@ class VEPrecond(Precond):
     def __init__(self, backbone: nn.Module, sigma_min: float = 0.02, sigma_max: float = 100.0,
                  label_dim: int | None = None):
         super().__init__(backbone, label_dim)
+        _check_range(sigma_min, sigma_max, low=None)  # c_noise = ln(σ/2): σ_min > 0
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def coefficients(self, sigma):

@@ -28,6 +28,8 @@ class SigmaDist:
     def __attrs_post_init__(self):
         if self.kind not in self.KINDS:
             raise ValueError(f"unknown sigma distribution {self.kind!r}; choose one of {', '.join(self.KINDS)}")
+        if not self.P_std >= 0:  # a standard deviation (ln σ ~ N(P_mean, P_std²))
+            raise ValueError(f"P_std (the standard deviation of ln σ) must be at least 0, got {self.P_std}")
         if not 0 < self.min <= self.max:
             raise ValueError(f"need 0 < min <= max, got min={self.min}, max={self.max}")
 

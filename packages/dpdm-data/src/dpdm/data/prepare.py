@@ -55,7 +55,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from dpdm.core.errors import DpdmError
-from dpdm.core.io.storage import AtomicPath, first_line
+from dpdm.core.io.storage import AtomicPath, check_destination, first_line
 
 from .sources import LABELS_FILE, Source, open_source
 from .transforms import Spec, convert_chunk, parse_resolution
@@ -83,10 +83,11 @@ class ZipWriter:
         if not dst.lower().endswith(".zip"):
             raise DpdmError(f"{dst!r}: the destination must be a .zip file (EDM's dataset format is an uncompressed "
                             f"zip), e.g. {posixpath.splitext(dst.rstrip('/'))[0] or 'dataset'}.zip")
+        check_destination(dst)  # unknown protocol, a parent that is a file, no permission, unreachable storage
         try:
             fs, target = fsspec.core.url_to_fs(dst)
             exists = fs.exists(target)
-        except Exception as exc:  # unknown protocol, missing backend, unreachable storage
+        except Exception as exc:  # storage that failed after the check
             raise DpdmError(f"cannot write to {dst!r}: {exc}") from None
         self.dst = dst
         if exists and fs.isdir(target):

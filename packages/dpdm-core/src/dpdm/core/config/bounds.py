@@ -9,13 +9,14 @@ object built in code. A null value of an optional field is always within bounds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 __all__ = ["Bound", "at_least", "bound_problems", "each_at_least", "each_in", "each_positive", "positive",
-           "step_counts", "torch_device"]
+           "run_name", "step_counts", "torch_device"]
 
 
 @attrs.frozen
@@ -52,6 +53,12 @@ def each_in(low: float, high: float) -> Bound:
 
 step_counts = Bound(lambda vs: len(vs) > 0 and all(v >= 1 for v in vs),
                     "a non-empty list of step counts of at least 1, got {}")
+
+
+# a recipe's name names its run folder, runs/<name>-<time>: no '/' or '..' that would put the run elsewhere
+run_name = Bound(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) is not None,
+                 "names the run folder (runs/<name>-<time>), so it must start with a letter or digit and hold only "
+                 "letters, digits, '.', '-' and '_', got {!r}")
 
 
 def _is_device(name: str) -> bool:

@@ -14,7 +14,7 @@ import attrs
 
 from ..sigmas import SigmaDist
 from ..defaults import FAKE_UPDATES, LOG_EVERY, MAX_NONFINITE, STUDENT_BETAS, STUDENT_LR, TEACHER_BETAS, TEACHER_LR
-from .bounds import at_least, each_at_least, each_in, each_positive, positive, step_counts, torch_device
+from .bounds import at_least, each_at_least, each_in, each_positive, positive, run_name, step_counts, torch_device
 from .components import Component, component
 from .structure import structure, structure_deferring_bounds
 from .yaml import apply_overrides, load_yaml
@@ -130,13 +130,14 @@ class EvalConfig:
     # paper: Section 5.1, a random subset of the training split against the full training set (eval.ref for fid);
     # heldout: the first test items against data independent of them
     recovery_protocol: Literal["paper", "heldout"] = "paper"
-    figure_samples: int = 64  # images per grid (points per scatter: num_samples)
+    # images per grid (points per scatter: num_samples)
+    figure_samples: int = attrs.field(default=64, metadata={"bound": at_least(1)})
     # items per generation batch (samples do not depend on it: per-item seeds); on CPUs a small batch is faster
     # (a 0.7M-parameter UNet at 16×16: 1.5 ms per image and NFE at 128, 3.2 ms at 1024)
     batch_size: int = attrs.field(default=1024, metadata={"bound": at_least(1)})
     # Section 5.2 / Figure 6: student and teacher, each with the DPDM sampler and with Heun (the ODE sampler), at
     # this NFE (the paper: 7); null: not measured
-    cross_nfe: int | None = None
+    cross_nfe: int | None = attrs.field(default=None, metadata={"bound": at_least(1)})
     # evaluation seeds: 2 or more re-score the student, the undistilled teacher and the teacher points the claims
     # compare with at seeds seed+1, ...: their spread is the estimator's noise beside every claim
     noise_seeds: int = attrs.field(default=1, metadata={"bound": at_least(1)})
@@ -178,7 +179,7 @@ class EngineConfig:
 
 @attrs.define
 class Recipe:
-    name: str
+    name: str = attrs.field(metadata={"bound": run_name})
     data: Component = component("dataset", reserved=("split",))
     model: ModelConfig = attrs.field(factory=ModelConfig)
     teacher: TeacherConfig = attrs.field(factory=TeacherConfig)
@@ -187,7 +188,7 @@ class Recipe:
     # comparison models distilled from the same teacher, by name (report role, checkpoint and snapshot folder)
     baselines: dict[str, BaselineConfig] = attrs.field(factory=dict)
     engine: EngineConfig = attrs.field(factory=EngineConfig)
-    seed: int = 0
+    seed: int = attrs.field(default=0, metadata={"bound": at_least(0)})  # seeds are hashed as unsigned words
     # auto (cuda if available), cpu, cuda, cuda:1, ...; whether CUDA is there is checked when the run starts
     device: str = attrs.field(default="auto", metadata={"bound": torch_device})
 

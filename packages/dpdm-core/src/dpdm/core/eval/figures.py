@@ -14,6 +14,11 @@ import math
 import torch
 
 from ..datasets import from_model
+from ..errors import DpdmError
+
+# what a figure may be saved as: matplotlib picks the format by the file's extension (and appends .png to a name
+# without one, so a name without one is refused rather than written under another name)
+FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
 def _plt():
@@ -61,6 +66,16 @@ def colour(role: str, sampler: str = "") -> str:
 def metric_label(metric: str) -> str:
     """The y-axis label of a metric: its name and direction (every dpdm metric is a distance)."""
     return f"{metric} ↓ (lower is better)"
+
+def check_format(path, option: str) -> None:
+    """Refuse (``DpdmError`` naming ``option``) a figure path whose extension is not one of ``FORMATS``."""
+    from pathlib import Path
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        what = f"{suffix!r} is not a figure format" if suffix else "the name needs an extension, the figure's format"
+        raise DpdmError(f"{option} {path}: {what}; use one of {', '.join(FORMATS)} "
+                        f"(e.g. {Path(path).with_suffix('.png')})")
 
 
 def image_grid(x: torch.Tensor, cols: int | None = None):

@@ -136,6 +136,21 @@ def quadratic_cost_problem(name: str, options: dict, kind: str, num: int) -> str
             f"(fid, fd-<dataset>)")
 
 
+def data_problem(name: str, kind: str) -> str | None:
+    """Why metric ``name`` does not apply to ``kind`` data (``image`` or ``vector``: a dataset's ``kind``), naming
+    the metrics that do, or None; the text starts with ``name``. A metric registered with ``data="image"`` (or ``"vector"``) scores only that."""
+    from ..plugins.registry import entries, entry
+
+    wanted = entry("metric", name).meta.get("data")
+    if wanted is None or wanted == kind:
+        return None
+    fitting = [e.meta["family"].replace("{dataset}", "<dataset>") if e.meta.get("family") else e.name
+               for e in entries("metric").values() if e.meta.get("data") in (None, kind)]
+    what = {"image": "images (in a detector's features)", "vector": "vectors"}
+    return (f"{name} scores {what.get(wanted, wanted + ' data')}, not {kind}s like this data; metrics for "
+            f"{kind}s: {', '.join(sorted(fitting)) or '(none registered)'}")
+
+
 def make_metric(name: str, options: dict | None = None, *, data=None, progress=None, device=None):
     """The registered metric ``name`` (or a member of a registered family, ``fd-<dataset>``) built with ``options``.
 

@@ -18,9 +18,10 @@ def register_metrics(register):
              note="squared energy distance (Székely & Rizzo), U-statistic estimate, in model space; lower is better")
     register("sliced-wasserstein", sliced,
              note="sliced 2-Wasserstein distance over random projections, in model space; lower is better")
-    register("fid", fid_metric,
+    # data="image": these score images in a detector's features and do not apply to vectors
+    register("fid", fid_metric, data="image",
              note="Fréchet Inception Distance (Inception-v3 pool features, as EDM computes it); lower is better")
     # deferred: built at evaluation, not by preflight (its classifier may have to be trained first)
-    register("fd", fd_metric, family="fd-{dataset}", deferred=True,
+    register("fd", fd_metric, family="fd-{dataset}", deferred=True, data="image",
              note="Fréchet distance in the features of a small classifier trained on {dataset} (a substitute for FID, "
                   "not comparable with published FIDs); lower is better")

@@ -1,6 +1,7 @@
 """What dpdm's file I/O shares across fsspec storages: telling object stores (S3, GCS, Azure Blob)
-from filesystems, writing a file so that it appears complete or not at all (``write_atomic``,
-``AtomicPath``), and the one-line errors for storage that cannot be reached.
+from filesystems, refusing a destination that cannot be written before any work (``check_destination``,
+used by every command that writes), writing a file so that it appears complete or not at all
+(``write_atomic``, ``AtomicPath``), and the one-line errors for storage that cannot be reached.
 
 dpdm passes no storage options of its own: a URL alone must work (``s3://bucket/ds.zip``,
 ``simplecache::s3://bucket/ds.zip``), so credentials, endpoints and timeouts come from the
@@ -31,6 +32,8 @@ from typing import Callable
 import fsspec
 from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import DpdmError
 
 logger = logging.getLogger(__name__)
 STAGE = "dpdm-stage-"  # AtomicPath's local staging folders for remote storage: dpdm-stage-<pid>-<random>
@@ -99,6 +102,65 @@ def missing_bucket(fs, path: str) -> str | None:
         return None
     bucket = path.lstrip("/").split("/", 1)[0]
     return bucket if bucket and not target(fs).exists(bucket) else None
+
+
+# --- destinations: refused before any work ---------------------------------------------------------------------------
+
+
+def filesystem(url: str):
+    """``(fs, path)`` of ``url`` as ``resolve`` gives them; an unknown protocol or a backend that is not installed is
+    a ``DpdmError`` naming ``url``."""
+    try:
+        return resolve(url)
+    except (ValueError, ImportError) as exc:  # fsspec: "Protocol not known: foo", "Install s3fs to access S3"
+        raise DpdmError(f"{url}: {first_line(exc)}") from None
+
+
+def check_destination(url: str, *, folder: bool = False, what: str = "") -> None:
+    """Refuse (one ``DpdmError``: ``cannot write <what><url>: <reason>``) a destination that cannot be written, so
+    that a command fails before it builds a model or computes a number. Writes nothing.
+
+    ``url`` is a path or fsspec URL of a file, or of a folder with ``folder``; it need not exist (writers create
+    missing parent folders). Refused: an unknown protocol or a missing backend; locally, a file where a folder is
+    wanted or the reverse, a parent that is a file, a read-only file system, a folder this user may not write; on
+    object stores, a missing bucket or storage that cannot be reached.
+    """
+    try:
+        fs, path = resolve(url)
+    except (ValueError, ImportError) as exc:
+        raise DpdmError(f"cannot write {what}{url}: {first_line(exc)}") from None
+    if isinstance(fs, LocalFileSystem):
+        reason = _local_problem(path, folder)
+        if reason:
+            raise DpdmError(f"cannot write {what}{url}: {reason}")
+        return
+    try:
+        fs.exists(path)  # reaches the storage: s3fs's exists(bucket) answers False for a closed endpoint
+        bucket = missing_bucket(fs, path)
+    except errors() as exc:
+        raise DpdmError(f"cannot write {what}{url}: {first_line(exc)}{hint(url)}") from None
+    if bucket is not None:
+        raise DpdmError(f"cannot write {what}{url}: bucket {bucket!r} does not exist (dpdm does not create buckets)"
+                        f"{hint(url)}")
+
+
+def _local_problem(path: str, folder: bool) -> str | None:
+    """Why the local ``path`` cannot be written (a file, or a folder with ``folder``), or None."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target) and not folder:
+        return f"{target} is a folder, not a file"
+    if os.path.exists(target) and not os.path.isdir(target) and folder:
+        return f"{target} is a file, not a folder"
+    existing = target if folder and os.path.isdir(target) else os.path.dirname(target)
+    while not os.path.exists(existing) and existing != os.path.dirname(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is on a read-only file system"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable (permission denied)"
+    return None
 
 
 # --- writing: complete or not at all ----------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from ..config.bounds import bound_problems
 from ..config.recipe import Recipe
 from ..errors import ConfigError, DpdmError
 from ..eval.fid import load_stats
-from ..eval.metrics import make_metric, quadratic_cost_problem
+from ..eval.metrics import data_problem, make_metric, quadratic_cost_problem
 from ..io.cache import local_copy, needs_download
 from ..io.checkpoint import build_denoiser
+from ..io.storage import check_destination
 from ..plugins.registry import entry
 from ..progress import Progress
 from ..train.distributed import resolve_device
@@ -94,6 +95,8 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
         if recipe.train.student is not None:
             check("recipe.train.student", lambda: build_denoiser(s_spec))
     check("recipe.train.divergence", lambda: build_divergence(recipe, sigma_data=0.5))
+    if engine.checkpoint.dir is not None:  # training snapshots go there: refused now, not at the first snapshot
+        check("recipe.engine.checkpoint.dir", lambda: check_destination(engine.checkpoint.dir, folder=True))
     for name, base in recipe.baselines.items():
         key = f"baselines.{name}"
         if not name or not all(c.isalnum() or c in "-_" for c in name):
@@ -104,15 +107,17 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
             b_specs[name] = student_spec(recipe, spec, base.train)
             if base.train.student is not None:
                 check(f"recipe.{key}.train.student", lambda: build_denoiser(b_specs[name]))
+    unfit = None  # the metric does not apply to this data
     if train_set is not None:
         metric = recipe.eval.metric
-        refusal = quadratic_cost_problem(metric.name, metric.options, train_set.kind, recipe.eval.num_samples)
+        unfit = data_problem(metric.name, train_set.kind)
+        refusal = unfit or quadratic_cost_problem(metric.name, metric.options, train_set.kind, recipe.eval.num_samples)
         if refusal:
             problems.append(f"recipe.eval.metric: {refusal}")
     plan = Plan(recipe, source, train_set, test_set, spec, s_spec, b_specs, device)
     if check_metric is None:
         check_metric = os.environ.get("RANK", "0") == "0"
-    if check_metric:
+    if check_metric and unfit is None:  # a metric that does not apply is not built as well
         check("recipe.eval.metric", lambda: _check_metric(plan))
     if recipe.eval.ref is not None and not needs_download(recipe.eval.ref):
         check("recipe.eval.ref", plan.ref_stats)

@@ -32,7 +32,7 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import DpdmError
-from ..io.storage import errors, first_line, hint, missing_bucket, resolve, upload_file, write_atomic
+from ..io.storage import check_destination, errors, filesystem, first_line, hint, resolve, upload_file, write_atomic
 from .runlock import EXCLUSIVE_CREATE, RunLock
 
 DEFAULT_ROOT = "runs"
@@ -60,7 +60,7 @@ class RunDir:
 
     def __init__(self, where: str | os.PathLike):
         text = os.fspath(where)
-        fs = _filesystem(text)
+        fs = filesystem(text)[0]
         self.is_local = isinstance(fs, LocalFileSystem)
         self.url = str(Path(text.removeprefix("file://"))) if self.is_local else text.rstrip("/")
         self.lock: RunLock | None = None
@@ -221,40 +221,18 @@ class RunDir:
         return fs.exists(path) and bool(fs.find(path))
 
 
-def _filesystem(url: str):
-    """The filesystem of ``url``; an unknown protocol or a missing backend is a ``DpdmError``."""
-    try:
-        return resolve(url)[0]
-    except (ValueError, ImportError) as exc:  # fsspec: "Protocol not known: foo", "Install s3fs to access S3"
-        raise DpdmError(f"{url}: {first_line(exc)}") from None
-
-
 def check_writable(url: str) -> None:
-    """Refuse (``DpdmError``) a run location that cannot be written or locked: a local folder whose nearest existing
-    parent is not writable, a URL on storage without exclusive create (``runlock.py``), a missing bucket, storage that
-    cannot be reached."""
-    fs, path = _filesystem(url), resolve(url)[1]
-    if isinstance(fs, LocalFileSystem):
-        existing = Path(path)
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise DpdmError(f"cannot write the run directory {url}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise DpdmError(f"cannot write the run directory {url}: {existing} is not writable")
+    """Refuse (``DpdmError``) a run location that cannot be written or locked: what ``check_destination`` refuses
+    (a local folder that cannot be written, a missing bucket, storage that cannot be reached), and a URL on storage
+    without exclusive create (``runlock.py``)."""
+    check_destination(url, folder=True, what="the run directory ")
+    if isinstance(filesystem(url)[0], LocalFileSystem):
         return
     scheme = url.split("://", 1)[0].split("::")[-1].lower()
     if scheme not in EXCLUSIVE_CREATE:
         raise DpdmError(f"cannot use {url} as a run directory: {scheme}:// storage has no exclusive create, so "
                         f"the run could not be locked against a second writer; give a local path, or an s3:// or "
                         f"memory:// URL")
-    try:
-        bucket = missing_bucket(fs, path)
-    except errors() as exc:
-        raise DpdmError(f"cannot reach {url}: {first_line(exc)}{hint(url)}") from None
-    if bucket is not None:
-        raise DpdmError(f"cannot write {url}: bucket {bucket!r} does not exist (dpdm does not create buckets)"
-                        f"{hint(url)}")
 
 
 def new_run_dir(name: str, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
