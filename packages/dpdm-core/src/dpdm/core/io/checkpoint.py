@@ -146,6 +146,11 @@ def _instantiate(state: dict, spec: dict, url: str, fit: str = "its own network 
         raise DpdmError(f"checkpoint {url!r} does not fit {fit}: {exc}") from None
     if missing or unexpected:
         raise DpdmError(f"checkpoint {url!r} does not fit {fit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # a model that diverged in training: it would only ever give NaN samples
+        raise DpdmError(f"checkpoint {url!r} holds non-finite weights (NaN/Inf in {len(bad)} of {len(state)} tensors, "
+                        f"e.g. {bad[0]}): the model diverged in training; use an earlier checkpoint, or train again "
+                        "with a lower learning rate")
     return model
 
 
