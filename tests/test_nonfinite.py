@@ -77,3 +77,41 @@ def test_dpdm_sample_refuses_finite_weights_whose_samples_overflow(run_dir, tmp_
     assert f"the student of {run_dir} ({run_dir / 'checkpoints' / 'student.safetensors'}) gave non-finite samples" \
         in message and "nothing was written" in message
     assert not out.exists()
+
+
+# --- the report warns when the samples are non-finite or absurd ----------------------------------------------------
+
+REAL = {"num": 4000, "a": -6.2e-05, "b": 1.5e-04, "mean": 4.6e-05, "spread": 2.1e-04}  # a normal toy2d run's
+
+
+def hand_report(student: dict, teacher: dict) -> dict:
+    return {"metric": "energy", "recipe": "hand-made", "sweep": {"student": {"dpdm": student}, "teacher": teacher},
+            "one_step": {"validation": {}, "best_sigma_max": 1.0, "value": student["1"]},
+            "recovery": {"1": {"noisy": 0.13, "teacher": 0.16, "student": 0.008}}, "noise": {"real": REAL}}
+
+
+def write(report: dict, tmp_path: Path) -> tuple[dict, str]:
+    import json
+
+    from dpdm.core.eval.report import write_report
+
+    write_report(report, tmp_path / "report.json", tmp_path / "report.md")
+    return json.loads((tmp_path / "report.json").read_text()), (tmp_path / "report.md").read_text()
+
+
+def test_a_normal_report_has_no_warnings(tmp_path):
+    # the numbers of a normal toy2d run, its worst (the teacher's Heun at 3 NFE: samples far off at 2 steps) included
+    data, md = write(hand_report({"1": 0.061, "2": 0.0034}, {"heun": {"3": 32.27, "35": 0.0005}}), tmp_path)
+    assert data["warnings"] == [] and "Warning" not in md
+
+
+def test_non_finite_and_absurd_scores_are_warned_about_at_the_top(tmp_path):
+    data, md = write(hand_report({"1": 1.7e8, "2": float("nan")}, {"heun": {"3": 32.27}}), tmp_path)
+    assert data["warnings"] == [
+        "student dpdm at NFE 1 scores 1.7e+08, 8.1e+11x real data's 0.00021: its samples are far off the data "
+        "(a diverged model?)",
+        "student dpdm at NFE 2 scores nan: its samples are non-finite (NaN/Inf), the model diverged",
+        "the one-step student scores 1.7e+08, 8.1e+11x real data's 0.00021: its samples are far off the data "
+        "(a diverged model?)"]
+    head = md.splitlines()[:5]
+    assert head[0] == "# Report: hand-made" and head[2].startswith("**Warning: student dpdm at NFE 1 scores 1.7e+08")
