@@ -8,14 +8,17 @@ import inspect
 import attrs
 import pytest
 
-from dpdm.core.config.recipe import EngineConfig, TeacherTrainConfig, TrainConfig
+from dpdm.core.config.recipe import EngineConfig, LossGuardConfig, TeacherTrainConfig, TrainConfig
 from dpdm.core.train.distill import DPDM, DistillJob
 from dpdm.core.train.engine import Trainer
+from dpdm.core.train.guards import LossGuard
 from dpdm.core.train.teacher import TeacherJob, TeacherTrainer
 
 # names the two sides share that mean different things: the schema's spelling of a choice vs the runtime object
 NOT_THE_SAME = {"precision": "the schema names the mode ('fp32'); the jobs take a Precision object",
-                "student": "the schema's student network config vs the jobs' initial student module"}
+                "student": "the schema's student network config vs the jobs' initial student module",
+                "loss_guard": "the schema's guard settings (on in every recipe) vs the Trainer's LossGuard object "
+                              "(a Trainer built in code has none unless given one)"}
 
 PAIRS = [
     (TrainConfig, DistillJob),
@@ -25,6 +28,7 @@ PAIRS = [
     (EngineConfig, Trainer),
     (EngineConfig, DistillJob),
     (EngineConfig, TeacherJob),
+    (LossGuardConfig, LossGuard),
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -89,15 +90,24 @@ def _assert_bit_identical(got: dict, want: dict, where: str) -> None:
             assert got[name][key].dtype == t.dtype and got[name][key].equal(t), f"{where}: {name}.{key} differs"
 
 
-def _resume_matches(tmp_path: Path, nproc: int) -> None:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted single-process run (shared by the tests that interrupt one and compare)."""
+    where = tmp_path_factory.mktemp("reference")
+    _run(where / "run", cwd=where, launcher="--nproc")
+    return where / "run"
+
+
+def _resume_matches(tmp_path: Path, nproc: int, reference: Path | None = None) -> None:
     rng = random.Random()
     phase = rng.choice(["teacher", "student"])
     step = rng.randint(1, (TEACHER_STEPS if phase == "teacher" else STUDENT_STEPS) - 1)
     where = f"killed after {phase} step {step} ({nproc} process(es))"
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    ref_run = _run(reference, nproc=nproc, cwd=tmp_path, launcher="--nproc")  # the other launcher: the same run
-    if nproc > 1:
-        assert "launching: -m torch.distributed.run --standalone --nproc_per_node=2" in ref_run.stderr
+    interrupted = tmp_path / "interrupted"
+    if reference is None:
+        reference = tmp_path / "reference"
+        ref_run = _run(reference, nproc=nproc, cwd=tmp_path, launcher="--nproc")  # the other launcher: the same run
+        assert "launching: -m dpdm.cli.torchrun --standalone --nproc_per_node=2" in ref_run.stderr
         assert f"({nproc} processes, gloo)" in ref_run.stderr
     _kill_at(interrupted, phase, step, nproc=nproc, cwd=tmp_path)
     snaps = sorted(p.name for p in (interrupted / "checkpoints" / "train" / phase).iterdir()
@@ -111,8 +121,8 @@ def _resume_matches(tmp_path: Path, nproc: int) -> None:
     assert got["world_size"] == nproc
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
-    _resume_matches(tmp_path, nproc=1)
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, reference):
+    _resume_matches(tmp_path, nproc=1, reference=reference)
 
 
 @pytest.mark.slow
@@ -149,3 +159,71 @@ def test_resume_refuses_a_changed_recipe_and_a_fresh_run_refuses_old_checkpoints
     assert "teacher: resumed from" in evals.stderr and "student: resumed from" in evals.stderr
     missing = _invoke("run", TOY2D, *tiny, "--resume", tmp_path / "nowhere", cwd=tmp_path)
     assert missing.exit_code == 1 and "not found" in missing.stderr
+
+
+# --- SIGTERM / SIGINT: stop after the current step with a snapshot, say how to resume -----------------------------
+
+
+def _stop_with(signum: int, command: list[str], out: Path, phase: str, cwd: Path) -> tuple[int, str]:
+    """Run ``command``, send ``signum`` once ``phase`` logged a step (``engine.log_every=1``); ``(status, stderr)``."""
+    proc = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and any(json.loads(line)["phase"] == phase for line in metrics.read_text().splitlines()
+                                    if line.endswith("}")):
+            proc.send_signal(signum)
+            break
+        time.sleep(0.01)
+    try:
+        status = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    return status, proc.stderr.read()
+
+
+def _resume_line(stderr: str) -> list[str]:
+    """The command after ``resume with:``, as arguments of ``python -m dpdm.cli``."""
+    line = next(line for line in stderr.splitlines() if line.startswith("resume with: "))
+    words = shlex.split(line.removeprefix("resume with: "))
+    assert words[0] == "dpdm"
+    return [sys.executable, "-m", "dpdm.cli", *words[1:]]
+
+
+def test_sigterm_then_sigint_stop_after_a_step_with_a_snapshot_and_resume_bit_identically(tmp_path, reference):
+    """SIGTERM (Slurm, Kubernetes) during the teacher and Ctrl-C during the student: each finishes its step, writes a
+    snapshot (checkpoints are otherwise only at the end), prints the resume command, exits 143 / 130 with the lock
+    released; the printed command continues the run to the same weights as an uninterrupted one."""
+    _stop_and_resume(tmp_path / "interrupted", reference, tmp_path, nproc=1)
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_nproc_launch_snapshots_on_every_rank_and_resumes_bit_identically(tmp_path):
+    reference = tmp_path / "reference"
+    _run(reference, nproc=2, cwd=tmp_path, launcher="--nproc")
+    _stop_and_resume(tmp_path / "interrupted", reference, tmp_path, nproc=2)
+
+
+def _stop_and_resume(out: Path, reference: Path, tmp_path: Path, nproc: int) -> None:
+    command = _command(out, "--set", "engine.checkpoint.every=1000", "--set", "engine.log_every=1", nproc=nproc,
+                       launcher="--nproc")
+    for signum, phase, status_wanted in ((signal.SIGTERM, "teacher", 143), (signal.SIGINT, "student", 130)):
+        status, stderr = _stop_with(signum, command, out, phase, tmp_path)
+        assert status == status_wanted, stderr[-3000:]
+        stop = next(line for line in stderr.splitlines() if line.startswith("stopped by"))
+        name = signal.Signals(signum).name
+        assert stop.startswith(f"stopped by {name} after {phase} step "), stderr[-3000:]
+        step = int(stop.split(" step ")[1].split(";")[0])
+        snapshot = out / "checkpoints" / "train" / phase / f"ckpt-{step:09d}"
+        assert stop.endswith(f"; training snapshot: {snapshot}") and (snapshot / "COMPLETE").exists()
+        assert 0 < step < (TEACHER_STEPS if phase == "teacher" else STUDENT_STEPS)
+        assert "Traceback" not in stderr and not (out / ".lock").exists() and not (out / "report.json").exists()
+        if nproc > 1:  # every rank wrote its part of the snapshot
+            assert sorted(p.name for p in snapshot.glob("rank-*")) == ["rank-00000.pt", "rank-00001.pt"]
+            assert stderr.count("stopped by") == 1  # rank 0 speaks
+        command = _resume_line(stderr)
+        assert command[-2:] == ["--resume", str(out)] and "--out" not in command
+        assert (command[-4:-2] == ["--nproc", str(nproc)]) == (nproc > 1)
+    finished = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "teacher: resumed from" in finished.stderr and "student: resumed from" in finished.stderr
+    _assert_bit_identical(_weights(out), _weights(reference), f"stopped by SIGTERM, then SIGINT ({nproc} processes)")

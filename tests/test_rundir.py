@@ -16,13 +16,13 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from dpdm.cli.common import SIGTERM_STATUS, sigterm_exits
 from dpdm.cli.main import app
 from dpdm.core.config.recipe import load_recipe
 from dpdm.core.errors import DpdmError
 from dpdm.core.pipeline.run import load_run
 from dpdm.core.pipeline.rundir import RunDir, check_writable, resolve_run
 from dpdm.core.pipeline.runlock import RunBusyError, RunLock
+from dpdm.core.train.signals import Interrupted, stop_on_signals
 from fsspec.implementations.memory import MemoryFileSystem
 from typer.testing import CliRunner
 
@@ -190,14 +190,15 @@ def test_the_cli_refuses_an_unsupported_url_before_writing(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # no local folder named "nolock:"
 
 
-def test_sigterm_exits_143_through_finally_blocks(tmp_path):
+def test_a_signal_outside_training_stops_at_once_through_finally_blocks(tmp_path):
     url = str(tmp_path / ".lock")
-    with pytest.raises(SystemExit) as exc, sigterm_exits(), RunLock(url):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as exc, stop_on_signals(), RunLock(url):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at the next bytecode
-    assert exc.value.code == SIGTERM_STATUS == 143
+    assert exc.value.status == 143 and str(exc.value) == "stopped by SIGTERM"
     assert not Path(url).exists()  # released on the way out
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_sigterm_during_dpdm_run_exits_143_and_releases_the_lock(tmp_path):
@@ -247,6 +248,53 @@ def test_sigterm_to_an_nproc_launch_stops_every_worker(tmp_path):
         time.sleep(0.2)
     assert _workers_of(str(out)) == []  # no orphans
     assert not (out / ".lock").exists()
+
+
+def _descendants(root: int) -> set[int]:
+    """The pids of the live processes whose ancestry leads to ``root`` (through /proc's parent links)."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                stat = (proc / "stat").read_text()
+                parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_nproc_launcher_leaves_no_orphans(tmp_path):
+    """Killing ``dpdm run --nproc 2`` outright: torchrun gets SIGTERM (its parent-death signal) and stops its workers,
+    which would get SIGKILL should the agent die; within seconds nothing the launcher started is alive."""
+    out = tmp_path / "ddp-run"
+    proc = subprocess.Popen([sys.executable, "-m", "dpdm.cli", "run", TOY2D, *sets(TINY[2:]),
+                             "--set", "teacher.train.steps=1000000", "--out", str(out), "--nproc", "2"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    started = _descendants(proc.pid)
+    assert len(_workers_of(str(out))) >= 3, proc.stderr.read() if proc.poll() is not None else "no workers"
+    assert len(started) >= 3  # torchrun and its two workers
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while any(_alive(pid) for pid in started) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in started if _alive(pid)] == [] and _workers_of(str(out)) == []
+    assert not (out / ".lock").exists()  # rank 0 stopped gracefully (its agent's SIGTERM) and released the lock
 
 
 # --- no clobbering -----------------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ number-list parsing, and the ``--nproc`` launcher.
 No CLI module imports ``main`` (which only wires the commands together), so the command modules import each other
 in any order and alone.
 
-The launcher (``--nproc N``) re-executes the command under ``python -m torch.distributed.run --standalone`` and
-hands the command's own arguments to the workers in ``DPDM_ARGV`` (``ARGV_ENV``), because torchrun's parser takes
-abbreviations of its own options anywhere on its command line. ``torch.distributed.launcher.api.elastic_launch``
+The launcher (``--nproc N``) re-executes the command under torchrun (``python -m dpdm.cli.torchrun --standalone``:
+``torch.distributed.run`` without a traceback when a signal stops it) and hands the command's own arguments to the
+workers in ``DPDM_ARGV`` (``ARGV_ENV``), because torchrun's parser takes abbreviations of its own options anywhere on
+its command line. ``torch.distributed.launcher.api.elastic_launch``
 (a launch from code, no environment variable) was considered and not adopted:
 
 - it runs torchrun's elastic agent inside this process, which installs its own handlers for SIGTERM, SIGINT, SIGHUP
@@ -19,22 +20,24 @@ abbreviations of its own options anywhere on its command line. ``torch.distribut
   follow, whereas torchrun's options are its stable interface.
 
 As a child process, torchrun keeps all of that. What the review asked of a launch from code is had here too: a
-SIGTERM sent to this process is passed on to torchrun, which stops its workers (no orphans), and the exit status is
-torchrun's (a signal's as 128 + its number).
+SIGTERM or SIGINT sent to this process is passed on to torchrun, which stops its workers (no orphans), and the exit
+status is torchrun's (a signal's as 128 + its number). Should this process be killed outright (SIGKILL), torchrun gets
+SIGTERM and the workers SIGKILL when their agent dies (Linux's parent-death signal): nothing trains on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import typer
 import typer.core
@@ -50,6 +53,7 @@ err = Console(stderr=True)  # progress, notes and errors, on stderr
 LIST_OPTIONS = frozenset({"--steps", "--sigma", "--student-nfe", "--teacher-nfe", "--teacher-sampler",
                           "--figure-sigma"})
 ARGV_ENV = "DPDM_ARGV"  # set by --nproc for the processes torchrun starts (a JSON list of arguments)
+TORCHRUN = "dpdm.cli.torchrun"  # the module --nproc runs: torchrun, quiet when stopped by a signal (torchrun.py)
 SIGTERM_STATUS = 128 + signal.SIGTERM  # 143, the shell's status of a process ended by SIGTERM
 
 
@@ -225,24 +229,26 @@ def ints(values: list[str] | None, option: str) -> list[int]:
     return out
 
 
-@contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``SystemExit(143)`` in the main thread, so that ``finally`` blocks and
-    context managers (the run directory's lock, the process group) clean up before the process exits 143."""
+def stopped(exc, run_dir, argv: list[str], world_size: int = 1) -> typer.Exit:
+    """Say why a run stopped (``signals.Interrupted``: the signal, the step, the snapshot) and the ``dpdm`` command
+    that resumes ``run_dir`` (None: say nothing, another rank does), and return the exit: 128 + the signal."""
+    from dpdm.core.pipeline.rundir import CONFIG
 
-    def terminate(signum, frame):
-        raise SystemExit(SIGTERM_STATUS)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if run_dir is not None:
+        err.print(f"[yellow]{escape(exc.describe())}[/]", highlight=False)
+        with contextlib.suppress(Exception):  # a run stopped before it wrote its config cannot be resumed
+            if run_dir.exists(CONFIG):
+                nproc = ["--nproc", str(world_size)] if world_size > 1 else []
+                command = shlex.join(["dpdm", *argv, *nproc, "--resume", str(run_dir)])
+                err.print(f"resume with: {escape(command)}", highlight=False, soft_wrap=True)
+    return typer.Exit(exc.status)
 
 
 def launch(nproc: int) -> None:
     """Re-run this command under ``torchrun --standalone --nproc_per_node N`` (without ``--nproc``); exits with
-    torchrun's status, or 143 after a SIGTERM, which is passed on to torchrun (it stops its workers)."""
+    torchrun's status, or 143 / 130 after a SIGTERM / SIGINT, which is passed on to torchrun (its agent passes it on to
+    the workers: they stop after their step with a snapshot). torchrun runs in a process group of its own, so that
+    Ctrl-C reaches it once, through here, and gets SIGTERM should this process die (``die_with_parent``)."""
     from dpdm.core.errors import DpdmError
 
     if "RANK" in os.environ:
@@ -251,27 +257,68 @@ def launch(nproc: int) -> None:
     # The command's own arguments travel in DPDM_ARGV, not on torchrun's command line: torchrun's parser takes
     # abbreviations of its options anywhere (`--num` would clash with `--numa-binding`, `--run` would become
     # `--run-path`).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dpdm.cli"]
+    cmd = [sys.executable, "-m", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "dpdm.cli"]
     err.print(f"launching: {escape(' '.join(cmd[1:] + argv))}")
-    child = subprocess.Popen(cmd, env={**os.environ, ARGV_ENV: json.dumps(argv)})
-    terminated = []
+    set_death_signal = _death_signal_setter()
+    launcher = os.getpid()
+
+    def own_group_dying_with_this_process():  # in the child, between fork and exec
+        os.setpgid(0, 0)
+        if set_death_signal is not None:
+            set_death_signal(signal.SIGTERM)
+            if os.getppid() != launcher:  # this process died before the death signal was set
+                os._exit(SIGTERM_STATUS)
+
+    child = subprocess.Popen(cmd, env={**os.environ, ARGV_ENV: json.dumps(argv)},
+                             preexec_fn=own_group_dying_with_this_process)
+    received = []
 
     def forward(signum, frame):
-        terminated.append(signum)
+        received.append(signum)
         child.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        try:
-            status = child.wait()
-        except KeyboardInterrupt:  # Ctrl-C signals the whole process group: torchrun is stopping its workers
-            status = child.wait()
+        status = child.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if terminated:  # torchrun reports a terminated job as a failure (1); this command was terminated
-        status = SIGTERM_STATUS
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:  # torchrun reports a stopped job as a failure (1); this command was stopped by the signal
+        status = 128 + received[0]
     raise typer.Exit(status if status >= 0 else 128 - status)
+
+
+def _death_signal_setter() -> Callable[[int], None] | None:
+    """``set(sig)``: this process gets ``sig`` when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``); None where
+    that does not exist. libc is loaded here, before any fork: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda sig: prctl(1, int(sig), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
+def die_with_parent() -> None:
+    """For a worker that ``--nproc`` started (``ARGV_ENV`` set): SIGKILL when its torchrun agent dies, so that no rank
+    trains on, orphaned, when the agent is killed (the agent itself gets SIGTERM when the launcher dies, and stops its
+    workers gracefully). Exits at once if the agent died before the death signal was set."""
+    if not os.environ.get(ARGV_ENV) or "RANK" not in os.environ:
+        return
+    set_death_signal = _death_signal_setter()
+    if set_death_signal is None:
+        return
+    set_death_signal(signal.SIGKILL)
+    try:  # our parent must still be the agent that `launch` started
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            alive = TORCHRUN.encode() in f.read()
+    except OSError:
+        alive = False
+    if not alive:
+        os._exit(1)
 
 
 def _without_nproc(args: list[str]) -> list[str]:

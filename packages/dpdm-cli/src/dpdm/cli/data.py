@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, err, sigterm_exits, user_errors
+from .common import console, err, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare EDM dataset ZIPs, describe datasets, download official "
                                                   "dataset files.")
@@ -82,10 +82,16 @@ def prepare(
     from dpdm.core.progress import RichProgress
     from dpdm.data.prepare import prepare as run_prepare
 
-    with sigterm_exits():  # a SIGTERM unwinds: the worker pool is shut down and the temporary ZIP removed (exit 143)
-        report = run_prepare(src, dst, resolution=resolution, transform=transform, kind=source, split=split,
-                             labels=labels, channels=channels, max_images=max_images, workers=workers,
-                             overwrite=overwrite, progress=RichProgress(err))
+    from dpdm.core.train.signals import Interrupted, stop_on_signals
+
+    try:  # SIGTERM and Ctrl-C unwind: the worker pool is shut down and the temporary ZIP removed (exit 143 / 130)
+        with stop_on_signals():
+            report = run_prepare(src, dst, resolution=resolution, transform=transform, kind=source, split=split,
+                                 labels=labels, channels=channels, max_images=max_images, workers=workers,
+                                 overwrite=overwrite, progress=RichProgress(err))
+    except Interrupted as exc:
+        err.print(f"[yellow]{escape(exc.describe())}: nothing was written to {escape(dst)}[/]", highlight=False)
+        raise typer.Exit(exc.status) from None
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -16,20 +16,8 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import (
-    ListOptionsGroup,
-    command_argv,
-    console,
-    err,
-    launch,
-    flags_take_no_value,
-    show_logs,
-    show_markdown,
-    show_table,
-    sigterm_exits,
-    user_errors,
-    versions,
-)
+from .common import (ListOptionsGroup, command_argv, console, die_with_parent, err, flags_take_no_value,
+                     launch, show_logs, show_markdown, show_table, stopped, user_errors, versions)
 from .data import data_app
 from .evaluation import eval_app
 from .recover import recover
@@ -92,27 +80,34 @@ def run(
     from dpdm.core.pipeline.rundir import REPORT_MD, RunDir
     from dpdm.core.progress import RichProgress
     from dpdm.core.train.distributed import init_dist
+    from dpdm.core.train.signals import Interrupted, stop_on_signals
 
     dist = init_dist(resolved.device)
     finished, run_dir = False, None
+    # SIGTERM (Slurm, Kubernetes) and SIGINT (Ctrl-C): training stops after its current step with a snapshot, anything
+    # else at once; either way through the `finally` below (the lock is released), then exit 143 / 130
     try:
-        with sigterm_exits():  # a SIGTERM ends the run through the `finally` below: the lock is released, exit 143
-            if dist.is_main:
-                run_dir = _claim_run_dir(resolved, out, resume)
-            url = dist.broadcast_object(str(run_dir) if dist.is_main else None)  # a collective: every rank calls it
-            run_dir = run_dir or RunDir(url)
-            if dist.is_main:
-                err.print(f"{'resuming' if resume else 'run directory'}: [bold]{escape(str(run_dir))}[/]"
-                          + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))
-            run_recipe(plan, run_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
-            if dist.is_main:
-                show_markdown(run_dir.read_text(REPORT_MD))
-                err.print(f"[green]done:[/] {escape(str(run_dir))}/report.json, report.md, figures/")
-            finished = True
-    finally:
-        if run_dir is not None:
-            run_dir.release()
-        dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
+        with stop_on_signals():
+            try:
+                if dist.is_main:
+                    run_dir = _claim_run_dir(resolved, out, resume)
+                url = dist.broadcast_object(str(run_dir) if dist.is_main else None)  # a collective on every rank
+                run_dir = run_dir or RunDir(url)
+                if dist.is_main:
+                    err.print(f"{'resuming' if resume else 'run directory'}: [bold]{escape(str(run_dir))}[/]"
+                              + (f" ({dist.world_size} processes, {dist.backend})" if dist.distributed else ""))
+                run_recipe(plan, run_dir, progress=RichProgress(err), dist=dist, resume=resume is not None)
+                if dist.is_main:
+                    show_markdown(run_dir.read_text(REPORT_MD))
+                    err.print(f"[green]done:[/] {escape(str(run_dir))}/report.json, report.md, figures/")
+                finished = True
+            finally:
+                if run_dir is not None:
+                    run_dir.release()
+                dist.destroy(sync=finished)  # no barrier when a rank failed: the others may never reach it
+    except Interrupted as exc:
+        again = ["run", str(recipe), *[a for o in set_ or [] for a in ("--set", o)]]
+        raise stopped(exc, run_dir if dist.is_main else None, again, dist.world_size) from None
 
 
 def _claim_run_dir(recipe, out: Optional[str], resume: Optional[str]):
@@ -237,6 +232,7 @@ app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:
+    die_with_parent()  # a worker of `--nproc`: no orphan when its torchrun agent dies
     app(args=command_argv(), prog_name="dpdm")
 
 

@@ -57,6 +57,10 @@ def sample(
     ds = make_dataset(recipe.data, "test")
     n = num if num is not None else (64 if ds.kind == "image" else 2000)
     x = ev.generate(net, sample_fn, sigmas, n, tuple(ds.shape), label_dim=ds.label_dim, seed=seed)
+    if not bool(x.isfinite().all()):  # finite weights can still overflow: refuse an empty figure
+        raise DpdmError(f"the {model} of {run_dir} ({run_dir.checkpoint(model)}) gave non-finite samples (NaN/Inf) "
+                        f"with {sampler_spec['name']} at {steps} steps: its outputs are non-finite; "
+                        "nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     what = f"{sampler_spec['name']} sampler, {schedule_spec['name']} schedule"
     figures.samples_figure({f"{model}, {what}, NFE {nfe_of(steps)}": x}, ds.kind, out, max_images=n)

@@ -13,8 +13,9 @@ from typing import Literal
 import attrs
 
 from ..sigmas import SigmaDist
-from ..defaults import FAKE_UPDATES, LOG_EVERY, MAX_NONFINITE, STUDENT_BETAS, STUDENT_LR, TEACHER_BETAS, TEACHER_LR
-from .bounds import at_least, each_at_least, each_in, each_positive, positive, run_name, step_counts, torch_device
+from ..defaults import (FAKE_UPDATES, LOG_EVERY, LOSS_GUARD_FACTOR, LOSS_GUARD_PATIENCE, LOSS_GUARD_WARMUP,
+                        LOSS_GUARD_WINDOW, MAX_NONFINITE, STUDENT_BETAS, STUDENT_LR, TEACHER_BETAS, TEACHER_LR)
+from .bounds import Bound, at_least, each_at_least, each_in, each_positive, positive, run_name, step_counts, torch_device
 from .components import Component, component
 from .structure import structure, structure_deferring_bounds
 from .yaml import apply_overrides, load_yaml
@@ -156,6 +157,19 @@ class CheckpointConfig:
 
 
 @attrs.define
+class LossGuardConfig:
+    """The divergence guard (``train.guards.LossGuard``): a loss above ``factor`` × its running median for
+    ``patience`` consecutive steps stops the run, naming the newest checkpoint."""
+
+    factor: float = attrs.field(default=LOSS_GUARD_FACTOR, metadata={"bound": Bound(lambda v: v > 1,
+                                                                                   "must be above 1, got {}")})
+    window: int = attrs.field(default=LOSS_GUARD_WINDOW, metadata={"bound": at_least(1)})  # steps of the median
+    patience: int = attrs.field(default=LOSS_GUARD_PATIENCE, metadata={"bound": at_least(1)})
+    # values in the window before any is judged
+    warmup: int = attrs.field(default=LOSS_GUARD_WARMUP, metadata={"bound": at_least(1)})
+
+
+@attrs.define
 class EngineConfig:
     """How training runs: precision, accumulation, data loading, logging, checkpoints.
 
@@ -174,6 +188,8 @@ class EngineConfig:
     sample_every: int = attrs.field(default=0, metadata={"bound": at_least(0)})
     # consecutive non-finite steps that stop the run (the last checkpoint is kept)
     max_nonfinite: int = attrs.field(default=MAX_NONFINITE, metadata={"bound": at_least(1)})
+    # the divergence guard: a finite loss that runs away stops the run (null: off)
+    loss_guard: LossGuardConfig | None = attrs.field(factory=LossGuardConfig)
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
 
 

@@ -12,6 +12,7 @@ from here as before).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import DpdmError
@@ -107,6 +108,7 @@ def _yes(flag) -> str:
 def markdown(report: dict) -> str:
     metric = report["metric"]
     lines = [f"# Report: {report.get('recipe', '')}", ""]
+    lines += [f"**Warning: {w}.**" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
     if report.get("train_steps") == 0:
         lines += ["**No distillation ran (`train.steps: 0`): the \"student\" is the network distillation would "
                   "have started from (the teacher itself unless `train.student` names another network), so its "
@@ -231,9 +233,36 @@ def noise_markdown(report: dict) -> list[str]:
     return lines + [""]
 
 
+# a score this many times the real data's (the larger of its two halves' scores and their spread) is no sampling
+# error: normal toy2d runs stay below 2e5x (the teacher's Heun at 3 NFE, whose samples are far off), a student
+# trained with lr 1e3 scored 1e12x
+ABSURD = 1e7
+
+
+def warnings(report: dict) -> list[str]:
+    """What says the samples themselves are broken: a non-finite score (NaN/Inf samples), or one ``ABSURD`` times the
+    real data's own; each names the model, sampler and NFE."""
+    real = (report.get("noise") or {}).get("real") or {}
+    scale = max((abs(real[k]) for k in ("a", "b", "spread") if isinstance(real.get(k), (int, float))), default=0)
+    points = [(f"{role_label(m, s)} at NFE {n}", v) for m, by in report.get("sweep", {}).items()
+              for s, vals in by.items() for n, v in vals.items()]
+    points.append(("the one-step student", (report.get("one_step") or {}).get("value")))
+    out = []
+    for where, v in points:
+        if not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            out.append(f"{where} scores {v}: its samples are non-finite (NaN/Inf), the model diverged")
+        elif scale > 0 and abs(v) > ABSURD * scale:
+            out.append(f"{where} scores {v:.3g}, {abs(v) / scale:.1e}x real data's {scale:.3g}: its samples are far "
+                       "off the data (a diverged model?)")
+    return out
+
+
 def write_report(report: dict, json_path: str | Path, md_path: str | Path) -> None:
-    """Add the checks of the paper's claims (``claims.checks``) to ``report`` and write it as JSON and Markdown
-    (local paths: a run's are ``RunDir.report_json``/``report_md``)."""
+    """Add the checks of the paper's claims (``claims.checks``) and ``warnings`` to ``report`` and write it as JSON
+    and Markdown (local paths: a run's are ``RunDir.report_json``/``report_md``)."""
     report["checks"] = checks(report)
+    report["warnings"] = warnings(report)
     Path(json_path).write_text(json.dumps(report, indent=2))
     Path(md_path).write_text(markdown(report))

@@ -155,6 +155,11 @@ def _load_into(model: nn.Module, state: dict, url: str, fit: str) -> nn.Module:
         raise DpdmError(f"checkpoint {url!r} does not fit {fit}: {_few(lines)}") from None
     if missing or unexpected:
         raise DpdmError(f"checkpoint {url!r} does not fit {fit}: missing {_few(missing)}, unexpected {_few(unexpected)}")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # a model that diverged in training: it would only ever give NaN samples
+        raise DpdmError(f"checkpoint {url!r} holds non-finite weights (NaN/Inf in {len(bad)} of {len(state)} tensors, "
+                        f"e.g. {bad[0]}): the model diverged in training; use an earlier checkpoint, or train again "
+                        "with a lower learning rate")
     return model
 
 

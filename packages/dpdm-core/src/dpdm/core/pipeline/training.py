@@ -19,6 +19,7 @@ from ..progress import Progress
 from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
 from ..train.engine import Trainer
+from ..train.guards import LossGuard
 from ..train.precision import Precision
 from ..train.snapshots import Snapshots
 from ..train.teacher import TeacherJob
@@ -50,7 +51,9 @@ class RunContext:
         ckpt = engine.checkpoint
         snapshots = Snapshots(f"{self.root}/{job.phase}", keep_last=ckpt.keep_last, keep_every=ckpt.keep_every)
         hooks = [sample_grid] if sample_grid is not None else []
-        trainer = Trainer(job, data, dist=self.dist, seed=seed, max_nonfinite=engine.max_nonfinite,
+        guard = engine.loss_guard
+        guard = LossGuard(guard.factor, guard.window, guard.patience, guard.warmup) if guard else None
+        trainer = Trainer(job, data, dist=self.dist, seed=seed, max_nonfinite=engine.max_nonfinite, loss_guard=guard,
                           snapshots=snapshots, save_every=ckpt.every, specs=specs, config_hash=self.hash,
                           tracker=self.tracker, log_every=engine.log_every, progress=self.progress, hooks=hooks)
         if self.resume:

@@ -2,7 +2,8 @@
 
 A *job* says what one training iteration is (``teacher.TeacherJob``: one EDM-loss step;
 ``distill.DistillJob``: Algorithm 1's ``fake_updates`` fake-score steps and one student step); the
-``Trainer`` runs iterations, counts steps, guards against non-finite steps, logs, saves and resumes.
+``Trainer`` runs iterations, counts steps, guards against non-finite steps and runaway losses (``guards.py``),
+stops at a step boundary with a snapshot on SIGTERM/SIGINT (``signals.py``), logs, saves and resumes.
 Both jobs are built from ``Trainable``s, one per trained model, which own everything one optimizer
 step needs: the raw module, its ``DistributedDataParallel`` wrapper, Adam, the fp16 loss scaler, the
 learning-rate warm-up, gradient clipping and the counters.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import time
 from typing import Iterator
 
@@ -48,6 +50,8 @@ from .distributed import Dist
 from ..errors import DpdmError
 from ..progress import Progress
 from ..defaults import LOG_EVERY, MAX_NONFINITE  # noqa: F401  (shared with the recipe schema)
+from . import signals
+from .guards import LossGuard
 from .rng import rng_state, set_rng_state
 from .trainable import Job, MicroLoss, Trainable, job_state, load_job_state, warmup_lr  # noqa: F401
 
@@ -103,6 +107,7 @@ class Trainer:
         seed: seeds this rank's training generator and global generators from ``(seed, rank)``.
         max_nonfinite: consecutive skipped (NaN/Inf) optimizer steps of one model that stop the run; with
             fp16, overflows while the loss scaler backs off count too (each halves the scale).
+        loss_guard: a ``guards.LossGuard`` that stops a run whose loss runs away (None: no such guard).
         snapshots: a ``snapshots.Snapshots`` to save into (None: no snapshots).
         save_every: save every this many iterations (and after the last one); 0: only after the last.
         specs: network specs by weight name, stored in the snapshot's weights metadata.
@@ -114,15 +119,16 @@ class Trainer:
     """
 
     def __init__(self, job: Job, batches: Iterator, *, dist: Dist | None = None, seed: int = 0,
-                 max_nonfinite: int = MAX_NONFINITE, snapshots=None, save_every: int = 0, specs: dict | None = None,
-                 config_hash: str = "", tracker=None, log_every: int = LOG_EVERY, progress: Progress | None = None,
-                 hooks=()):
+                 max_nonfinite: int = MAX_NONFINITE, loss_guard: LossGuard | None = None, snapshots=None,
+                 save_every: int = 0, specs: dict | None = None, config_hash: str = "", tracker=None,
+                 log_every: int = LOG_EVERY, progress: Progress | None = None, hooks=()):
         if max_nonfinite < 1:
             raise DpdmError(f"max_nonfinite must be at least 1, got {max_nonfinite}")
         self.job, self.batches = job, batches
         self.dist = dist or Dist()
         self.generator = self.dist.seed_everything(seed)
         self.max_nonfinite = int(max_nonfinite)
+        self.loss_guard = loss_guard
         self.snapshots, self.save_every = snapshots, int(save_every)
         self.specs, self.config_hash = dict(specs or {}), str(config_hash)
         self.tracker, self.log_every = tracker, max(int(log_every), 1)
@@ -130,6 +136,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.step = 0  # iterations done
         self.last_saved: str | None = None  # URL of the newest snapshot this trainer saved or resumed from
+        self.last_saved_step = -1  # its step
 
     def fit(self, steps: int) -> dict:
         """Run iterations until ``self.step == steps``; returns the last iteration's stats."""
@@ -140,7 +147,7 @@ class Trainer:
         title = f"{self.job.phase}" + (f" (from step {start})" if start else "")
         clock, images = time.perf_counter(), 0
         next_batch = functools.partial(next, self.batches)
-        with self.progress.task(title, steps - start) as bar:
+        with signals.deferred(), self.progress.task(title, steps - start) as bar:
             while self.step < steps:
                 before = {name: part.skipped for name, part in self.job.parts.items()}
                 stats = self.job.iteration(next_batch, self.generator)
@@ -150,6 +157,12 @@ class Trainer:
                            if part.skipped > before[name]}
                 if skipped:
                     self._nonfinite(skipped, stats)
+                tripped, stop = self._watch(stats)
+                if tripped is not None:
+                    self._log(stats, float("nan"), skipped)  # a collective under DDP: every rank gets here
+                    lrs = {name: part.lr for name, part in self.job.parts.items()}
+                    raise self.loss_guard.error(tripped, self.job.phase, self.step, self.last_saved,
+                                                self.last_saved_step, lrs)
                 if self.step % self.log_every == 0 or self.step == steps or skipped:
                     now = time.perf_counter()
                     self._log(stats, images / max(now - clock, 1e-9), skipped)
@@ -160,7 +173,31 @@ class Trainer:
                 for hook in self.hooks:
                     hook(self, stats)
                 bar.advance(1, **{k: v for k, v in stats.items() if k == "loss" or k.endswith("_loss")})
+                if stop:
+                    self._stop(stop, saved=self.snapshots is not None and self.last_saved_step == self.step)
         return stats
+
+    def _watch(self, stats: dict) -> tuple[dict | None, int]:
+        """The loss guard's verdict and the signal to stop for (0: none), the same on every rank: under DDP the
+        losses are averaged over the ranks, and one rank's signal stops them all (one collective per iteration)."""
+        watched = self.loss_guard.keys if self.loss_guard is not None else ()
+        losses = {k: float(v) for k, v in stats.items() if k in watched}
+        signum = signals.pending() or 0
+        if self.dist.distributed:
+            keys = sorted(losses)
+            mean = self.dist.all_reduce_mean(torch.tensor([losses[k] for k in keys] + [float(signum > 0)],
+                                                          dtype=torch.float64)).tolist()
+            losses = dict(zip(keys, mean[:-1]))
+            signum = (signum or int(signal.SIGTERM)) if mean[-1] > 0 else 0
+        tripped = self.loss_guard.update(losses) if self.loss_guard is not None else None
+        return tripped, signum
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """Stop for ``signum`` after this step: a snapshot of it (a collective), then ``signals.Interrupted``."""
+        signals.acted_upon()
+        if self.snapshots is not None and not saved:
+            self.save()
+        raise signals.Interrupted(signum, self.job.phase, self.step, self.last_saved)
 
     def _nonfinite(self, skipped: dict, stats: dict) -> None:
         names = ", ".join(f"{name} ({n}x)" for name, n in skipped.items())
@@ -211,6 +248,7 @@ class Trainer:
             raise DpdmError("this Trainer has no snapshots to save into; pass snapshots=Snapshots(url)")
         self.last_saved = self.snapshots.save(self.step, modules=self.job.weights(), state=self.state_dict(),
                                               rank_state=self.rank_state(), specs=self.specs, dist=self.dist)
+        self.last_saved_step = self.step
         return self.last_saved
 
     def resume(self, url: str | None = None) -> bool:
@@ -243,6 +281,6 @@ class Trainer:
                 raise DpdmError(f"snapshot {url!r} holds a data loader state but the batches given to the Trainer "
                                 "cannot load one; use DeviceBatches over a dpdm.data.loader.Loader")
             self.batches.load_state_dict(loader)
-        self.last_saved = url
+        self.last_saved, self.last_saved_step = url, self.step
         return True
 
