@@ -230,15 +230,21 @@ def _workers_of(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_sigterm_to_an_nproc_launch_stops_every_worker(tmp_path):
-    out = tmp_path / "ddp-run"
+def _launch_training_with_two_ranks(out: Path) -> subprocess.Popen:
+    """``dpdm run --nproc 2`` of a teacher phase that would never end, once it has begun writing ``out``."""
     proc = subprocess.Popen([sys.executable, "-m", "dpdm.cli", "run", TOY2D, *sets(TINY[2:]),
                              "--set", "teacher.train.steps=1000000", "--out", str(out), "--nproc", "2"],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_nproc_launch_stops_every_worker(tmp_path):
+    out = tmp_path / "ddp-run"
+    proc = _launch_training_with_two_ranks(out)
     workers = _workers_of(str(out))
     assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else "no workers"
     proc.send_signal(signal.SIGTERM)
@@ -279,12 +285,7 @@ def test_sigkill_of_the_nproc_launcher_leaves_no_orphans(tmp_path):
     """Killing ``dpdm run --nproc 2`` outright: torchrun gets SIGTERM (its parent-death signal) and stops its workers,
     which would get SIGKILL should the agent die; within seconds nothing the launcher started is alive."""
     out = tmp_path / "ddp-run"
-    proc = subprocess.Popen([sys.executable, "-m", "dpdm.cli", "run", TOY2D, *sets(TINY[2:]),
-                             "--set", "teacher.train.steps=1000000", "--out", str(out), "--nproc", "2"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+    proc = _launch_training_with_two_ranks(out)
     started = _descendants(proc.pid)
     assert len(_workers_of(str(out))) >= 3, proc.stderr.read() if proc.poll() is not None else "no workers"
     assert len(started) >= 3  # torchrun and its two workers
