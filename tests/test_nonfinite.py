@@ -68,6 +68,14 @@ def test_dpdm_sample_refuses_a_nan_checkpoint_and_writes_nothing(run_dir, tmp_pa
     assert not out.exists() and not out.parent.exists()
 
 
+def test_a_nan_student_does_not_stop_sampling_the_teacher(run_dir, tmp_path):
+    poison(run_dir, "student", float("nan"))
+    out = tmp_path / "teacher.png"
+    result = sample(run_dir, out, "--model", "teacher", "--sampler", "euler", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
 def test_dpdm_sample_refuses_finite_weights_whose_samples_overflow(run_dir, tmp_path):
     poison(run_dir, "student", 1e30)  # finite, but the outputs overflow to Inf/NaN
     out = tmp_path / "samples.png"

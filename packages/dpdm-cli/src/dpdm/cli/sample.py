@@ -42,10 +42,11 @@ def sample(
     from dpdm.core.eval import protocols as ev
     from dpdm.core.eval import figures
     from dpdm.core.eval.protocols import sampler_and_schedule
-    from dpdm.core.pipeline.run import load_run, make_dataset
+    from dpdm.core.io.checkpoint import load_denoiser
+    from dpdm.core.pipeline.run import make_dataset
 
-    recipe, teacher, student = load_run(run_dir)
-    net = student if model == "student" else teacher
+    recipe = run_dir.recipe()
+    net = load_denoiser(run_dir.checkpoint(model))  # only the model sampled: a diverged student spares the teacher
     sampler_spec, schedule_spec = sampling(recipe, model, sampler, schedule, sigma_max)
     # the schedule clamped to the network's σ range, as on every evaluation route (EDM's generate.py)
     sample_fn, nfe_of, sigmas_of = sampler_and_schedule(sampler_spec, schedule_spec, net)
