@@ -123,3 +123,14 @@ def test_non_finite_and_absurd_scores_are_warned_about_at_the_top(tmp_path):
         "(a diverged model?)"]
     head = md.splitlines()[:5]
     assert head[0] == "# Report: hand-made" and head[2].startswith("**Warning: student dpdm at NFE 1 scores 1.7e+08")
+
+
+def test_dpdm_recover_warns_when_finite_weights_give_non_finite_outputs(run_dir, tmp_path):
+    poison(run_dir, "student", 1e30)  # finite weights (load accepts them), overflowing outputs
+    result = CliRunner().invoke(app, ["recover", "--run", str(run_dir), "--sigma", "1", "--num", "50", "--json"],
+                                env={"COLUMNS": "1000"})
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    message = " ".join(result.stderr.split())
+    assert (f"warning: the student ({run_dir / 'checkpoints' / 'student.safetensors'}) gave non-finite outputs "
+            "(NaN/Inf) at σ = 1: its scores there are not numbers") in message
+    assert "the teacher (" not in message  # the teacher's outputs are finite: no warning about it

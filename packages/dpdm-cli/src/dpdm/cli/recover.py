@@ -4,6 +4,7 @@ student and teacher."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -101,6 +102,13 @@ def recover(
     with torch.no_grad():
         table, examples = ev.recovery(student, teacher, metric_fn, items, None, sigmas, reference, seed=seed,
                                       device=dev, keep=keep)
+    broken = sorted({role for v in table.values() for role in ("student", "teacher")
+                     if not math.isfinite(v[role])})
+    for role in broken:  # finite weights (checked at load) can still overflow: say so, not a silent nan
+        sigmas_off = [f"{s:g}" for s, v in table.items() if not math.isfinite(v[role])]
+        err.print(f"[yellow]warning:[/] the {role} ({escape(run_dir.checkpoint(role))}) gave non-finite outputs "
+                  f"(NaN/Inf) at σ = {', '.join(sigmas_off)}: its scores there are not numbers; the model diverged",
+                  highlight=False, soft_wrap=True)
     clean = rec.first(items, keep if keep is not None else len(items))
     fig_path = figure or run_dir.figures / "recover.png"
     try:
