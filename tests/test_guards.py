@@ -153,3 +153,20 @@ def test_a_tiny_diverging_run_exits_non_zero_with_the_message(tmp_path):
     assert "Try a lower learning rate (now student 1000, fake 0.0001)" in message
     assert "Traceback" not in proc.stderr
     assert not (out / "report.json").exists() and not (out / ".lock").exists()
+
+
+def test_a_resumed_run_keeps_the_guards_medians_and_streaks(tmp_path):
+    """Stopped with 3 of 4 outliers seen (steps 8-10), the resumed run trips at step 11 as the uninterrupted one
+    does; a guard starting empty would take the runaway loss for its reference and never trip."""
+    snaps = Snapshots(str(tmp_path / "snaps"))
+    first = Trainer(Exploding(at=8), Poisoned(()), snapshots=snaps, save_every=5,
+                    loss_guard=LossGuard(patience=4, warmup=3))
+    first.fit(10)
+    assert snaps.latest().endswith("ckpt-000000010") and first.loss_guard.streak["loss"] == 3
+    again = Trainer(Exploding(at=1), Poisoned(()), snapshots=snaps, save_every=5,
+                    loss_guard=LossGuard(patience=4, warmup=3))
+    assert again.resume()
+    assert again.loss_guard.state_dict() == first.loss_guard.state_dict()
+    with pytest.raises(LossDiverged) as info:
+        again.fit(100)
+    assert again.step == 11 and "in 4 consecutive steps since step 8" in str(info.value)

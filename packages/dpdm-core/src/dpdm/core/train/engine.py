@@ -235,7 +235,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """The state every rank shares (``state.pt``)."""
         return {"format": STATE_FORMAT, "phase": self.job.phase, "step": self.step, "config_hash": self.config_hash,
-                "world_size": self.dist.world_size, "job": self.job.state_dict()}
+                "world_size": self.dist.world_size, "job": self.job.state_dict(),
+                "loss_guard": self.loss_guard.state_dict() if self.loss_guard is not None else None}
 
     def rank_state(self) -> dict:
         """This rank's own state (``rank-NNNNN.pt``): random generators and the data loader."""
@@ -274,6 +275,8 @@ class Trainer:
         snap.load_modules(self.job.weights())
         self.job.load_state_dict(state["job"])
         self.step = int(state["step"])
+        if self.loss_guard is not None and state.get("loss_guard"):  # snapshots before the guard have none
+            self.loss_guard.load_state_dict(state["loss_guard"])
         set_rng_state(snap.rank_state["rng"], self.generator, self.dist.device)
         loader = snap.rank_state["loader"]
         if loader is not None:

@@ -33,9 +33,9 @@ class LossGuard:
         factor: how many times its reference (the median of the window) a loss must exceed to be an outlier.
         window: iterations of non-outlier values the median is taken over.
         patience: consecutive outliers of one loss that trip the guard.
-        warmup: values of a loss in its window before any value is judged (at most ``window``; the window starts
-            empty again after a resume: snapshots do not keep it). More than 1 lets a blow-up in the first steps
-            into the reference, where it hides.
+        warmup: values of a loss in its window before any value is judged (at most ``window``; the window travels
+            in snapshots, so a resumed run continues it). More than 1 lets a blow-up in the first steps into the
+            reference, where it hides.
         keys: the stats watched.
     """
 
@@ -77,6 +77,17 @@ class LossGuard:
             self.streak[key] = 0
             history.append(value)
         return tripped
+
+    def state_dict(self) -> dict:
+        """What the guard has seen, as plain values (a snapshot's ``state.pt``): a resumed run judges its losses
+        against the same medians and streaks as the run that was stopped."""
+        return {"seen": self.seen, "history": {k: list(v) for k, v in self.history.items()},
+                "streak": dict(self.streak), "first": dict(self.first)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = int(state["seen"])
+        self.history = {k: deque(v, maxlen=self.window) for k, v in state["history"].items()}
+        self.streak, self.first = dict(state["streak"]), dict(state["first"])
 
     def error(self, tripped: dict, phase: str, step: int, checkpoint: str | None, saved_at: int,
               lrs: dict[str, float]) -> LossDiverged:
