@@ -4,6 +4,7 @@ route: ``dpdm sample``, ``recover``, ``eval``, a recipe's ``teacher.checkpoint``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,18 @@ def test_dpdm_recover_warns_when_finite_weights_give_non_finite_outputs(run_dir,
     assert (f"warning: the student ({run_dir / 'checkpoints' / 'student.safetensors'}) gave non-finite outputs "
             "(NaN/Inf) at σ = 1: its scores there are not numbers") in message
     assert "the teacher (" not in message  # the teacher's outputs are finite: no warning about it
+
+
+def test_dpdm_eval_sweep_warns_at_the_top_when_a_model_gives_non_finite_samples(run_dir, tmp_path):
+    poison(run_dir, "student", 1e30)  # finite weights, overflowing samples: the scores are nan
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(app, ["eval", "sweep", "--run", str(run_dir), "--student-nfe", "1", "--teacher-nfe",
+                                      "1", "--teacher-sampler", "euler", "--num", "50", "--out", str(out)],
+                                env={"COLUMNS": "1000"})
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["warnings"] == ["student dpdm at NFE 1 scores nan: its samples are non-finite (NaN/Inf), the model "
+                                "diverged"]
+    md = (out / "sweep.md").read_text().splitlines()
+    assert md[4] == "**Warning: student dpdm at NFE 1 scores nan: its samples are non-finite (NaN/Inf), the model " \
+                    "diverged.**"

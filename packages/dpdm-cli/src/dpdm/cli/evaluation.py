@@ -242,11 +242,12 @@ def sweep_cmd(
                 result["detector"] = det.key
                 if getattr(det, "accuracy", None) is not None:
                     result["detector_test_accuracy"] = det.accuracy
-            from dpdm.core.eval.report import checks, sweep_markdown
+            from dpdm.core.eval.report import checks, sweep_markdown, warnings as score_warnings
 
             found = checks({"sweep": sweep}) if sweep.get("student") else None
             if found is not None:  # the paper's sampling claims (Table 2, Section 5.2); recovery is `dpdm recover`
                 result["checks"] = {k: found[k] for k in ("student_vs_best_teacher", "student_vs_undistilled")}
+            result["warnings"] = score_warnings(result)  # non-finite scores: a model that diverged, said at the top
             write_json(folder / "sweep.json", result)
 
             (folder / "sweep.md").write_text(sweep_markdown(result))

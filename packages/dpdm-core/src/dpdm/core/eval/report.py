@@ -82,6 +82,7 @@ def sweep_markdown(result: dict) -> str:
              f"reference: {result.get('ref')}."]
     if result.get("detector_test_accuracy") is not None:
         lines[-1] += f" Classifier test accuracy: {result['detector_test_accuracy']:.4f}."
+    lines += [""] + [f"**Warning: {w}.**" for w in result["warnings"]] if result.get("warnings") else []
     caption = ["", REACH_NOTE] if any("heun" in by for by in result["sweep"].values()) else []
     claims = []
     c = result.get("checks")
