@@ -150,3 +150,15 @@ def test_dpdm_eval_sweep_warns_at_the_top_when_a_model_gives_non_finite_samples(
     md = (out / "sweep.md").read_text().splitlines()
     assert md[4] == "**Warning: student dpdm at NFE 1 scores nan: its samples are non-finite (NaN/Inf), the model " \
                     "diverged.**"
+
+
+def test_dpdm_eval_cross_warns_when_a_model_gives_non_finite_samples(run_dir, tmp_path):
+    poison(run_dir, "student", 1e30)
+    out = tmp_path / "cross"
+    result = CliRunner().invoke(app, ["eval", "cross", "--run", str(run_dir), "--nfe", "1", "--num", "50",
+                                      "--out", str(out)], env={"COLUMNS": "1000"})
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    data = json.loads((out / "cross.json").read_text())
+    assert data["warnings"] and all(w.startswith("student ") and "scores nan" in w for w in data["warnings"])
+    assert len(data["warnings"]) == len(data["cells"]["student"])  # every sampler of the student, no teacher's
+    assert f"warning: {data['warnings'][0]}" in " ".join(result.stderr.split())

@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .common import console, ints, launch, local_path, show_markdown, show_table, user_errors
+from .common import console, err, ints, launch, local_path, show_markdown, show_table, user_errors
 from .eval_inputs import (
     check_sigma_max,
     load_reference,
@@ -314,6 +314,12 @@ def cross_cmd(
                 result["detector"] = det.key
                 if getattr(det, "accuracy", None) is not None:
                     result["detector_test_accuracy"] = det.accuracy
+            from dpdm.core.eval.report import warnings as score_warnings
+
+            scores = {m: {c: {cell["nfe"]: cell["value"]} for c, cell in row.items()} for m, row in cells.items()}
+            result["warnings"] = score_warnings({"sweep": scores})  # non-finite scores: a model that diverged
+            for line in result["warnings"]:
+                err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
             write_json(folder / "cross.json", result)
             figure = folder / "cross.png"
             try:
