@@ -9,25 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dpdm.cli.main import app
-from typer.testing import CliRunner
+
+from test_rundir import TINY, TOY2D, invoke, sets  # the tiny toy2d run those tests use
 
 torch.set_num_threads(1)
 
-TOY2D = str(Path(__file__).resolve().parent.parent / "recipes" / "toy2d.yaml")
-TINY = [
-    "teacher.train.steps=3", "train.steps=2", "train.fake_updates=1", "eval.num_samples=50", "eval.recovery_num=50",
-    "eval.teacher_nfe=[1]", "eval.student_steps=[1]", "eval.one_step_sigma_max=[80.0]", "eval.recovery_sigmas=[1.0]",
-    "eval.teacher_samplers=[euler]", "model.backbone.hidden=8", "model.backbone.depth=1",
-]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "1000"})
-
-
-def sets(overrides):
-    return [part for o in overrides for part in ("--set", o)]
 
 
 def user_error(result) -> str:
