@@ -9,6 +9,7 @@ A difference between two rows smaller than their spreads is not an effect: with 
 differences under 2x were shown to be noise on these problems.
 
     python benchmarks/ablations.py [--recipe recipes/toy2d.yaml] [--seeds 0 1 2] [--only weighting]
+                                   [--group design|lora]
                                    [--out benchmarks/results/ablations-toy2d.json]
 """
 
@@ -44,6 +45,15 @@ VARIANTS = {
     "no student EMA": ["train.ema_halflife_nimg=null"],
     "ikl (Diff-Instruct, data-free)": ["train.divergence={name: ikl, weighting: diffusion, normalize: false}"],
 }
+# Issue 16: the fake score as low-rank adapters on the frozen teacher (train.fake_lora) against the full copy, at
+# the fake score's own learning rate (the recipe's fake_lr); `--group lora`.
+LORA_VARIANTS = {
+    "full fake (recipe)": [],
+    "fake_lora rank 4": ["train.fake_lora={rank: 4}"],
+    "fake_lora rank 16": ["train.fake_lora={rank: 16}"],
+    "fake_lora rank 64": ["train.fake_lora={rank: 64}"],
+}
+GROUPS = {"design": VARIANTS, "lora": LORA_VARIANTS}
 # ρ only enters sampling: benchmarks/schedule_rho.py compares ρ = 40 with EDM's 7 on the same trained students.
 # The evaluation each variant needs: the student's sweep, one step, recovery; the teacher's sweep is not read.
 EVAL_ONLY_WHAT_IS_READ = ["eval.teacher_samplers=[heun]", "eval.teacher_nfe=[35]"]
@@ -68,11 +78,14 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="extra overrides for every variant")
     parser.add_argument("--only", action="append", default=None, help="run only variants containing this text")
+    parser.add_argument("--group", choices=sorted(GROUPS), default="design",
+                        help="design: the design choices (issue 12); lora: the fake score as adapters (issue 16)")
     args = parser.parse_args()
     base = load_recipe(args.recipe, args.set)
-    out = Path(args.out or f"benchmarks/results/ablations-{base.name}.json")
+    suffix = "" if args.group == "design" else f"-{args.group}"
+    out = Path(args.out or f"benchmarks/results/ablations-{base.name}{suffix}.json")
     work = Path(tempfile.mkdtemp(prefix="dpdm-ablations-"))
-    chosen = {k: v for k, v in VARIANTS.items() if not args.only or any(o in k for o in args.only)}
+    chosen = {k: v for k, v in GROUPS[args.group].items() if not args.only or any(o in k for o in args.only)}
 
     # The shared teacher, trained once with the recipe's seed.
     teacher_run = run(load_recipe(args.recipe, args.set + EVAL_ONLY_WHAT_IS_READ + ["train.steps=1"]),

@@ -64,6 +64,19 @@ class TeacherConfig:
 
 
 @attrs.define
+class FakeLoraConfig:
+    """The fake score as the teacher's frozen weights plus trainable low-rank adapters (``train/lora.py``), instead
+    of a full copy: the teacher's weights are held once, and only the adapters get gradients, Adam states,
+    snapshots and DDP synchronisation. Not the paper's (its auxiliary model is a full copy): a stated option."""
+
+    rank: int = attrs.field(default=16, metadata={"bound": at_least(1)})  # r: ΔW = (alpha / r)·B·A
+    # the scale's numerator; null: rank (scale 1)
+    alpha: float | None = attrs.field(default=None, metadata={"bound": positive})
+    # glob patterns of the layer names to adapt (fnmatch; '*' spans dots): every layer with a weight matrix by default
+    targets: list[str] = attrs.field(factory=lambda: ["*"])
+
+
+@attrs.define
 class TrainConfig:
     """DPDM distillation (Algorithm 1). Defaults are the paper's (Table 8, Appendix B) where it states them; the
     library's ``DistillJob`` has the same defaults (both take them from ``dpdm.core.defaults``)."""
@@ -85,6 +98,9 @@ class TrainConfig:
     grad_clip: float | None = attrs.field(default=None, metadata={"bound": positive})
     # linear learning-rate warm-up of student and fake score, in images
     lr_warmup_nimg: float = attrs.field(default=0.0, metadata={"bound": at_least(0)})
+    # the fake score as low-rank adapters on the frozen teacher ({rank, alpha, targets}); null: a full copy (the
+    # paper's). Saves the fake's weights, gradients and Adam states; README "Memory" measures what it costs
+    fake_lora: FakeLoraConfig | None = None
     # The student's own network, trained from scratch (e.g. a stylegan2 generator or a dit);
     # null: the student starts as a copy of the teacher. Teacher and fake score keep `model`.
     student: ModelConfig | None = None

@@ -58,9 +58,12 @@ class StorageError(DpdmError, OSError):
     naming the URL; an ``OSError`` too, so callers that tolerate I/O failures (the import cache) still do."""
 
 
-def save_denoiser(url: str, model: nn.Module, spec: dict, extra: dict[str, Any] | None = None) -> None:
-    """Save weights and the network spec (plus JSON-able ``extra`` info) to one safetensors file."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def save_denoiser(url: str, model: nn.Module | dict[str, torch.Tensor], spec: dict,
+                  extra: dict[str, Any] | None = None) -> None:
+    """Save weights (a model, or its state dict) and the network spec (plus JSON-able ``extra`` info) to one
+    safetensors file."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "network": json.dumps(spec), "extra": json.dumps(extra or {})}
     data = st_save(tensors, metadata=meta)
     try:

@@ -16,6 +16,7 @@ from ..errors import ConfigError, DpdmError
 from ..eval.fid import load_stats
 from ..eval.metrics import data_problem, make_metric, quadratic_cost_problem
 from ..io.cache import local_copy, needs_download
+from ..train.lora import targeted
 from ..io.checkpoint import build_denoiser
 from ..io.storage import check_destination
 from ..plugins.registry import entry
@@ -90,8 +91,12 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
     if train_set is not None:
         spec = spec_of(recipe, train_set)
         s_spec = student_spec(recipe, spec)
-        if not recipe.teacher.checkpoint:
-            check("recipe.model", lambda: build_denoiser(spec))
+        if not recipe.teacher.checkpoint:  # (a loaded teacher's layers are checked when it is loaded)
+            net = check("recipe.model", lambda: build_denoiser(spec))
+            for key, cfg in [("train", recipe.train), *[(f"baselines.{n}.train", b.train)
+                                                        for n, b in recipe.baselines.items()]]:
+                if net is not None and cfg.fake_lora is not None:
+                    check(f"recipe.{key}.fake_lora", lambda: targeted(net, cfg.fake_lora.targets))
         if recipe.train.student is not None:
             check("recipe.train.student", lambda: build_denoiser(s_spec))
     check("recipe.train.divergence", lambda: build_divergence(recipe, sigma_data=0.5))

@@ -19,6 +19,7 @@ from ..config.structure import dump_yaml
 from ..eval.report import write_report
 from ..io.checkpoint import load_checkpoint, load_denoiser, save_denoiser
 from ..progress import Progress
+from ..train.lora import adapted_layers, merged_state_dict
 from ..train.distributed import Dist, init_dist
 from ..train.tracking import Tracker
 from .build import check_teacher_fits, student_spec
@@ -99,7 +100,7 @@ def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bo
     if not dist.is_main:
         return None
     save_denoiser(run_dir.checkpoint("student"), student, s_spec, {"role": "student", "steps": recipe.train.steps})
-    save_denoiser(run_dir.checkpoint("fake"), job.fake.module, spec, {"role": "fake"})
+    save_denoiser(run_dir.checkpoint("fake"), *fake_checkpoint(job, spec))
     for name, (model, b_spec, _) in baselines.items():
         save_denoiser(run_dir.checkpoint(name), model, b_spec,
                       {"role": "baseline", "name": name, "steps": recipe.baselines[name].train.steps})
@@ -111,6 +112,17 @@ def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bo
         report["resumed"] = True
     write_report(report, run_dir.report_json, run_dir.report_md)
     return report
+
+
+def fake_checkpoint(job, spec: dict) -> tuple:
+    """``(weights, spec, extra)`` of a distillation's fake score as a denoiser checkpoint: an adapted fake score
+    (``train.fake_lora``) with its adapters merged into the teacher's weights (it loads as any denoiser, e.g.
+    ``dpdm sample --model fake``) and the adapters' settings in its extra info."""
+    if not job.fake_lora:
+        return job.fake.module, spec, {"role": "fake"}
+    lora = {**job.fake_lora, "alpha": job.fake_lora.get("alpha") or job.fake_lora["rank"],
+            "adapted_layers": len(adapted_layers(job.fake.module))}
+    return merged_state_dict(job.fake.module), spec, {"role": "fake", "lora": lora}
 
 
 def load_run(run_dir: str | Path | RunDir, device="cpu"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import attrs
 import torch
 
 from ..config.identity import config_hash
@@ -20,6 +21,7 @@ from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
 from ..train.engine import Trainer
 from ..train.guards import LossGuard
+from ..train.lora import LoraError
 from ..train.precision import Precision
 from ..train.snapshots import Snapshots
 from ..train.teacher import TeacherJob
@@ -119,12 +121,17 @@ def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: RunContext, s
     divergence = build_divergence(recipe, sigma_data, cfg)
     torch.manual_seed(derive_seed(recipe.seed, stream))  # a student of its own: the same initial weights
     fresh = build_denoiser(s_spec).to(dist.device) if cfg.student is not None else None
-    job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
-                     lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
-                     order=cfg.order, student_dropout=cfg.student_dropout,
-                     lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
-                     ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
-                     precision=phase.precision, dist=dist)
+    try:
+        job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
+                         fake_lora=attrs.asdict(cfg.fake_lora) if cfg.fake_lora is not None else None,
+                         lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
+                         order=cfg.order, student_dropout=cfg.student_dropout,
+                         lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
+                         ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
+                         precision=phase.precision, dist=dist)
+    except LoraError as exc:  # targets that match no layer of a loaded teacher
+        key = "train" if name is None else f"baselines.{name.removeprefix('baseline-')}.train"
+        raise DpdmError(f"recipe.{key}.fake_lora: {exc}") from None
     if name is not None:
         job.phase = name
     ev_cfg = recipe.eval

@@ -12,7 +12,8 @@ reuse its detached x̂0, as DMD2 reuses its generator's samples: one student for
 iteration's cost floor is then 8/3 of a teacher step), but the student's gradient then comes from a fake score
 one update older.
 
-Student and fake score start as copies of the teacher; the teacher is frozen once and never updated; teacher
+Student and fake score start as copies of the teacher (or the fake score as the teacher's own weights plus low-rank
+adapters that start at zero, ``fake_lora``, ``lora.py``: the paper's Section 6 memory cost, an option); the teacher is frozen once and never updated; teacher
 and fake score are both evaluated in eval mode, so at initialisation their outputs are identical and the
 student's gradient is exactly zero. The student makes the fake score's data in eval mode (dropout off: the
 outputs Algorithm 2 samples), and by default its own step runs in eval mode too (``student_dropout=False``), so
@@ -36,6 +37,7 @@ from torch import nn
 from .distributed import Dist
 from ..divergences import Divergence
 from .ema import EMA
+from .lora import Adapters, adapted_copy, adapter_parameters
 from .trainable import EvaluatedModel, Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision, frozen_call
@@ -103,6 +105,9 @@ class DistillJob(EvaluatedModel):
         divergence: a ``Divergence`` (``smoothed-kl`` for DPDM, ``ikl`` for Diff-Instruct).
         fake_loss: the EDM loss used to fit the fake score to the student's outputs.
         student, fake: optional initial models (default: copies of the teacher).
+        fake_lora: ``{"rank": r, "alpha": α, "targets": [globs]}`` makes the fake score the teacher's own weights
+            (shared, frozen) plus low-rank adapters (``lora.py``): only the adapters train, are saved in snapshots
+            and are synchronised under DDP. None (default): a full copy of the teacher, as the paper.
         lr, betas: Adam for the student (the paper, Table 8: 1e-5, (0, 0.99)).
         fake_lr, fake_betas: Adam for the fake score (defaults: the student's; Table 8 uses the same).
         fake_updates: fake-score updates per student update (Algorithm 1 alternates one and one).
@@ -117,7 +122,8 @@ class DistillJob(EvaluatedModel):
     phase = "student"
 
     def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *,
-                 student: nn.Module | None = None, fake: nn.Module | None = None, lr: float = STUDENT_LR,
+                 student: nn.Module | None = None, fake: nn.Module | None = None, fake_lora: dict | None = None,
+                 lr: float = STUDENT_LR,
                  betas=STUDENT_BETAS, fake_lr: float | None = None, fake_betas=None, fake_updates: int = FAKE_UPDATES,
                  order: str = "fake-first", student_dropout: bool = False,
                  lr_warmup_nimg: float = 0.0, grad_clip: float | None = None,
@@ -132,12 +138,19 @@ class DistillJob(EvaluatedModel):
         dist = dist or Dist()
         self.teacher = teacher.to(dist.device).eval().requires_grad_(False)
         student = student if student is not None else copy.deepcopy(self.teacher)
-        fake = fake if fake is not None else copy.deepcopy(self.teacher)
+        if fake is not None and fake_lora:
+            raise ValueError("give either fake (a model) or fake_lora (adapters on the teacher), not both")
+        self.fake_lora = dict(fake_lora) if fake_lora else None
+        if self.fake_lora:
+            fake = adapted_copy(self.teacher, **self.fake_lora)
+        elif fake is None:
+            fake = copy.deepcopy(self.teacher)
         common = dict(warmup_nimg=lr_warmup_nimg, grad_clip=grad_clip, precision=precision, dist=dist,
                       find_unused_parameters=find_unused_parameters)
         self.student = Trainable("student", student, lr=lr, betas=betas, **common)
         self.fake = Trainable("fake", fake, lr=fake_lr if fake_lr is not None else lr,
-                              betas=fake_betas if fake_betas is not None else betas, **common)
+                              betas=fake_betas if fake_betas is not None else betas,
+                              params=adapter_parameters(fake) if self.fake_lora else None, **common)
         self.parts = {"student": self.student, "fake": self.fake}
         self.main = self.student  # what evaluation gets (its EMA if kept) and whose images nimg counts
         self.divergence, self.fake_loss = divergence, fake_loss
@@ -207,8 +220,10 @@ class DistillJob(EvaluatedModel):
         return stats
 
     def weights(self) -> dict[str, nn.Module]:
-        """The student, its EMA and the fake score (the teacher is not trained here and not saved)."""
-        out = {"student": self.student.module, "fake": self.fake.module}
+        """The student, its EMA and the fake score (its adapters alone when it is adapted: the teacher is not
+        trained here and not saved)."""
+        fake = Adapters(self.fake.module) if self.fake_lora else self.fake.module
+        out = {"student": self.student.module, "fake": fake}
         return {**out, "ema": self.ema.model} if self.ema is not None else out
 
     def state_dict(self) -> dict:
@@ -231,10 +246,11 @@ class DPDM:
     def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *, lr: float = STUDENT_LR,
                  betas=STUDENT_BETAS, fake_lr: float | None = None, fake_betas=None, fake_updates: int = FAKE_UPDATES,
                  order: str = "fake-first", student_dropout: bool = False,
-                 student: nn.Module | None = None, fake: nn.Module | None = None,
+                 student: nn.Module | None = None, fake: nn.Module | None = None, fake_lora: dict | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05,
                  grad_clip: float | None = None):
-        self.job = DistillJob(teacher, divergence, fake_loss, student=student, fake=fake, lr=lr, betas=betas,
+        self.job = DistillJob(teacher, divergence, fake_loss, student=student, fake=fake, fake_lora=fake_lora,
+                              lr=lr, betas=betas,
                               fake_lr=fake_lr, fake_betas=fake_betas, fake_updates=fake_updates, order=order,
                               student_dropout=student_dropout, grad_clip=grad_clip,
                               ema_halflife_nimg=ema_halflife_nimg, ema_rampup=ema_rampup,

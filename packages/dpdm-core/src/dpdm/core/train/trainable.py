@@ -36,29 +36,42 @@ class Trainable:
             ``DistributedDataParallel`` (``wrapped``); ``module`` stays the raw model, to be called
             without gradients by the other model's steps.
         find_unused_parameters: DDP's option, for networks whose forward skips parameters.
+        params: the parameters to train, when not all of the module's (a fake score's low-rank adapters,
+            ``lora.py``): only they get gradients, Adam states and, under DDP, synchronisation; the module's other
+            parameters and buffers are left frozen and are neither broadcast nor synced by DDP.
     """
 
     def __init__(self, name: str, module: nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  warmup_nimg: float = 0.0, grad_clip: float | None = None, precision: Precision | None = None,
-                 dist: Dist | None = None, find_unused_parameters: bool = False):
+                 dist: Dist | None = None, find_unused_parameters: bool = False,
+                 params: list[nn.Parameter] | None = None):
         self.name = name
         self.dist = dist or Dist()
         self.precision = precision or Precision("fp32", self.dist.device)
         if self.precision.device.type != self.dist.device.type:
             raise DpdmError(f"{name}: the precision is set up for {self.precision.device} but the model trains on "
                             f"{self.dist.device}; build Precision(mode, dist.device)")
-        self.module = module.to(self.dist.device).train().requires_grad_(True)
+        self.module = module.to(self.dist.device).train()
+        if params is None:
+            self.params = list(self.module.requires_grad_(True).parameters())
+        else:
+            self.params = _own(self.module, params, name)
         self.wrapped = self.module
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
+            if params is not None:  # DDP's own (long-standing, static) way to leave tensors out of its sync
+                trained = {id(p) for p in self.params}
+                frozen = [n for n, p in self.module.named_parameters() if id(p) not in trained]
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.module, frozen + [n for n, _ in self.module.named_buffers()])
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.module, device_ids=ids,
                                                    find_unused_parameters=find_unused_parameters)
         self.lr = float(lr)  # base learning rate
         self.warmup_nimg = float(warmup_nimg)
         self.grad_clip = grad_clip
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr, betas=tuple(betas), eps=eps)
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, betas=tuple(betas), eps=eps)
         self.scaler = self.precision.grad_scaler(self.module)  # fp16, or a network with fp16 parts
         self.nimg = 0  # images of the applied steps, all ranks
         self.steps = 0  # applied optimizer steps
@@ -87,7 +100,7 @@ class Trainable:
             images += x0.shape[0]
             del loss  # the graph is gone after backward; drop the last reference too
         loss = torch.stack(losses).mean()
-        applied, norm = guarded_step(self.optimizer, list(self.module.parameters()), scaler=self.scaler,
+        applied, norm = guarded_step(self.optimizer, self.params, scaler=self.scaler,
                                      grad_clip=self.grad_clip, loss_finite=bool(torch.isfinite(loss)),
                                      dist=self.dist)
         images *= self.dist.world_size
@@ -112,6 +125,14 @@ class Trainable:
             self.scaler.load_state_dict(state["scaler"])
         self.nimg, self.steps = int(state["nimg"]), int(state["steps"])
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+
+def _own(module: nn.Module, params: list[nn.Parameter], name: str) -> list[nn.Parameter]:
+    """``params``, checked to be ``module``'s own, switched to require grad."""
+    own = {id(p) for p in module.parameters()}
+    if not params or any(id(p) not in own for p in params):
+        raise DpdmError(f"{name}: the parameters to train must be some of the model's own (got {len(params)})")
+    return [p.requires_grad_(True) for p in params]
 
 
 class Job(Protocol):
