@@ -640,8 +640,8 @@ def test_sample_bad_run(tmp_path):
 
 
 def test_sample_bad_model(tiny_run, tmp_path):
-    assert user_error(invoke("sample", "--run", tiny_run["run"], "--model", "fake", "--out", tmp_path / "x.png")) == (
-        "error: --model must be 'student' or 'teacher', got 'fake'\n")
+    assert user_error(invoke("sample", "--run", tiny_run["run"], "--model", "ema", "--out", tmp_path / "x.png")) == (
+        "error: --model must be one of student, teacher, fake, got 'ema'\n")
 
 
 def test_recover_defaults_to_the_papers_sigmas(tiny_run):

@@ -46,14 +46,22 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     from dpdm.core.train.teacher import TeacherJob
     from dpdm.core.train.tracking import Tracker
     from dpdm.data.loader import Loader
-    from test_engine import _deterministic_loss, denoiser, distill_job, flat_state, teacher_job, toy_data
+    from dpdm.core.train.lora import adapter_parameters, frozen_names
+    from test_engine import (_deterministic_loss, denoiser, distill_job, distill_lora_job, flat_state, teacher_job,
+                             toy_data)
 
     dist = init_dist("cpu", timeout_s=120)
     assert (dist.rank, dist.world_size, dist.backend, dist.device.type) == (rank, world, "gloo", "cpu")
     out = Path(out)
     results = {}
-    for phase, make in (("student", distill_job), ("teacher", teacher_job)):
+    for phase, make in (("student", distill_job), ("student-lora", distill_lora_job), ("teacher", teacher_job)):
         job = make(dist=dist)
+        if phase == "student-lora":  # DDP wraps the fake score's adapters alone: the teacher's weights are not its
+            assert isinstance(job.fake.wrapped, DDP) and not any(p.requires_grad for p in job.teacher.parameters())
+            assert job.fake.wrapped.parameters_to_ignore == set(frozen_names(job.fake.module))
+            synced = [p for p in job.fake.wrapped.parameters() if p.requires_grad]
+            assert [id(p) for p in synced] == [id(p) for p in adapter_parameters(job.fake.module)]
+            teacher_before = {k: v.clone() for k, v in job.teacher.state_dict().items()}
         if phase == "student":
             assert isinstance(job.student.wrapped, DDP) and isinstance(job.fake.wrapped, DDP)
             assert not job.student.wrapped.find_unused_parameters and not job.fake.wrapped.find_unused_parameters
@@ -68,7 +76,7 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
             assert trainer.resume(snaps.url(CUT)) and trainer.step == CUT
         trainer.fit(STEPS)
         results[phase] = flat_state(trainer)
-        if phase == "student":
+        if phase.startswith("student"):
             assert all(torch.equal(v, teacher_before[k]) for k, v in job.teacher.state_dict().items())
     if scenario == "run":  # one TeacherJob step on this rank's half of a batch of 2B, with a loss without draws
         job = TeacherJob(denoiser(0, dropout=0.0), _deterministic_loss, lr=1e-2, dist=dist)
@@ -77,9 +85,25 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
             part = data[2 * BATCH * i:][:2 * BATCH][rank * BATCH:(rank + 1) * BATCH]
             job.iteration(lambda: (part, None))
         results["split"] = [p.detach().clone() for p in job.denoiser.parameters()]
+        # the same for a fake score's adapters: 2 ranks x B = 1 process x 2B
+        results["lora-split"] = adapter_steps(dist, lambda i: data[2 * BATCH * i:][:2 * BATCH][rank * BATCH:(rank + 1) * BATCH])
     torch.save(results, out / f"{scenario}-rank{rank}.pt")
     dist.barrier()
     dist.destroy()
+
+
+def adapter_steps(dist: Dist, part_of) -> list[torch.Tensor]:
+    """Two optimizer steps of a fake score's adapters (``Trainable(params=...)``, rank 2 on a frozen denoiser) with a
+    loss without draws on the batches ``part_of(i)``; returns the adapters."""
+    from dpdm.core.train.lora import adapted_copy, adapter_parameters
+    from dpdm.core.train.trainable import Trainable
+    from test_engine import _deterministic_loss, denoiser
+
+    module = adapted_copy(denoiser(0, dropout=0.0), rank=2)  # denoiser() seeds: the same adapters in every process
+    fake = Trainable("fake", module, lr=1e-2, dist=dist, params=adapter_parameters(module))
+    for i in range(2):
+        fake.step(lambda model, x0, labels: _deterministic_loss(model, x0), lambda: (part_of(i), None))
+    return [p.detach().clone() for p in adapter_parameters(module)]
 
 
 def spawn(scenario: str, out: Path) -> list[dict]:
@@ -100,7 +124,7 @@ def test_two_process_gloo_training(tmp_path):
     from dpdm.core.train.teacher import TeacherJob
 
     run = spawn("run", tmp_path)
-    for phase in ("student", "teacher"):
+    for phase in ("student", "student-lora", "teacher"):
         same(run[0][phase], run[1][phase], prefix="weights/")  # DDP keeps the ranks' parameters identical
         records = [json.loads(line) for line in (tmp_path / f"{phase}.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # rank 0 only: one record per step
@@ -112,6 +136,11 @@ def test_two_process_gloo_training(tmp_path):
         single.iteration(lambda: (data[2 * BATCH * i:][:2 * BATCH], None))
     for a, b in zip(run[0]["split"], single.denoiser.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    single = adapter_steps(Dist(), lambda i: data[2 * BATCH * i:][:2 * BATCH])
+    assert all(torch.count_nonzero(b) for b in single[1::2])  # the B factors (zero at first) have moved
+    for rank in range(2):
+        for a, b in zip(run[rank]["lora-split"], single):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -119,7 +148,7 @@ def test_two_process_resume_is_exact(tmp_path):
     run = spawn("run", tmp_path)  # uninterrupted (it also saves at step CUT, which changes nothing)
     resumed = spawn("resume", tmp_path)  # new processes, started from the snapshot of step CUT
     for rank in range(2):
-        for phase in ("student", "teacher"):
+        for phase in ("student", "student-lora", "teacher"):
             same(run[rank][phase], resumed[rank][phase])
 
 

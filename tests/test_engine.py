@@ -67,7 +67,12 @@ def distill_job(**kw) -> DistillJob:
     return DistillJob(denoiser(1), div, EDMLoss(), **{**opts, **kw})
 
 
-JOBS = {"teacher": teacher_job, "student": distill_job}
+def distill_lora_job(**kw) -> DistillJob:
+    """``distill_job`` with the fake score as rank-2 adapters on the teacher (``train/lora.py``)."""
+    return distill_job(fake_lora={"rank": 2}, **kw)
+
+
+JOBS = {"teacher": teacher_job, "student": distill_job, "student-lora": distill_lora_job}
 
 
 def trainer_for(job, snapshots=None, batch: int = 8, **kw) -> Trainer:
@@ -103,7 +108,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("phase", ["teacher", "student"])
+@pytest.mark.parametrize("phase", ["teacher", "student", "student-lora"])
 def test_resume_is_exact_to_the_bit(phase, tmp_path):
     steps, cut = 6, 3
     reference = trainer_for(JOBS[phase]())
@@ -241,7 +246,7 @@ def test_repeated_nonfinite_steps_stop_the_run(phase, tmp_path):
 
 # --- precision ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("phase", ["teacher", "student"])
+@pytest.mark.parametrize("phase", ["teacher", "student", "student-lora"])
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
 def test_mixed_precision_runs_on_cpu(phase, mode):
     job = JOBS[phase](precision=Precision(mode, "cpu"), accum=1)

@@ -38,9 +38,9 @@ RECIPE = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-def _command(out: Path, *extra: str, nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+def _command(out: Path, *extra: str, nproc: int = 1, launcher: str = "torchrun", recipe=RECIPE) -> list[str]:
     """``python -m dpdm.cli run ...``; for several processes under ``torchrun`` or through ``dpdm run --nproc``."""
-    sets = [part for o in RECIPE for part in ("--set", o)]
+    sets = [part for o in recipe for part in ("--set", o)]
     launch = [sys.executable, "-m", "dpdm.cli"]
     if nproc > 1 and launcher == "torchrun":
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -50,18 +50,19 @@ def _command(out: Path, *extra: str, nproc: int = 1, launcher: str = "torchrun")
     return [*launch, "run", TOY2D, *sets, "--out", str(out), *extra]
 
 
-def _run(out: Path, *extra: str, nproc: int = 1, cwd: Path, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(out, *extra, nproc=nproc, launcher=launcher), cwd=cwd, env=ENV,
+def _run(out: Path, *extra: str, nproc: int = 1, cwd: Path, launcher: str = "torchrun",
+         recipe=RECIPE) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(out, *extra, nproc=nproc, launcher=launcher, recipe=recipe), cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def _kill_at(out: Path, phase: str, step: int, *, nproc: int = 1, cwd: Path) -> None:
+def _kill_at(out: Path, phase: str, step: int, *, nproc: int = 1, cwd: Path, recipe=RECIPE) -> None:
     """Start the run and SIGKILL it (with every process it started) once ``phase``'s snapshot of ``step`` is
     complete."""
     marker = out / "checkpoints" / "train" / phase / f"ckpt-{step:09d}" / "COMPLETE"
-    proc = subprocess.Popen(_command(out, nproc=nproc), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(out, nproc=nproc, recipe=recipe), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     try:
@@ -98,22 +99,24 @@ def reference(tmp_path_factory) -> Path:
     return where / "run"
 
 
-def _resume_matches(tmp_path: Path, nproc: int, reference: Path | None = None) -> None:
+def _resume_matches(tmp_path: Path, nproc: int, reference: Path | None = None, recipe=RECIPE,
+                    phases=("teacher", "student")) -> None:
     rng = random.Random()
-    phase = rng.choice(["teacher", "student"])
+    phase = rng.choice(phases)
     step = rng.randint(1, (TEACHER_STEPS if phase == "teacher" else STUDENT_STEPS) - 1)
     where = f"killed after {phase} step {step} ({nproc} process(es))"
     interrupted = tmp_path / "interrupted"
     if reference is None:
         reference = tmp_path / "reference"
-        ref_run = _run(reference, nproc=nproc, cwd=tmp_path, launcher="--nproc")  # the other launcher: the same run
-        assert "launching: -m dpdm.cli.torchrun --standalone --nproc_per_node=2" in ref_run.stderr
-        assert f"({nproc} processes, gloo)" in ref_run.stderr
-    _kill_at(interrupted, phase, step, nproc=nproc, cwd=tmp_path)
+        ref_run = _run(reference, nproc=nproc, cwd=tmp_path, launcher="--nproc", recipe=recipe)  # the same run
+        if nproc > 1:
+            assert "launching: -m dpdm.cli.torchrun --standalone --nproc_per_node=2" in ref_run.stderr
+            assert f"({nproc} processes, gloo)" in ref_run.stderr
+    _kill_at(interrupted, phase, step, nproc=nproc, cwd=tmp_path, recipe=recipe)
     snaps = sorted(p.name for p in (interrupted / "checkpoints" / "train" / phase).iterdir()
                    if (p / "COMPLETE").exists())
     assert snaps and snaps[-1] >= f"ckpt-{step:09d}", (where, snaps)
-    resumed = _run(interrupted, "--resume", "latest", nproc=nproc, cwd=tmp_path)
+    resumed = _run(interrupted, "--resume", "latest", nproc=nproc, cwd=tmp_path, recipe=recipe)
     assert f"{phase}: resumed from" in resumed.stderr, (where, resumed.stderr[-2000:])
     _assert_bit_identical(_weights(interrupted), _weights(reference), where)
     ref, got = (json.loads((d / "report.json").read_text()) for d in (reference, interrupted))
@@ -128,6 +131,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
 @pytest.mark.slow
 def test_sigkill_and_resume_under_two_process_gloo_ddp(tmp_path):
     _resume_matches(tmp_path, nproc=2)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_with_the_fake_score_as_adapters(tmp_path):
+    """The student phase killed at a random step with ``train.fake_lora`` (the snapshots hold the fake score's
+    adapters alone; the teacher's weights come back from the teacher phase), resumed: to the bit."""
+    _resume_matches(tmp_path, nproc=1, recipe=[*RECIPE, "train.fake_lora={rank: 2}"], phases=("student",))
 
 
 def _invoke(*args, cwd: Path):

@@ -1,4 +1,4 @@
-"""``dpdm sample``: draw samples from a run's student or teacher and save them as a PNG grid or scatter."""
+"""``dpdm sample``: draw samples from a run's student, teacher or fake score and save them as a PNG grid or scatter."""
 
 from __future__ import annotations
 
@@ -11,30 +11,34 @@ from rich.markup import escape
 from .common import console, local_path, user_errors
 from .eval_inputs import check_sigma_max, sampling
 
+MODELS = ("student", "teacher", "fake")  # a run's checkpoints/<model>.safetensors (the fake score's merged if adapted)
+
 
 @user_errors
 def sample(
     run: Optional[str] = typer.Option(None, "--run", help="Run directory, a path or URL (default: runs/latest)"),
     steps: int = typer.Option(4, "--steps", min=1, help="Number of sampling steps"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler (default: the recipe's student sampler, "
-                                                                  "dpdm, for the student; heun for the teacher)"),
+                                                                  "dpdm, for the student; heun for the teacher and "
+                                                                  "the fake score)"),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Schedule (default: the sampler's: the recipe's "
                                                                     "student schedule for dpdm, its teacher schedule, "
                                                                     "karras, for heun and the other ODE samplers)"),
-    model: str = typer.Option("student", "--model", help="student or teacher"),
+    model: str = typer.Option("student", "--model", help="student, teacher, or fake (the auxiliary score: a diffusion "
+                                                         "model of the student's outputs, sampled like the teacher)"),
     num: Optional[int] = typer.Option(None, "--num", min=1, help="Samples (default: 64 images or 2000 points)"),
     sigma_max: Optional[float] = typer.Option(None, "--sigma-max", help="Start of the schedule (default: the recipe's)"),
     seed: int = typer.Option(0, "--seed", min=0),
     out: Path = typer.Option(..., "--out", callback=local_path, help="Output figure: .png, .jpg, .pdf or .svg"),
 ):
-    """Draw samples from a run's student (or teacher) and save them as a PNG grid or scatter."""
+    """Draw samples from a run's student (or teacher, or fake score) and save them as a PNG grid or scatter."""
     from dpdm.core.errors import DpdmError
     from dpdm.core.eval.figures import check_format
     from dpdm.core.io.storage import check_destination
     from dpdm.core.pipeline.rundir import resolve_run
 
-    if model not in ("student", "teacher"):
-        raise DpdmError(f"--model must be 'student' or 'teacher', got {model!r}")
+    if model not in MODELS:
+        raise DpdmError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     check_sigma_max(sigma_max)
     check_format(out, "--out")
     check_destination(str(out), what="--out ")  # before the run is loaded or a sample drawn

@@ -152,6 +152,9 @@ class Adapters:
     def __init__(self, model: nn.Module):
         self.model = model
 
+    def parameters(self):
+        return iter(adapter_parameters(self.model))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         own = dict(self.model.named_parameters())
         return {name: own[name].detach() for name in adapter_names(self.model)}
