@@ -1,21 +1,23 @@
-"""Training cost of DPDM against teacher training: time per iteration and peak memory (issue #6).
+"""Training cost of DPDM against teacher training: time per iteration and peak memory (issues #6 and #16).
 
-Two jobs on the same backbone, per-step batch and precision, both built from the engine's own objects, with
-the EMA on as in a real run:
+Jobs on the same backbone, per-step batch and precision, all built from the engine's own objects, each with the
+student's (or teacher's) EMA on, as in a real run, and off (``--ema both``, the default; ``on`` or ``off`` for one):
 
 - ``teacher``: one ``teacher.TeacherJob`` iteration = one EDM-loss optimizer step (forward+backward, Adam, EMA).
-- ``dpdm``: one ``distill.DistillJob`` iteration with ``fake_updates=1`` and ``order="student-first"`` (DMD2's
-  order) = one student step (student forward+backward, teacher and fake forwards without gradients, Adam, EMA)
-  + one fake-score step on the student step's detached outputs (fake forward+backward, Adam). It consumes one
-  batch of real data. Algorithm 1's own order (``fake-first``, the recipes' default) makes the fake score's
-  data with one more student forward without gradients, so its floor is ``2 + 3·fwd/teacher`` (3× by the
-  count below); that order is not what this benchmark times.
+- ``dpdm`` (the full fake score): one ``distill.DistillJob`` iteration with ``fake_updates=1`` and
+  ``order="student-first"`` (DMD2's order) = one student step (student forward+backward, teacher and fake forwards
+  without gradients, Adam, EMA) + one fake-score step on the student step's detached outputs (fake
+  forward+backward, Adam). It consumes one batch of real data. Algorithm 1's own order (``fake-first``, the
+  recipes' default) makes the fake score's data with one more student forward without gradients, so its floor
+  is ``2 + 3·fwd/teacher`` (3× by the count below); that order is not what this benchmark times.
+- ``lora<r>`` (issue #16; ``--lora-ranks``, default 4,16,64): the same with ``fake_lora={"rank": r}``, the fake
+  score as the frozen teacher's own tensors plus adapters on every weight matrix (only they train; ``lora.py``).
 
 **Time**: the median of ``--iters`` timed iterations after ``--warmup`` untimed ones (``torch.cuda.synchronize``
 on GPUs); for DPDM also the medians of its two steps. ``fwd`` is one forward of the denoiser without gradients
 (eval mode, same precision). A DPDM iteration is 2 optimizer steps of the same network plus 2 no-grad forwards
 (teacher and fake in the student step), so ``floor = 2 + 2·fwd/teacher`` is what the algorithm costs with
-nothing wasted (by the 1 forward : 2 backward count: 8/3).
+nothing wasted (by the 1 forward : 2 backward count: 8/3). On CPU the ratios of process CPU times are shown too.
 
 **Memory**, honestly stated. Every job runs in a fresh subprocess, so no job sees another's allocations.
 
@@ -33,13 +35,20 @@ nothing wasted (by the 1 forward : 2 backward count: 8/3).
   1.19×). So on CPU each job runs twice: a timing pass with the default allocator (its RSS numbers are kept as
   ``rss_default``), and a memory pass of ``--warmup`` + 1 iterations with ``MALLOC_MMAP_THRESHOLD_=65536``
   (every tensor above 64 KiB gets its own mapping, returned to the system when freed), whose resident set
-  follows the live tensors; the memory columns and the verdict come from that pass.
+  follows the live tensors; the memory columns and the verdicts come from that pass.
+- Adapters: an adapted layer computes ``W' = W + BA`` on each forward; in fp32 autograd keeps ``W'`` for the fake
+  step's backward (one copy of the adapted weights, printed under the tables); under bf16/fp16 autocast it keeps
+  the half-precision cast instead, as it does for the full fake score's weights.
 
-The memory target (≤ 1.15×) is judged on ``total``. Nothing is tuned: a missed target prints "NOT met".
+**Targets** (ratios to the jobs with the same EMA setting; memory on ``total``, time on the wall clock, flagged
+where the CPU-time ratio disagrees; nothing is tuned, a missed target prints "NOT met"): the full fake score's
+iteration ≤ 2.9× the teacher step, and its memory ≤ 1.15× with EMA (issue #6); the adapters' memory ≤ 1.05× the
+teacher step's without EMA and ≤ 1.10× with it, and their iteration no slower than the full fake score's (#16).
 
     python benchmarks/train_step.py [--backbone small|cifar10|mlp ...] [--big] [--batch N]
                                     [--precision fp32|bf16|fp16] [--iters N] [--warmup 1] [--device cpu|cuda]
-                                    [--threads N] [--out benchmarks/results/train_step-<device>.json]
+                                    [--lora-ranks 4,16,64] [--ema both|on|off] [--threads N]
+                                    [--out benchmarks/results/train_step-<device>.json]
 
 Defaults: on CPU ``small`` at batch 32 (``--big`` adds ``cifar10`` at batch 8), fp32; on CUDA ``cifar10`` at
 batch 128 in bf16 (``python benchmarks/train_step.py --device cuda --precision bf16``).
@@ -59,11 +68,14 @@ from pathlib import Path
 
 TIME_TARGET = 2.9  # DPDM iteration / teacher step (issue #6)
 MEM_TARGET = 1.15  # DPDM / teacher peak memory (the paper reports 1.09x for consistency distillation)
+LORA_MEM_TARGETS = {False: 1.05, True: 1.10}  # adapter DPDM / teacher peak memory, without / with EMA (issue #16)
+LORA_TIME_TARGET = 1.0  # adapter DPDM iteration / full-fake DPDM iteration (issue #16)
+LORA_RANKS = (4, 16, 64)
 
-SONG_CIFAR10 = dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,
-                    embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                    channel_mult_noise=1, resample_filter=[1, 1])  # EDM's cifar10 ddpmpp (benchmarks/backbones.py)
-SONG_SMALL = dict(model_channels=64, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[16], dropout=0.0)
+SONG_CIFAR10 = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16],
+                "dropout": 0.13, "embedding_type": "positional", "encoder_type": "standard",
+                "decoder_type": "standard", "channel_mult_noise": 1, "resample_filter": [1, 1]}  # EDM's cifar10 ddpmpp
+SONG_SMALL = {"model_channels": 64, "channel_mult": [1, 2, 2], "num_blocks": 2, "attn_resolutions": [16], "dropout": 0.0}
 
 # preset: (backbone, item shape, label_dim, options, default batch on CPU, default batch on CUDA)
 PRESETS = {
@@ -73,8 +85,8 @@ PRESETS = {
 }
 ITERS = {"mlp": 20, "small": 5, "cifar10": 3}  # default timed iterations on CPU (on CUDA: 20)
 EMA_HALFLIFE_NIMG = 500_000  # EDM's cifar10 ema_halflife_kimg=500
-TEACHER_OPTIM = dict(lr=1e-3, betas=(0.9, 0.999))  # EDM's cifar10 teacher
-STUDENT_OPTIM = dict(lr=1e-4, betas=(0.0, 0.99))  # dpdm's TrainConfig defaults (fake score: the same)
+TEACHER_OPTIM = {"lr": 1e-3, "betas": (0.9, 0.999)}  # EDM's cifar10 teacher
+STUDENT_OPTIM = {"lr": 1e-4, "betas": (0.0, 0.99)}  # dpdm's TrainConfig defaults (fake score: the same)
 TIGHT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # CPU memory pass: freed tensors leave the resident set
 
 
@@ -102,18 +114,23 @@ def _runtime_warmup(torch, dev, precision: str) -> None:
     opt.step()
 
 
-def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: str, iters: int, warmup: int,
-            forward: bool = True) -> dict:
-    """One job (``teacher`` or ``dpdm``) in this process; see the module doc for what is reported.
-    ``forward``: also time the no-grad forward (teacher job only)."""
-    import torch
+def job_name(kind: str, rank: int | None, ema: bool) -> str:
+    """``teacher``, ``dpdm`` (full fake score) or ``lora<rank>``, with ``-noema`` when the EMA is off."""
+    return (kind if rank is None else f"lora{rank}") + ("" if ema else "-noema")
 
-    from dpdm.core.train.distill import DistillJob
-    from dpdm.core.train.distributed import Dist
+
+def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: str, iters: int, warmup: int,
+            forward: bool = True, ema: bool = True, lora_rank: int | None = None) -> dict:
+    """One job (``teacher`` or ``dpdm``; ``lora_rank``: the fake score as adapters) in this process; see the module
+    doc for what is reported. ``forward``: also time the no-grad forward (teacher job only)."""
+    import torch
     from dpdm.core.losses import EDMLoss
-    from dpdm.core.train.precision import Precision
     from dpdm.core.plugins.registry import get
     from dpdm.core.sigmas import SigmaDist
+    from dpdm.core.train.distill import DistillJob
+    from dpdm.core.train.distributed import Dist
+    from dpdm.core.train.lora import adapted_layers, adapter_parameters
+    from dpdm.core.train.precision import Precision
     from dpdm.core.train.teacher import TeacherJob
 
     backbone_name, shape, label_dim, options, _, _ = PRESETS[preset]
@@ -126,15 +143,19 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
     torch.manual_seed(0)
     denoiser = precond(backbone=factory(shape=shape, label_dim=label_dim, **options), label_dim=label_dim).to(dev)
     params = sum(p.numel() for p in denoiser.parameters())
-    prec, dist = Precision(precision, dev), Dist(device=dev)
+    prec, dist, halflife = Precision(precision, dev), Dist(device=dev), EMA_HALFLIFE_NIMG if ema else None
+    fake = {"trained_m": params / 1e6}
     if job_kind == "teacher":
-        job = TeacherJob(denoiser, EDMLoss(), **TEACHER_OPTIM, ema_halflife_nimg=EMA_HALFLIFE_NIMG,
-                         precision=prec, dist=dist)
+        job = TeacherJob(denoiser, EDMLoss(), **TEACHER_OPTIM, ema_halflife_nimg=halflife, precision=prec, dist=dist)
     else:
         sigma = SigmaDist("log-uniform", min=0.002, max=80.0)  # dpdm's TrainConfig default
         job = DistillJob(denoiser, get("divergence", "smoothed-kl")(sigma=sigma), EDMLoss(sigma=sigma),
-                         **STUDENT_OPTIM, fake_updates=1, order="student-first", ema_halflife_nimg=EMA_HALFLIFE_NIMG,
-                         precision=prec, dist=dist)
+                         **STUDENT_OPTIM, fake_updates=1, order="student-first", ema_halflife_nimg=halflife,
+                         fake_lora={"rank": lora_rank} if lora_rank else None, precision=prec, dist=dist)
+        if lora_rank:  # what the fake step trains, and the adapted weights W' (computed anew on each forward)
+            model, named = job.fake.module, dict(job.fake.module.named_modules())
+            fake = {"trained_m": sum(p.numel() for p in adapter_parameters(model)) / 1e6, "adapted_m": sum(
+                named[n].parametrizations.weight.original.numel() for n in adapted_layers(model)) / 1e6}
     generator = torch.Generator(dev).manual_seed(0)
     pool = [torch.randn(batch, *shape, generator=generator, device=dev).clamp(-1, 1) for _ in range(2)]  # (B, ...)
     served = [0]
@@ -149,8 +170,10 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
 
     split = {"fake": [], "student": []}  # DPDM's two steps, timed by instance wrappers (the engine is untouched)
     if job_kind == "dpdm":
-        for name in split:
-            def timed(*a, _inner=getattr(job, f"{name}_step"), _times=split[name], **k):
+        for name, step_times in split.items():
+            inner = getattr(job, f"{name}_step")
+
+            def timed(*a, _inner=inner, _times=step_times, **k):
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 out = _inner(*a, **k)
@@ -185,7 +208,7 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
         mem = {"total_mib": peak - rss_import, "growth_mib": peak - rss0, "process_mib": peak,
                "kind": "ru_maxrss; total: minus after imports, growth: minus before the first step"}
     out = {"ms": _median_ms(times), "cpu_ms": _median_ms(times, 1), "times_ms": [1000 * t for t, _ in times],
-           "params_m": params / 1e6, "loss": {k: v for k, v in stats.items() if k.endswith("loss")}, **mem}
+           "params_m": params / 1e6, **fake, "loss": {k: v for k, v in stats.items() if k.endswith("loss")}, **mem}
     if job_kind == "dpdm":
         out.update({f"{name}_ms": _median_ms(ts) for name, ts in split.items()})
         out.update({f"{name}_cpu_ms": _median_ms(ts, 1) for name, ts in split.items()})
@@ -205,40 +228,63 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
     return out
 
 
-def run_case(job_kind: str, preset: str, args, device: str, batch: int, iters: int, tight: bool = False) -> dict:
-    """``measure`` in a fresh interpreter (ru_maxrss is a process high-water mark; CUDA caches stay apart);
-    ``tight``: the CPU memory pass (``TIGHT_MALLOC``, ``--warmup`` + 1 iterations, no forward timing)."""
-    cmd = [sys.executable, __file__, "--_job", job_kind, "--backbone", preset, "--device", device,
+def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int, tight: bool = False) -> dict:
+    """``measure`` of the job ``spec = (kind, lora rank, ema)`` in a fresh interpreter (ru_maxrss is a process
+    high-water mark; CUDA caches stay apart); ``tight``: the CPU memory pass (``TIGHT_MALLOC``, ``--warmup`` + 1
+    iterations, no forward timing)."""
+    kind, rank, ema = spec
+    cmd = [sys.executable, __file__, "--_job", kind, "--backbone", preset, "--device", device,
            "--batch", str(batch), "--precision", args.precision, "--iters", str(1 if tight else iters),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd += (["--_lora", str(rank)] if rank else []) + ([] if ema else ["--_no_ema"])
     env = {**os.environ, **TIGHT_MALLOC} if tight else None
-    proc = subprocess.run(cmd + (["--_no_forward"] if tight else []), capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd + (["--_no_forward"] if tight else []), capture_output=True, text=True, env=env,
+                          check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(teacher: dict, dpdm: dict, batch: int) -> dict:
-    """Ratios DPDM/teacher and the verdicts against the issue's targets."""
-    tm, dm = teacher["mem"], dpdm["mem"]
-    out = {"time_ratio": dpdm["ms"] / teacher["ms"],
-           "cpu_time_ratio": dpdm["cpu_ms"] / teacher["cpu_ms"],  # robust to other processes with 1 thread
-           "floor_ratio": 2 + 2 * teacher["fwd_ms"] / teacher["ms"],
-           "cpu_floor_ratio": 2 + 2 * teacher["fwd_cpu_ms"] / teacher["cpu_ms"],
-           "teacher_img_s": 1000 * batch / teacher["ms"],
-           "dpdm_img_s": 1000 * batch / dpdm["ms"],  # real images per second (one batch per iteration)
-           "mem_ratio": dm["total_mib"] / tm["total_mib"],
-           "growth_ratio": dm["growth_mib"] / tm["growth_mib"]}
-    if "process_mib" in tm:
-        out["process_ratio"] = dm["process_mib"] / tm["process_mib"]
-        out["rss_default_ratio"] = dpdm["rss_default"]["total_mib"] / teacher["rss_default"]["total_mib"]
-    # what the jobs hold by construction (fp32 weights), computed: teacher = model + EMA + Adam (2 moments),
-    # DPDM = teacher + student + fake + EMA + 2 x Adam; plus one model's gradients at a time in both
-    p_mib = teacher["params_m"] * 1e6 * 4 / 2**20
-    out["state_mib"] = {"teacher": 4 * p_mib, "dpdm": 8 * p_mib, "grads": p_mib}
-    out["time_met"] = out["time_ratio"] <= TIME_TARGET
-    out["cpu_time_met"] = out["cpu_time_ratio"] <= TIME_TARGET
-    out["mem_met"] = out["mem_ratio"] <= MEM_TARGET
+def _done(res: dict | None) -> bool:
+    return res is not None and "ms" in res and "total_mib" in res["mem"]
+
+
+def state_mib(res: dict) -> tuple[float, float]:
+    """What a job holds by construction (fp32), computed, and one model's gradients (held in both steps): teacher
+    = model + Adam (2 moments) + EMA; DPDM = teacher + student + fake + Adam of both + EMA; with adapters, the fake
+    is the teacher's tensors plus adapters ``a`` with their Adam."""
+    p, a = (res[k] * 1e6 * 4 / 2**20 for k in ("params_m", "trained_m"))
+    kind = "teacher" if res["job"] == "teacher" else "full" if res["lora_rank"] is None else "lora"
+    return {"teacher": 3 * p, "full": 7 * p, "lora": 4 * p + 3 * a}[kind] + res["ema"] * p, p
+
+
+def compare(jobs: dict[str, dict]) -> dict[str, dict]:
+    """Per DPDM job, its ratios to the teacher step of the same EMA setting (adapters: also to the full fake
+    score's iteration) and the verdicts against the targets (where the issues state one)."""
+    out = {}
+    for name, d in jobs.items():
+        ema, rank = bool(d.get("ema")), d.get("lora_rank")
+        t, f = jobs.get(job_name("teacher", None, ema)), jobs.get(job_name("dpdm", None, ema))
+        if d.get("job") != "dpdm" or not (_done(d) and _done(t)):
+            continue
+        dm, tm = d["mem"], t["mem"]
+        c = {"time_ratio": d["ms"] / t["ms"], "cpu_time_ratio": d["cpu_ms"] / t["cpu_ms"],
+             "floor_ratio": 2 + 2 * t["fwd_ms"] / t["ms"], "cpu_floor_ratio": 2 + 2 * t["fwd_cpu_ms"] / t["cpu_ms"],
+             "mem_ratio": dm["total_mib"] / tm["total_mib"], "growth_ratio": dm["growth_mib"] / tm["growth_mib"],
+             "state_mib": state_mib(d)[0], "grads_mib": state_mib(d)[1]}
+        if "process_mib" in tm:
+            c["process_ratio"] = dm["process_mib"] / tm["process_mib"]
+            c["rss_default_ratio"] = d["rss_default"]["total_mib"] / t["rss_default"]["total_mib"]
+        ref, target = (t, TIME_TARGET) if rank is None else (f, LORA_TIME_TARGET)  # adapters: against the full fake
+        if rank and _done(f):
+            c["full_time_ratio"], c["full_cpu_time_ratio"] = d["ms"] / f["ms"], d["cpu_ms"] / f["cpu_ms"]
+        if _done(ref):
+            c["time_target"], c["time_met"] = target, d["ms"] / ref["ms"] <= target
+            c["cpu_time_met"] = d["cpu_ms"] / ref["cpu_ms"] <= target
+        mem_target = LORA_MEM_TARGETS[ema] if rank else MEM_TARGET if ema else None  # issue #6's: with the EMA
+        if mem_target:
+            c["mem_target"], c["mem_met"] = mem_target, c["mem_ratio"] <= mem_target
+        out[name] = c
     return out
 
 
@@ -248,47 +294,75 @@ def _verdict(wall_met: bool, cpu_met: bool) -> str:
     return verdict if wall_met == cpu_met else f"{verdict} (wall only; CPU time: {'met' if cpu_met else 'NOT met'})"
 
 
+def _judged(c: dict, which: str, cpu: bool) -> str:
+    """``target: verdict`` of the time or memory ratio, or nothing where no target is stated."""
+    if which == "time" and "time_met" in c:
+        vs = "full" if "full_time_ratio" in c else "teacher"
+        return f"≤{c['time_target']:g}× {vs}: {_verdict(c['time_met'], c['cpu_time_met'] if cpu else c['time_met'])}"
+    return f"≤{c['mem_target']:.2f}×: {'met' if c['mem_met'] else 'NOT met'}" if which == "mem" and "mem_met" in c else ""
+
+
+def _cells(j: dict, c: dict, cpu: bool) -> tuple[list[str], list[str]]:
+    """One job's cells of the time table and of the memory table (``c``: its comparison, empty for a teacher)."""
+    teacher = j["job"] == "teacher"
+    if teacher:
+        split, vs = f"fwd {j['fwd_ms']:.1f}", f"1 (DPDM floor {2 + 2 * j['fwd_ms'] / j['ms']:.2f}×)"
+    else:
+        split, vs = f"{j['student_ms']:.1f} + {j['fake_ms']:.1f}", f"{c['time_ratio']:.2f}×" if c else "?"
+    full = f"{c['full_time_ratio']:.2f}×" if "full_time_ratio" in c else ""
+    cpu_ratio = (f"{c['cpu_time_ratio']:.2f}×" if c else "") + (f" / {c['full_cpu_time_ratio']:.2f}×" if full else "")
+    times = ["" if teacher else f"{j['trained_m']:.3g}", f"{j['ms']:.1f}", split, vs, full,
+             *([cpu_ratio] if cpu else []), _judged(c, "time", cpu)]
+    m, state, ratio = j["mem"], state_mib(j), lambda key: f" ({c[key]:.2f}×)" if key in c else ""
+    mems = [f"{m['total_mib']:.0f}", "1" if teacher else f"{c['mem_ratio']:.2f}×" if c else "?", _judged(c, "mem", cpu),
+            f"{m['growth_mib']:.0f}" + ratio("growth_ratio"),
+            *([f"{m['process_mib']:.0f}" + ratio("process_ratio"),
+               f"{j['rss_default']['total_mib']:.0f}" + ratio("rss_default_ratio")] if cpu else []),
+            f"{state[0]:.0f} (+{state[1]:.0f})"]
+    return times, mems
+
+
+def _md(header: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(x) + " |" for x in lines]
+
+
 def table(rows: list[dict], device: str) -> str:
-    """The results as two markdown tables (time, memory)."""
+    """The results as two markdown tables (time, memory) and a line of state sizes per backbone."""
     cpu = not device.startswith("cuda")
-    lines = [f"| backbone | batch | prec | iters | params (M) | teacher ms | DPDM ms (student + fake) | fwd ms | "
-             f"DPDM/teacher (floor) | ≤{TIME_TARGET}× |" + (" CPU-time ratio (floor) |" if cpu else "") +
-             " img/s teacher / DPDM |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if cpu else "") + "---:|"]
-    done = [r for r in rows if "cmp" in r]
-    for r in done:
-        t, d, c = r["teacher"], r["dpdm"], r["cmp"]
-        lines.append(f"| {r['backbone']} | {r['batch']} | {r['precision']} | {r['iters']} | {t['params_m']:.2f} | "
-                     f"{t['ms']:.1f} | {d['ms']:.1f} ({d['student_ms']:.1f} + {d['fake_ms']:.1f}) | "
-                     f"{t['fwd_ms']:.1f} | {c['time_ratio']:.2f}× ({c['floor_ratio']:.2f}×) | "
-                     f"{_verdict(c['time_met'], c['cpu_time_met'] if cpu else c['time_met'])} |" +
-                     (f" {c['cpu_time_ratio']:.2f}× ({c['cpu_floor_ratio']:.2f}×) |" if cpu else "") +
-                     f" {c['teacher_img_s']:.1f} / {c['dpdm_img_s']:.1f} |")
+    time_rows, mem_rows, notes = [], [], []
+    for r in rows:
+        jobs = r["jobs"]
+        for name, j in jobs.items():
+            if not _done(j):
+                notes.append(f"{r['backbone']} {name}: " + j.get("error", f"memory pass: {j.get('mem', {}).get('error')}"))
+                continue
+            label = "full" if j["job"] == "dpdm" and not j["lora_rank"] else j["job"]
+            key = [r["backbone"], str(r["batch"]), "on" if j["ema"] else "off",
+                   f"lora r={j['lora_rank']}" if j["lora_rank"] else label]
+            times, mems = _cells(j, r["cmp"].get(name, {}), cpu)
+            time_rows.append(key + times)
+            mem_rows.append(key + mems)
+        if any("params_m" in j for j in jobs.values()):
+            p = next(j["params_m"] for j in jobs.values() if "params_m" in j)
+            ranks = {j["lora_rank"]: j["trained_m"] for j in jobs.values() if j["lora_rank"] and "trained_m" in j}
+            adapters = ", ".join(f"r={rank} {a:.3g} M" for rank, a in ranks.items())
+            adapted = next((j["adapted_m"] for j in jobs.values() if "adapted_m" in j), None)
+            notes.append(f"{r['backbone']}: p = {p:.3g} M parameters ({p * 4e6 / 2**20:.1f} MiB in fp32); state by "
+                         "construction = teacher 4p (3p without EMA), DPDM full 8p (7p), adapters 5p + 3a (4p + 3a)"
+                         + (f"; adapter parameters a: {adapters}" if adapters else "")
+                         + (f"; adapted weights (one W' copy): {adapted * 4e6 / 2**20:.1f} MiB" if adapted else ""))
     head = ("memory pass, peak RSS: total = minus after imports, growth = minus before the first step, process = "
             "whole process; default malloc = the timing pass's total" if cpu else
             "max_memory_allocated: total, and growth = minus the allocation before the first step")
-    lines += ["", f"Memory (MiB; {head}; state = weights + EMA + Adam by construction, computed):", "",
-              f"| backbone | batch | teacher total | DPDM total | ratio | ≤{MEM_TARGET}× | growth teacher / DPDM |" +
-              (" process teacher / DPDM | default malloc teacher / DPDM |" if cpu else "") +
-              " state teacher / DPDM (+ grads) |",
-              "|---|---:|---:|---:|---:|---|---:|" + ("---:|---:|" if cpu else "") + "---:|"]
-    for r in done:
-        t, d, c, s = r["teacher"]["mem"], r["dpdm"]["mem"], r["cmp"], r["cmp"]["state_mib"]
-        line = (f"| {r['backbone']} | {r['batch']} | {t['total_mib']:.0f} | {d['total_mib']:.0f} | "
-                f"{c['mem_ratio']:.2f}× | {'met' if c['mem_met'] else 'NOT met'} | "
-                f"{t['growth_mib']:.0f} / {d['growth_mib']:.0f} ({c['growth_ratio']:.2f}×) |")
-        if cpu:
-            td, dd = r["teacher"]["rss_default"], r["dpdm"]["rss_default"]
-            line += (f" {t['process_mib']:.0f} / {d['process_mib']:.0f} ({c['process_ratio']:.2f}×) |"
-                     f" {td['total_mib']:.0f} / {dd['total_mib']:.0f} ({c['rss_default_ratio']:.2f}×) |")
-        lines.append(line + f" {s['teacher']:.0f} / {s['dpdm']:.0f} (+{s['grads']:.0f}) |")
-    for r in rows:
-        if "cmp" not in r:
-            errors = [f"{k}: {r[k]['error']}" for k in ("teacher", "dpdm") if "error" in r[k]]
-            errors += [f"{k} memory pass: {r[k]['mem']['error']}" for k in ("teacher", "dpdm")
-                       if "error" in r[k].get("mem", {})]
-            lines.append(f"\n{r['backbone']} (batch {r['batch']}): " + "; ".join(errors))
-    return "\n".join(lines)
+    lines = ["Time per iteration (median ms; ratios to the teacher step with the same EMA; adapters also to the full "
+             "fake score's iteration" + ("; CPU time: the same ratios of process CPU time" if cpu else "") + "):", ""]
+    lines += _md(["backbone", "batch", "EMA", "job", "fake trains (M)", "ms", "student + fake", "× teacher", "× full"]
+                 + (["CPU time × teacher / full"] if cpu else []) + ["target: verdict"], time_rows)
+    lines += ["", f"Memory (MiB; {head}; state = weights + Adam + EMA (+ one model's gradients) by construction):",
+              ""]
+    lines += _md(["backbone", "batch", "EMA", "job", "total", "× teacher", "target: verdict", "growth"]
+                 + (["process", "default malloc"] if cpu else []) + ["state (+grads)"], mem_rows)
+    return "\n".join(lines + [""] + notes)
 
 
 def main(argv=None):
@@ -303,11 +377,21 @@ def main(argv=None):
                    f"{', '.join(f'{k} {v}' for k, v in ITERS.items())})")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--lora-ranks", default=",".join(map(str, LORA_RANKS)),
+                   help="adapter ranks of the fake score, comma-separated ('' for none; default: %(default)s)")
+    p.add_argument("--ema", choices=["both", "on", "off"], default="both",
+                   help="run every job with the EMA on, off, or both (default: both)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None)
     p.add_argument("--_job", choices=["teacher", "dpdm"], help=argparse.SUPPRESS)  # internal: one job, JSON out
+    p.add_argument("--_lora", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_no_ema", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_no_forward", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    ranks = [x.strip() for x in args.lora_ranks.split(",") if x.strip()]
+    if not all(x.isdigit() and int(x) > 0 for x in ranks):
+        p.error(f"--lora-ranks {args.lora_ranks!r}: expected comma-separated ranks of at least 1, e.g. 4,16,64")
+    ranks = [int(x) for x in ranks]
 
     import torch
 
@@ -321,42 +405,45 @@ def main(argv=None):
     if args._job:
         print(json.dumps(measure(args._job, args.backbone[0], device=device, batch=args.batch,
                                  precision=args.precision, iters=args.iters, warmup=args.warmup,
-                                 forward=not args._no_forward)))
+                                 forward=not args._no_forward, ema=not args._no_ema, lora_rank=args._lora)))
         return
 
     presets = args.backbone or (["cifar10"] if cuda else ["small"])
     if args.big and "cifar10" not in presets:
         presets.append("cifar10")
+    emas = {"both": (True, False), "on": (True,), "off": (False,)}[args.ema]
+    specs = [(kind, rank, ema) for ema in emas for kind, rank in [("teacher", None), ("dpdm", None)]
+             + [("dpdm", r) for r in ranks]]
     print(f"device {device} ({torch.get_num_threads()} threads), {args.precision}, median of the timed iterations "
           f"after {args.warmup} warm-up; each job in its own subprocess"
           + ("" if cuda else ", timing pass then memory pass"), flush=True)
     rows, load0, clock = [], os.getloadavg(), time.perf_counter()
+    mem_keys = ("total_mib", "growth_mib", "process_mib", "kind")
     for preset in presets:
         backbone, shape, label_dim, options, cpu_batch, cuda_batch = PRESETS[preset]
         batch = args.batch or (cuda_batch if cuda else cpu_batch)
         iters = args.iters or (20 if cuda else ITERS[preset])
         row = {"backbone": preset, "registry": backbone, "shape": list(shape), "label_dim": label_dim,
-               "options": options, "batch": batch, "precision": args.precision, "iters": iters}
-        for job_kind in ("teacher", "dpdm"):
-            t0 = time.perf_counter()
-            res = run_case(job_kind, preset, args, device, batch, iters)
+               "options": options, "batch": batch, "precision": args.precision, "iters": iters, "jobs": {}}
+        for spec in specs:
+            t0, name = time.perf_counter(), job_name(*spec)
+            res = {"job": spec[0], "lora_rank": spec[1], "ema": spec[2], **run_case(spec, preset, args, device,
+                                                                                      batch, iters)}
             if "ms" in res:
-                mem_keys = ("total_mib", "growth_mib", "process_mib", "kind")
                 if cuda:
                     res["mem"] = {k: res.pop(k) for k in mem_keys if k in res}
                 else:
                     res["rss_default"] = {k: res.pop(k) for k in mem_keys}
-                    tight = run_case(job_kind, preset, args, device, batch, iters, tight=True)
+                    tight = run_case(spec, preset, args, device, batch, iters, tight=True)
                     res["mem"] = {k: tight[k] for k in (*mem_keys, "error") if k in tight}  # its times are slowed
                     res["mem"]["malloc"] = TIGHT_MALLOC
-            row[job_kind] = res
+            row["jobs"][name] = res
             mem = res.get("mem", {})
-            print(f"  {preset:8} batch {batch:4} {job_kind:8} " +
+            print(f"  {preset:8} batch {batch:4} {name:14} " +
                   (f"{res['ms']:10.1f} ms/iter" if "ms" in res else res["error"]) +
                   (f"  total {mem['total_mib']:7.0f} MiB  growth {mem['growth_mib']:7.0f} MiB" if "total_mib" in mem
                    else f"  memory: {mem.get('error', '-')}") + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        if all("ms" in row[k] and "total_mib" in row[k]["mem"] for k in ("teacher", "dpdm")):
-            row["cmp"] = compare(row["teacher"], row["dpdm"], batch)
+        row["cmp"] = compare(row["jobs"])
         rows.append(row)
     load1 = os.getloadavg()
     print()
@@ -370,8 +457,10 @@ def main(argv=None):
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "precision": args.precision,
             "warmup": args.warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "loadavg_1m": {"start": load0[0], "end": load1[0]},
-            "time_target": TIME_TARGET, "mem_target": MEM_TARGET, "fake_updates": 1,
-            "ema_halflife_nimg": EMA_HALFLIFE_NIMG, "teacher_optim": TEACHER_OPTIM, "student_optim": STUDENT_OPTIM}
+            "time_target": TIME_TARGET, "mem_target": MEM_TARGET, "lora_time_target": LORA_TIME_TARGET,
+            "lora_mem_targets": {"ema": LORA_MEM_TARGETS[True], "no_ema": LORA_MEM_TARGETS[False]},
+            "lora_ranks": ranks, "ema": args.ema, "fake_updates": 1, "ema_halflife_nimg": EMA_HALFLIFE_NIMG,
+            "teacher_optim": TEACHER_OPTIM, "student_optim": STUDENT_OPTIM}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
