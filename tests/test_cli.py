@@ -120,7 +120,7 @@ def test_several_recipe_problems_at_once(tmp_path, monkeypatch):
     assert err.splitlines() == [
         f"error: invalid recipe {TOY2D} (2 problems):",
         "  - recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, "
-        "batch_size, lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
+        "batch_size, lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, fake_lora, student_lora, student.",
         "  - recipe.eval.teacher_samplers[0].name: unknown sampler 'heum'. Did you mean 'heun'? Registered samplers: "
         "dpdm, dpmpp-2m, euler, euler-stochastic, heun. Run `dpdm plugins` to see every component and the package "
         "that provides it.",

@@ -47,20 +47,23 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     from dpdm.core.train.tracking import Tracker
     from dpdm.data.loader import Loader
     from dpdm.core.train.lora import adapter_parameters, frozen_names
-    from test_engine import (_deterministic_loss, denoiser, distill_job, distill_lora_job, flat_state, teacher_job,
-                             toy_data)
+    from test_engine import (_deterministic_loss, denoiser, distill_job, distill_lora_both_job, distill_lora_job,
+                             flat_state, teacher_job, toy_data)
 
     dist = init_dist("cpu", timeout_s=120)
     assert (dist.rank, dist.world_size, dist.backend, dist.device.type) == (rank, world, "gloo", "cpu")
     out = Path(out)
     results = {}
-    for phase, make in (("student", distill_job), ("student-lora", distill_lora_job), ("teacher", teacher_job)):
+    for phase, make in (("student", distill_job), ("student-lora", distill_lora_job),
+                        ("student-lora-both", distill_lora_both_job), ("teacher", teacher_job)):
         job = make(dist=dist)
-        if phase == "student-lora":  # DDP wraps the fake score's adapters alone: the teacher's weights are not its
-            assert isinstance(job.fake.wrapped, DDP) and not any(p.requires_grad for p in job.teacher.parameters())
-            assert job.fake.wrapped.parameters_to_ignore == set(frozen_names(job.fake.module))
-            synced = [p for p in job.fake.wrapped.parameters() if p.requires_grad]
-            assert [id(p) for p in synced] == [id(p) for p in adapter_parameters(job.fake.module)]
+        if phase.startswith("student-lora"):  # DDP wraps the adapters alone: the teacher's weights are not its
+            adapted = [job.fake] + ([job.student] if phase.endswith("both") else [])
+            for part in adapted:
+                assert isinstance(part.wrapped, DDP) and not any(p.requires_grad for p in job.teacher.parameters())
+                assert part.wrapped.parameters_to_ignore == set(frozen_names(part.module))
+                synced = [p for p in part.wrapped.parameters() if p.requires_grad]
+                assert [id(p) for p in synced] == [id(p) for p in adapter_parameters(part.module)]
             teacher_before = {k: v.clone() for k, v in job.teacher.state_dict().items()}
         if phase == "student":
             assert isinstance(job.student.wrapped, DDP) and isinstance(job.fake.wrapped, DDP)
@@ -86,7 +89,8 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
             job.iteration(lambda: (part, None))
         results["split"] = [p.detach().clone() for p in job.denoiser.parameters()]
         # the same for a fake score's adapters: 2 ranks x B = 1 process x 2B
-        results["lora-split"] = adapter_steps(dist, lambda i: data[2 * BATCH * i:][:2 * BATCH][rank * BATCH:(rank + 1) * BATCH])
+        results["lora-split"] = adapter_steps(
+            dist, lambda i: data[2 * BATCH * i:][:2 * BATCH][rank * BATCH:(rank + 1) * BATCH])
     torch.save(results, out / f"{scenario}-rank{rank}.pt")
     dist.barrier()
     dist.destroy()
@@ -124,7 +128,7 @@ def test_two_process_gloo_training(tmp_path):
     from dpdm.core.train.teacher import TeacherJob
 
     run = spawn("run", tmp_path)
-    for phase in ("student", "student-lora", "teacher"):
+    for phase in ("student", "student-lora", "student-lora-both", "teacher"):
         same(run[0][phase], run[1][phase], prefix="weights/")  # DDP keeps the ranks' parameters identical
         records = [json.loads(line) for line in (tmp_path / f"{phase}.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # rank 0 only: one record per step
@@ -148,7 +152,7 @@ def test_two_process_resume_is_exact(tmp_path):
     run = spawn("run", tmp_path)  # uninterrupted (it also saves at step CUT, which changes nothing)
     resumed = spawn("resume", tmp_path)  # new processes, started from the snapshot of step CUT
     for rank in range(2):
-        for phase in ("student", "student-lora", "teacher"):
+        for phase in ("student", "student-lora", "student-lora-both", "teacher"):
             same(run[rank][phase], resumed[rank][phase])
 
 

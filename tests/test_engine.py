@@ -72,7 +72,13 @@ def distill_lora_job(**kw) -> DistillJob:
     return distill_job(fake_lora={"rank": 2}, **kw)
 
 
-JOBS = {"teacher": teacher_job, "student": distill_job, "student-lora": distill_lora_job}
+def distill_lora_both_job(**kw) -> DistillJob:
+    """``distill_job`` with the student and the fake score as rank-2 adapters on the teacher."""
+    return distill_job(fake_lora={"rank": 2}, student_lora={"rank": 2}, **kw)
+
+
+JOBS = {"teacher": teacher_job, "student": distill_job, "student-lora": distill_lora_job,
+        "student-lora-both": distill_lora_both_job}
 
 
 def trainer_for(job, snapshots=None, batch: int = 8, **kw) -> Trainer:
@@ -108,7 +114,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("phase", ["teacher", "student", "student-lora"])
+@pytest.mark.parametrize("phase", list(JOBS))
 def test_resume_is_exact_to_the_bit(phase, tmp_path):
     steps, cut = 6, 3
     reference = trainer_for(JOBS[phase]())
@@ -246,7 +252,7 @@ def test_repeated_nonfinite_steps_stop_the_run(phase, tmp_path):
 
 # --- precision ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("phase", ["teacher", "student", "student-lora"])
+@pytest.mark.parametrize("phase", list(JOBS))
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
 def test_mixed_precision_runs_on_cpu(phase, mode):
     job = JOBS[phase](precision=Precision(mode, "cpu"), accum=1)

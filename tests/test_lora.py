@@ -117,6 +117,35 @@ def test_the_students_gradient_is_zero_at_initialisation_and_the_fake_trains_onl
     assert any(torch.count_nonzero(g) for g in student_grads())
 
 
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_a_training_forward_keeps_no_merged_weight_for_the_backward_which_is_unchanged(name, monkeypatch):
+    """fp32: autograd would keep each merged weight W' (an extra copy of the adapted weights) until the backward;
+    ``RecomputeMerged`` remakes them there instead, to the same gradients bit for bit."""
+    import weakref
+
+    from dpdm.core.train.lora import LowRank
+
+    teacher, spec = teacher_of(name)
+    x, labels = batch(spec)
+    sigma = torch.tensor([0.1, 1.0, 5.0, 20.0])
+    grads, kept = {}, {}
+    for recompute in (True, False):
+        torch.manual_seed(1)
+        fake = adapted_copy(teacher, rank=2, recompute=recompute).train()
+        with torch.no_grad():
+            for q in adapter_parameters(fake):
+                q.normal_(0, 0.05)
+        made, forward = [], LowRank.forward
+        monkeypatch.setattr(LowRank, "forward", lambda self, w: made.append(weakref.ref(out := forward(self, w))) or out)
+        loss = fake(x, sigma, class_labels=labels).square().mean()
+        monkeypatch.setattr(LowRank, "forward", forward)
+        kept[recompute] = sum(ref() is not None for ref in made)  # W' still referenced (by the graph) after forward
+        loss.backward()
+        grads[recompute] = [q.grad for q in adapter_parameters(fake)]
+    assert kept[True] == 0 < kept[False]  # without the hooks the graph holds W' tensors: the test can fail
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+
+
 def _held(*modules) -> int:
     """Elements of the distinct storages the modules' parameters and buffers live in."""
     seen = {}
@@ -157,6 +186,32 @@ def test_what_a_job_holds_full_copy_against_adapters():
     assert sum(t.numel() for t in saved.values()) == a and all(".parametrizations.weight.0." in k for k in saved)
 
 
+def test_a_student_as_adapters_shares_the_teacher_with_its_ema_and_the_fake():
+    teacher, spec = teacher_of("edm-songunet")
+    w = sum(t.numel() for t in (*teacher.parameters(), *teacher.buffers()))
+    job = DistillJob(teacher, DIVERGENCE, EDMLoss(), fake_lora={"rank": 2}, student_lora={"rank": 3},
+                     ema_halflife_nimg=100)
+    x, labels = batch(spec)
+    a_student, a_fake = (sum(t.numel() for t in adapter_parameters(m)) for m in (job.student.module, job.fake.module))
+    assert a_student > a_fake > 0
+    # one copy of the teacher's tensors for all four models; the EMA copies the student's adapters alone
+    assert _held(job.teacher, job.student.module, job.ema.model, job.fake.module) == w + 2 * a_student + a_fake
+    with torch.no_grad():
+        sigma = torch.tensor([0.1, 1.0, 5.0, 20.0])
+        want = teacher(x, sigma, class_labels=labels)
+        assert torch.equal(job.student.module.eval()(x, sigma, class_labels=labels), want)
+        assert torch.equal(job.ema.model(x, sigma, class_labels=labels), want)
+    job.iteration(lambda: (x, labels), torch.Generator().manual_seed(0))
+    assert _adam_elements(job.student.optimizer) == 2 * a_student and _adam_elements(job.fake.optimizer) == 2 * a_fake
+    # the EMA followed the student's adapters, and only them moved
+    ema_b = [m.B for m in job.ema.model.modules() if hasattr(m, "B")]
+    assert any(torch.count_nonzero(b) for b in ema_b)
+    assert {k for k in job.weights()} == {"student", "ema", "fake"}
+    assert all(all(".parametrizations.weight.0." in k for k in m.state_dict()) for m in job.weights().values())
+    with pytest.raises(ValueError, match="give either student .* or student_lora"):
+        DistillJob(teacher, DIVERGENCE, EDMLoss(), student=teacher_of("edm-songunet")[0], student_lora={"rank": 2})
+
+
 def test_the_merged_fake_loads_as_a_plain_denoiser(tmp_path):
     teacher, spec = teacher_of("edm-songunet")
     fake = adapted_copy(teacher, rank=3, alpha=6.0)
@@ -191,33 +246,50 @@ def test_targets_choose_layers_by_glob_and_a_pattern_that_matches_none_is_named(
 
 
 def test_a_recipe_with_targets_that_match_nothing_fails_its_preflight():
-    recipe = load_recipe(TOY2D, [*TINY, "train.fake_lora={rank: 2, targets: ['*attn*']}"])
+    recipe = load_recipe(TOY2D, [*TINY, "train.fake_lora={rank: 2, targets: ['*attn*']}",
+                                 "train.student_lora={targets: ['*blocks.0*', '*qkv']}"])
     with pytest.raises(ConfigError) as info:
         preflight(recipe, check_metric=False)
     assert "recipe.train.fake_lora: targets '*attn*' match no layer with a weight matrix" in str(info.value)
+    assert "recipe.train.student_lora: targets '*qkv' match no layer with a weight matrix" in str(info.value)
+    recipe = load_recipe(TOY2D, [*TINY, "train.student_lora={rank: 2}", "train.student={backbone: {name: mlp}}"])
+    with pytest.raises(ConfigError) as info:
+        preflight(recipe, check_metric=False)
+    assert ("recipe.train: student_lora puts adapters on the teacher's network, student names a network of its own "
+            "trained from scratch; keep one of them") in str(info.value)
     with pytest.raises(DpdmError, match="rank: must be at least 1"):
         load_recipe(TOY2D, ["train.fake_lora={rank: 0}"])
 
 
-def test_a_run_with_an_adapted_fake_snapshots_adapters_and_samples_its_merged_fake(tmp_path):
+@pytest.mark.parametrize("adapted", [("fake",), ("student", "fake")])
+def test_a_run_with_adapters_snapshots_them_alone_and_saves_merged_checkpoints(adapted, tmp_path):
     out = tmp_path / "run"
-    result = invoke("run", TOY2D, *sets([*TINY, "train.fake_lora={rank: 2, alpha: 4}",
-                                         "engine.checkpoint.every=1"]), "--out", out)
+    loras = [f"train.{name}_lora={{rank: 2, alpha: 4}}" for name in adapted]
+    result = invoke("run", TOY2D, *sets([*TINY, *loras, "train.ema_halflife_nimg=100", "engine.checkpoint.every=1"]),
+                    "--out", out)
     assert result.exit_code == 0, result.output
     snap = sorted((out / "checkpoints" / "train" / "student").glob("ckpt-*"))[-1] / "weights.safetensors"
+    saved = {"student": ("student", "ema"), "fake": ("fake",)}
     with safe_open(str(snap), "pt") as f:
-        fake_keys = [k for k in f.keys() if k.startswith("fake.")]
-    assert fake_keys and all(".parametrizations.weight.0." in k for k in fake_keys)  # adapters only
-    with safe_open(str(out / "checkpoints" / "fake.safetensors"), "pt") as f:
-        extra = json.loads(f.metadata()["extra"])
         keys = list(f.keys())
-    assert extra["role"] == "fake" and extra["lora"]["rank"] == 2 and extra["lora"]["alpha"] == 4
-    assert not any("parametrizations" in k for k in keys)
+    for name in ("student", "ema", "fake"):  # the adapted models' adapters only; the others whole
+        own = [k for k in keys if k.startswith(f"{name}.")]
+        lora = any(name in saved[a] for a in adapted)
+        assert own and all((".parametrizations.weight.0." in k) == lora for k in own), name
     teacher = load_denoiser(str(out / "checkpoints" / "teacher.safetensors"))
-    fake = load_denoiser(str(out / "checkpoints" / "fake.safetensors"))
     x, s = torch.randn(8, 2), torch.full((8,), 1.0)
-    with torch.no_grad():
-        assert not torch.equal(fake(x, s), teacher(x, s))  # the adapters trained and were merged
+    for name in ("student", "fake"):
+        path = out / "checkpoints" / f"{name}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            extra = json.loads(f.metadata()["extra"])
+            assert not any("parametrizations" in k for k in f.keys())
+        assert ("lora" in extra) == (name in adapted)
+        if name in adapted:
+            assert extra["lora"] == {"rank": 2, "alpha": 4, "targets": ["*"], "merged": True}
+        with torch.no_grad():  # trained, and (if adapted) merged into the teacher's weights
+            assert not torch.equal(load_denoiser(str(path))(x, s), teacher(x, s)), name
+    report = json.loads((out / "report.json").read_text())
+    assert all(v == v for v in report["sweep"]["student"][next(iter(report["sweep"]["student"]))].values())
     png = tmp_path / "fake.png"
     result = invoke("sample", "--run", out, "--model", "fake", "--num", 16, "--out", png)
     assert result.exit_code == 0, result.output

@@ -70,7 +70,7 @@ def test_override_problems_are_config_errors():
     assert info.value.problems == [
         "recipe.train.lr: expected float, got 'abc'",
         "recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, batch_size, "
-        "lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
+        "lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, fake_lora, student_lora, student.",
     ]
     assert str(info.value).splitlines()[0] == f"invalid recipe {path} (2 problems):"
     with pytest.raises(ConfigError) as info:
@@ -113,7 +113,7 @@ def test_recipe_file_problems_reported_at_once(tmp_path):
         "recipe.model.backbone.depth: expected int, got 'deep'",
         "recipe.train.lr: expected float, got 'fast'",
         "recipe.train.stepz: unknown key. Did you mean 'steps'? Valid keys: divergence, sigma, steps, batch_size, "
-        "lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, student.",
+        "lr, betas, fake_lr, fake_updates, order, student_dropout, ema_halflife_nimg, grad_clip, lr_warmup_nimg, fake_lora, student_lora, student.",
         "recipe.train.divergence.name: " + _unknown("divergence", "smoothed-kll", "'smoothed-kl'", "ikl, smoothed-kl"),
         "recipe.eval.teacher_samplers[1].name: " + _unknown("sampler", "heum", "'heun'",
                                                             "dpdm, dpmpp-2m, euler, euler-stochastic, heun"),

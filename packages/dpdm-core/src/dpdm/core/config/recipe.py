@@ -64,10 +64,11 @@ class TeacherConfig:
 
 
 @attrs.define
-class FakeLoraConfig:
-    """The fake score as the teacher's frozen weights plus trainable low-rank adapters (``train/lora.py``), instead
-    of a full copy: the teacher's weights are held once, and only the adapters get gradients, Adam states,
-    snapshots and DDP synchronisation. Not the paper's (its auxiliary model is a full copy): a stated option."""
+class LoraConfig:
+    """A trained model (``train.fake_lora``, ``train.student_lora``) as the teacher's frozen weights plus trainable
+    low-rank adapters (``train/lora.py``), instead of a full copy: the teacher's weights are held once, and only the
+    adapters get gradients, Adam states, snapshots and DDP synchronisation. Not the paper's (its fake score and
+    student are full copies): a stated option."""
 
     rank: int = attrs.field(default=16, metadata={"bound": at_least(1)})  # r: ΔW = (alpha / r)·B·A
     # the scale's numerator; null: rank (scale 1)
@@ -100,7 +101,10 @@ class TrainConfig:
     lr_warmup_nimg: float = attrs.field(default=0.0, metadata={"bound": at_least(0)})
     # the fake score as low-rank adapters on the frozen teacher ({rank, alpha, targets}); null: a full copy (the
     # paper's). Saves the fake's weights, gradients and Adam states; README "Memory" measures what it costs
-    fake_lora: FakeLoraConfig | None = None
+    fake_lora: LoraConfig | None = None
+    # the student as low-rank adapters on the frozen teacher (for a teacher too large to copy); null: a full copy (the
+    # paper's). Not with `student` (a network of its own)
+    student_lora: LoraConfig | None = None
     # The student's own network, trained from scratch (e.g. a stylegan2 generator or a dit);
     # null: the student starts as a copy of the teacher. Teacher and fake score keep `model`.
     student: ModelConfig | None = None

@@ -16,12 +16,12 @@ from ..errors import ConfigError, DpdmError
 from ..eval.fid import load_stats
 from ..eval.metrics import data_problem, make_metric, quadratic_cost_problem
 from ..io.cache import local_copy, needs_download
-from ..train.lora import targeted
 from ..io.checkpoint import build_denoiser
 from ..io.storage import check_destination
 from ..plugins.registry import entry
 from ..progress import Progress
 from ..train.distributed import resolve_device
+from ..train.lora import targeted
 from .build import build_divergence, make_dataset, schedule_fn, spec_of, student_spec
 
 
@@ -93,12 +93,16 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
         s_spec = student_spec(recipe, spec)
         if not recipe.teacher.checkpoint:  # (a loaded teacher's layers are checked when it is loaded)
             net = check("recipe.model", lambda: build_denoiser(spec))
-            for key, cfg in [("train", recipe.train), *[(f"baselines.{n}.train", b.train)
-                                                        for n, b in recipe.baselines.items()]]:
-                if net is not None and cfg.fake_lora is not None:
-                    check(f"recipe.{key}.fake_lora", lambda: targeted(net, cfg.fake_lora.targets))
+            for key, cfg in _train_configs(recipe):
+                for which, lora in (("student", cfg.student_lora), ("fake", cfg.fake_lora)):
+                    if net is not None and lora is not None:
+                        check(f"recipe.{key}.{which}_lora", lambda: targeted(net, lora.targets))
         if recipe.train.student is not None:
             check("recipe.train.student", lambda: build_denoiser(s_spec))
+    for key, cfg in _train_configs(recipe):
+        if cfg.student is not None and cfg.student_lora is not None:
+            problems.append(f"recipe.{key}: student_lora puts adapters on the teacher's network, student names a "
+                            "network of its own trained from scratch; keep one of them")
     check("recipe.train.divergence", lambda: build_divergence(recipe, sigma_data=0.5))
     if engine.checkpoint.dir is not None:  # training snapshots go there: refused now, not at the first snapshot
         check("recipe.engine.checkpoint.dir", lambda: check_destination(engine.checkpoint.dir, folder=True))
@@ -137,6 +141,11 @@ def preflight(recipe: Recipe, source: str | None = None, *, check_metric: bool |
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), source)
     return plan
+
+
+def _train_configs(recipe: Recipe) -> list:
+    """``(dotted key, TrainConfig)`` of the student's distillation and each baseline's."""
+    return [("train", recipe.train), *[(f"baselines.{n}.train", b.train) for n, b in recipe.baselines.items()]]
 
 
 def _check_metric(plan: Plan) -> None:

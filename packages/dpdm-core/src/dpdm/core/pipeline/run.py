@@ -19,14 +19,14 @@ from ..config.structure import dump_yaml
 from ..eval.report import write_report
 from ..io.checkpoint import load_checkpoint, load_denoiser, save_denoiser
 from ..progress import Progress
-from ..train.lora import adapted_layers, merged_state_dict
+from ..train.lora import plain_state_dict
 from ..train.distributed import Dist, init_dist
 from ..train.tracking import Tracker
 from .build import check_teacher_fits, student_spec
 from .evaluation import evaluate
 from .preflight import Plan, prefetch, preflight
 from .rundir import CONFIG, RunDir
-from .training import BASELINE_STREAM, RunContext, baseline_phase, distill, train_teacher
+from .training import BASELINE_STREAM, RunContext, baseline_phase, lora_options, distill, train_teacher
 
 
 def run(plan: Plan | Recipe, out: str | Path | RunDir, progress: Progress | None = None, *, dist: Dist | None = None,
@@ -99,11 +99,15 @@ def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bo
     student = job.model.eval()
     if not dist.is_main:
         return None
-    save_denoiser(run_dir.checkpoint("student"), student, s_spec, {"role": "student", "steps": recipe.train.steps})
-    save_denoiser(run_dir.checkpoint("fake"), *fake_checkpoint(job, spec))
+    # adapted models (train.student_lora, fake_lora) are saved merged: each checkpoint loads as a plain denoiser
+    save_denoiser(run_dir.checkpoint("student"), plain_state_dict(student), s_spec,
+                  {"role": "student", "steps": recipe.train.steps, **lora_info(job.student_lora)})
+    save_denoiser(run_dir.checkpoint("fake"), plain_state_dict(job.fake.module), spec,
+                  {"role": "fake", **lora_info(job.fake_lora)})
     for name, (model, b_spec, _) in baselines.items():
-        save_denoiser(run_dir.checkpoint(name), model, b_spec,
-                      {"role": "baseline", "name": name, "steps": recipe.baselines[name].train.steps})
+        save_denoiser(run_dir.checkpoint(name), plain_state_dict(model), b_spec,
+                      {"role": "baseline", "name": name, "steps": recipe.baselines[name].train.steps,
+                       **lora_info(lora_options(recipe.baselines[name].train.student_lora))})
     report = evaluate(plan, teacher, student, device, progress, run_dir, baselines)
     report["timings"].update(timings)
     report["recipe"] = recipe.name
@@ -114,15 +118,11 @@ def _run(plan: Plan, run_dir: RunDir, progress: Progress, dist: Dist, resume: bo
     return report
 
 
-def fake_checkpoint(job, spec: dict) -> tuple:
-    """``(weights, spec, extra)`` of a distillation's fake score as a denoiser checkpoint: an adapted fake score
-    (``train.fake_lora``) with its adapters merged into the teacher's weights (it loads as any denoiser, e.g.
-    ``dpdm sample --model fake``) and the adapters' settings in its extra info."""
-    if not job.fake_lora:
-        return job.fake.module, spec, {"role": "fake"}
-    lora = {**job.fake_lora, "alpha": job.fake_lora.get("alpha") or job.fake_lora["rank"],
-            "adapted_layers": len(adapted_layers(job.fake.module))}
-    return merged_state_dict(job.fake.module), spec, {"role": "fake", "lora": lora}
+def lora_info(lora: dict | None) -> dict:
+    """A checkpoint's extra info on its adapters (``train.fake_lora``/``student_lora``), merged into its weights."""
+    if not lora:
+        return {}
+    return {"lora": {**lora, "alpha": lora.get("alpha") or lora["rank"], "merged": True}}
 
 
 def load_run(run_dir: str | Path | RunDir, device="cpu"):

@@ -21,7 +21,7 @@ from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
 from ..train.engine import Trainer
 from ..train.guards import LossGuard
-from ..train.lora import LoraError
+from ..train.lora import LoraError, targeted
 from ..train.precision import Precision
 from ..train.snapshots import Snapshots
 from ..train.teacher import TeacherJob
@@ -111,9 +111,9 @@ def train_teacher(recipe: Recipe, spec: dict, train_set, phase: RunContext):
 def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: RunContext, s_spec: dict | None = None, *,
             cfg=None, name: str | None = None, stream: int = STUDENT_STREAM):
     """Algorithm 1 for ``cfg.steps`` iterations through the engine (``cfg``: a ``TrainConfig``, default the
-    recipe's ``train``); the student is ``cfg.student``'s own network (``s_spec``, trained from scratch) or a copy
-    of the teacher. ``name``: the phase's name (snapshots, logs; default ``student``), e.g. a baseline's. Returns
-    the ``DistillJob``."""
+    recipe's ``train``); the student is ``cfg.student``'s own network (``s_spec``, trained from scratch), adapters on
+    the teacher (``cfg.student_lora``) or a copy of it. ``name``: the phase's name (snapshots, logs; default
+    ``student``), e.g. a baseline's. Returns the ``DistillJob``."""
     cfg = cfg if cfg is not None else recipe.train
     dist = phase.dist
     s_spec = s_spec or spec
@@ -121,17 +121,21 @@ def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: RunContext, s
     divergence = build_divergence(recipe, sigma_data, cfg)
     torch.manual_seed(derive_seed(recipe.seed, stream))  # a student of its own: the same initial weights
     fresh = build_denoiser(s_spec).to(dist.device) if cfg.student is not None else None
-    try:
-        job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
-                         fake_lora=attrs.asdict(cfg.fake_lora) if cfg.fake_lora is not None else None,
-                         lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
-                         order=cfg.order, student_dropout=cfg.student_dropout,
-                         lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
-                         ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
-                         precision=phase.precision, dist=dist)
-    except LoraError as exc:  # targets that match no layer of a loaded teacher
-        key = "train" if name is None else f"baselines.{name.removeprefix('baseline-')}.train"
-        raise DpdmError(f"recipe.{key}.fake_lora: {exc}") from None
+    key = "train" if name is None else f"baselines.{name.removeprefix('baseline-')}.train"
+    for which, lora in (("student", cfg.student_lora), ("fake", cfg.fake_lora)):
+        if lora is None:
+            continue
+        try:  # (checked in preflight for a teacher trained here; a loaded one's layers are known now)
+            targeted(teacher, lora.targets)
+        except LoraError as exc:
+            raise DpdmError(f"recipe.{key}.{which}_lora: {exc}") from None
+    job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
+                     fake_lora=lora_options(cfg.fake_lora), student_lora=lora_options(cfg.student_lora),
+                     lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
+                     order=cfg.order, student_dropout=cfg.student_dropout,
+                     lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
+                     ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
+                     precision=phase.precision, dist=dist)
     if name is not None:
         job.phase = name
     ev_cfg = recipe.eval
@@ -144,6 +148,11 @@ def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: RunContext, s
     trainer = phase.trainer(job, batches(recipe.engine, train_set, cfg.batch_size, dist, seed), seed, specs, grid)
     trainer.fit(cfg.steps)
     return job
+
+
+def lora_options(cfg) -> dict | None:
+    """A ``LoraConfig`` as ``DistillJob``'s ``fake_lora``/``student_lora`` argument."""
+    return attrs.asdict(cfg) if cfg is not None else None
 
 
 def baseline_phase(name: str) -> str:

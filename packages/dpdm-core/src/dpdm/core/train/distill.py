@@ -12,10 +12,10 @@ reuse its detached x̂0, as DMD2 reuses its generator's samples: one student for
 iteration's cost floor is then 8/3 of a teacher step), but the student's gradient then comes from a fake score
 one update older.
 
-Student and fake score start as copies of the teacher (or the fake score as the teacher's own weights plus low-rank
-adapters that start at zero, ``fake_lora``, ``lora.py``: the paper's Section 6 memory cost, an option); the teacher is frozen once and never updated; teacher
-and fake score are both evaluated in eval mode, so at initialisation their outputs are identical and the
-student's gradient is exactly zero. The student makes the fake score's data in eval mode (dropout off: the
+Student and fake score start as copies of the teacher (or as the teacher's own weights plus low-rank adapters that
+start at zero, ``fake_lora``/``student_lora``, ``lora.py``: against the memory cost the paper's Section 6 names, an
+option); the teacher is frozen once and never updated; teacher and fake score are both evaluated in eval mode, so at
+initialisation their outputs are identical and the student's gradient is exactly zero. The student makes the fake score's data in eval mode (dropout off: the
 outputs Algorithm 2 samples), and by default its own step runs in eval mode too (``student_dropout=False``), so
 the distribution the divergence matches is the one Algorithm 2 samples from; ``student_dropout=True`` keeps
 dropout on in the student's own step, as Diff-Instruct trains its generator. The fake score trains with dropout
@@ -37,7 +37,7 @@ from torch import nn
 from .distributed import Dist
 from ..divergences import Divergence
 from .ema import EMA
-from .lora import Adapters, adapted_copy, adapter_parameters
+from .lora import Adapters, adapted_copy, adapter_parameters, is_adapted
 from .trainable import EvaluatedModel, Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision, frozen_call
@@ -108,6 +108,8 @@ class DistillJob(EvaluatedModel):
         fake_lora: ``{"rank": r, "alpha": α, "targets": [globs]}`` makes the fake score the teacher's own weights
             (shared, frozen) plus low-rank adapters (``lora.py``): only the adapters train, are saved in snapshots
             and are synchronised under DDP. None (default): a full copy of the teacher, as the paper.
+        student_lora: the same for the student (and its EMA, which then averages the adapters alone), for a teacher
+            too large to copy; None (default): a full copy, as the paper's student.
         lr, betas: Adam for the student (the paper, Table 8: 1e-5, (0, 0.99)).
         fake_lr, fake_betas: Adam for the fake score (defaults: the student's; Table 8 uses the same).
         fake_updates: fake-score updates per student update (Algorithm 1 alternates one and one).
@@ -123,7 +125,7 @@ class DistillJob(EvaluatedModel):
 
     def __init__(self, teacher: nn.Module, divergence: Divergence, fake_loss: EDMLoss, *,
                  student: nn.Module | None = None, fake: nn.Module | None = None, fake_lora: dict | None = None,
-                 lr: float = STUDENT_LR,
+                 student_lora: dict | None = None, lr: float = STUDENT_LR,
                  betas=STUDENT_BETAS, fake_lr: float | None = None, fake_betas=None, fake_updates: int = FAKE_UPDATES,
                  order: str = "fake-first", student_dropout: bool = False,
                  lr_warmup_nimg: float = 0.0, grad_clip: float | None = None,
@@ -137,17 +139,13 @@ class DistillJob(EvaluatedModel):
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         dist = dist or Dist()
         self.teacher = teacher.to(dist.device).eval().requires_grad_(False)
-        student = student if student is not None else copy.deepcopy(self.teacher)
-        if fake is not None and fake_lora:
-            raise ValueError("give either fake (a model) or fake_lora (adapters on the teacher), not both")
-        self.fake_lora = dict(fake_lora) if fake_lora else None
-        if self.fake_lora:
-            fake = adapted_copy(self.teacher, **self.fake_lora)
-        elif fake is None:
-            fake = copy.deepcopy(self.teacher)
+        self.student_lora, self.fake_lora = (dict(a) if a else None for a in (student_lora, fake_lora))
+        student = self._initial("student", student, self.student_lora)
+        fake = self._initial("fake", fake, self.fake_lora)
         common = dict(warmup_nimg=lr_warmup_nimg, grad_clip=grad_clip, precision=precision, dist=dist,
                       find_unused_parameters=find_unused_parameters)
-        self.student = Trainable("student", student, lr=lr, betas=betas, **common)
+        self.student = Trainable("student", student, lr=lr, betas=betas,
+                                 params=adapter_parameters(student) if self.student_lora else None, **common)
         self.fake = Trainable("fake", fake, lr=fake_lr if fake_lr is not None else lr,
                               betas=fake_betas if fake_betas is not None else betas,
                               params=adapter_parameters(fake) if self.fake_lora else None, **common)
@@ -160,6 +158,14 @@ class DistillJob(EvaluatedModel):
         self.student.module.train(self.student_dropout)
         self.accum = int(accum)  # micro-batches per optimizer step
         self.ema = EMA(self.student.module, ema_halflife_nimg, ema_rampup) if ema_halflife_nimg else None
+
+    def _initial(self, name: str, model: nn.Module | None, lora: dict | None) -> nn.Module:
+        """A trained model's start: ``model`` if given, else adapters on the teacher (``lora``) or a full copy."""
+        if model is not None and lora:
+            raise ValueError(f"give either {name} (a model) or {name}_lora (adapters on the teacher), not both")
+        if lora:
+            return adapted_copy(self.teacher, **lora)
+        return model if model is not None else copy.deepcopy(self.teacher)
 
     def fake_step(self, next_batch: Callable[[], tuple], generator=None, outputs: list | None = None) -> dict:
         """One optimizer step of the fake score on the student's outputs (Algorithm 1, line 1): on ``outputs``
@@ -220,11 +226,11 @@ class DistillJob(EvaluatedModel):
         return stats
 
     def weights(self) -> dict[str, nn.Module]:
-        """The student, its EMA and the fake score (its adapters alone when it is adapted: the teacher is not
-        trained here and not saved)."""
-        fake = Adapters(self.fake.module) if self.fake_lora else self.fake.module
-        out = {"student": self.student.module, "fake": fake}
-        return {**out, "ema": self.ema.model} if self.ema is not None else out
+        """The student, its EMA and the fake score (of an adapted one its adapters alone: the teacher is not trained
+        here and not saved)."""
+        out = {"student": self.student.module, "fake": self.fake.module,
+               **({"ema": self.ema.model} if self.ema is not None else {})}
+        return {name: Adapters(m) if is_adapted(m) else m for name, m in out.items()}
 
     def state_dict(self) -> dict:
         return job_state(self)
@@ -247,10 +253,11 @@ class DPDM:
                  betas=STUDENT_BETAS, fake_lr: float | None = None, fake_betas=None, fake_updates: int = FAKE_UPDATES,
                  order: str = "fake-first", student_dropout: bool = False,
                  student: nn.Module | None = None, fake: nn.Module | None = None, fake_lora: dict | None = None,
-                 ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05,
+                 student_lora: dict | None = None, ema_halflife_nimg: float | None = None,
+                 ema_rampup: float | None = 0.05,
                  grad_clip: float | None = None):
         self.job = DistillJob(teacher, divergence, fake_loss, student=student, fake=fake, fake_lora=fake_lora,
-                              lr=lr, betas=betas,
+                              student_lora=student_lora, lr=lr, betas=betas,
                               fake_lr=fake_lr, fake_betas=fake_betas, fake_updates=fake_updates, order=order,
                               student_dropout=student_dropout, grad_clip=grad_clip,
                               ema_halflife_nimg=ema_halflife_nimg, ema_rampup=ema_rampup,

@@ -10,12 +10,16 @@ import copy
 import torch
 from torch import nn
 
+from .lora import frozen_tensors
+
 
 class EMA:
-    """Keeps ``self.model``, an EMA copy of ``model`` (parameters averaged, buffers copied)."""
+    """Keeps ``self.model``, an EMA copy of ``model`` (parameters averaged, buffers copied). Of a model with low-rank
+    adapters on a frozen network (``lora.py``) only the adapters are copied and averaged: the copy shares the frozen
+    tensors."""
 
     def __init__(self, model: nn.Module, halflife_nimg: float, rampup_ratio: float | None = 0.05):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = copy.deepcopy(model, memo=frozen_tensors(model)).eval().requires_grad_(False)
         self.halflife_nimg = float(halflife_nimg)  # half-life of the average, in images
         self.rampup_ratio = rampup_ratio  # early half-life is at most this fraction of images seen (None: off)
 
@@ -30,9 +34,11 @@ class EMA:
         """Update after a step on ``batch`` images; ``cur_nimg`` counts images *before* this batch."""
         beta = self.beta(cur_nimg, batch)
         for p_ema, p in zip(self.model.parameters(), model.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, beta))
+            if p_ema is not p:  # (a frozen tensor the two share is its own average)
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            if b_ema is not b:
+                b_ema.copy_(b)
 
     def state_dict(self):
         return self.model.state_dict()

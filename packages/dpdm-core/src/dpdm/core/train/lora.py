@@ -20,8 +20,8 @@ peft's LoRA layers instead replace modules of known types (``nn.Linear``, ``nn.C
 a side path; our layers are classes of their own (EDM's ``Conv2d`` fuses up/down-sampling into the convolution), so
 each would need a hand-written peft layer, and peft brings transformers-sized dependencies. The price of the
 parametrization is that a layer computes ``W'`` (one (out × r)·(r × fan_in) product, small next to the layer) on
-each forward and, when it trains, autograd keeps ``W'`` for the backward; ``benchmarks/train_step.py`` measures
-what that costs.
+each forward; when it trains, the backward computes it once more instead of autograd keeping every ``W'`` until then
+(``RecomputeMerged``). ``benchmarks/train_step.py`` measures what adapters save and cost.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from torch.nn.utils import parametrize
 
 from ..errors import DpdmError
 
-ALL = ("*",)
+ALL = ("*",)  # every layer with a weight matrix
 
 
 class LoraError(DpdmError):
-    """Adapters that cannot be put on a network (targets matching no layer, a rank below 1)."""  # every layer with a weight matrix
+    """Adapters that cannot be put on a network (targets matching no layer, a rank below 1)."""
 
 
 class LowRank(nn.Module):
@@ -65,7 +65,59 @@ class LowRank(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = (self.B @ self.A).view(weight.shape)  # (out, fan_in) -> W's shape
-        return weight + (self.scale * delta).to(weight.dtype)
+        merged = weight + (self.scale * delta).to(weight.dtype)
+        if torch.is_grad_enabled():
+            merged._lora_source = (self, weight)  # what _pack needs to recompute it (see RecomputeMerged)
+        return merged
+
+
+class _Merged:
+    """What autograd keeps of a merged weight (or of a view of one, e.g. ``W'.t()``) in place of the tensor: the
+    adapter and the frozen weight to remake it, and the view's geometry."""
+
+    __slots__ = ("lowrank", "weight", "view")
+
+    def __init__(self, lowrank: LowRank, weight: torch.Tensor, view: tuple):
+        self.lowrank, self.weight, self.view = lowrank, weight, view
+
+
+def _pack(tensor: torch.Tensor):
+    base = tensor._base if tensor._base is not None else tensor
+    source = getattr(base, "_lora_source", None)
+    if source is None:
+        return tensor
+    return _Merged(*source, (tensor.size(), tensor.stride(), tensor.storage_offset()))
+
+
+def _unpack(packed):
+    if isinstance(packed, _Merged):
+        with torch.no_grad():  # the same computation on the same (unchanged until the optimizer steps) tensors
+            return packed.lowrank(packed.weight).as_strided(*packed.view)
+    return packed
+
+
+class RecomputeMerged:
+    """Forward hooks on an adapted model that keep autograd from holding each merged weight ``W'`` until the backward
+    (in fp32 a layer's op saves ``W'`` itself: one more copy of all adapted weights per training forward, on top of
+    what a full copy's step holds); the backward recomputes ``W'`` from ``W``, ``A`` and ``B`` (one small matmul per
+    layer). Under autocast the op saves its low-precision cast of ``W'`` instead, as it saves a plain layer's, and
+    nothing changes. Implemented with ``torch.autograd.graph.saved_tensors_hooks`` around the model's forward."""
+
+    def __init__(self, model: nn.Module):
+        self.active: list = []
+        model.register_forward_pre_hook(self.enter)
+        model.register_forward_hook(self.exit, always_call=True)
+
+    def enter(self, module, args):
+        hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack) if torch.is_grad_enabled() else None
+        if hooks is not None:
+            hooks.__enter__()
+        self.active.append(hooks)
+
+    def exit(self, module, args, output):
+        hooks = self.active.pop()
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, scale={self.scale:g}"
@@ -94,9 +146,10 @@ def targeted(model: nn.Module, targets: Iterable[str] = ALL) -> list[str]:
 
 
 def add_adapters(model: nn.Module, rank: int, alpha: float | None = None, targets: Iterable[str] = ALL,
-                 generator: torch.Generator | None = None) -> list[str]:
+                 generator: torch.Generator | None = None, recompute: bool = True) -> list[str]:
     """Put a ``LowRank`` adapter on the weight of every targeted layer of ``model`` (in place), freeze everything
-    else, and return the adapted layers' names. ``alpha``: the scale's numerator (default ``rank``: scale 1)."""
+    else, and return the adapted layers' names. ``alpha``: the scale's numerator (default ``rank``: scale 1).
+    ``recompute``: remake merged weights in the backward rather than keep them (``RecomputeMerged``)."""
     if int(rank) < 1:
         raise LoraError(f"rank must be at least 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
@@ -106,18 +159,20 @@ def add_adapters(model: nn.Module, rank: int, alpha: float | None = None, target
     for name in names:
         layer = modules[name]
         parametrize.register_parametrization(layer, "weight", LowRank(layer.weight, rank, alpha, generator))
+    if recompute:
+        RecomputeMerged(model)
     return names
 
 
 def adapted_copy(frozen: nn.Module, rank: int, alpha: float | None = None, targets: Iterable[str] = ALL,
-                 generator: torch.Generator | None = None) -> nn.Module:
+                 generator: torch.Generator | None = None, recompute: bool = True) -> nn.Module:
     """A module that computes ``frozen``'s function through its very tensors (no copy of any parameter or buffer:
     the same storage) with adapters on the targeted weights (``add_adapters``). ``frozen`` is left as it was, except
     that its parameters no longer require grad (they are shared with a model whose base must not train)."""
     frozen.requires_grad_(False)
     shared = {id(t): t for t in (*frozen.parameters(), *frozen.buffers())}
     model = copy.deepcopy(frozen, memo=shared)  # new module objects around the same tensors
-    add_adapters(model, rank, alpha, targets, generator)
+    add_adapters(model, rank, alpha, targets, generator, recompute)
     return model
 
 
@@ -125,6 +180,10 @@ def adapted_layers(model: nn.Module) -> list[str]:
     """The names of ``model``'s layers that carry an adapter."""
     return [name for name, m in model.named_modules() if parametrize.is_parametrized(m, "weight")
             and any(isinstance(p, LowRank) for p in m.parametrizations["weight"])]
+
+
+def is_adapted(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRank) for m in model.modules())
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -136,6 +195,15 @@ def adapter_names(model: nn.Module) -> list[str]:
     """The adapters' parameter names in ``model.named_parameters()`` (``…parametrizations.weight.0.A``)."""
     ids = {id(p) for p in adapter_parameters(model)}
     return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def frozen_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
+    """``{id: tensor}`` of an adapted model's frozen parameters and buffers (none for a model without adapters): a
+    ``copy.deepcopy`` memo that makes a copy share them and copy only the adapters."""
+    if not is_adapted(model):
+        return {}
+    adapters = {id(p) for p in adapter_parameters(model)}
+    return {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in adapters}
 
 
 def frozen_names(model: nn.Module) -> list[str]:
@@ -172,6 +240,12 @@ class Adapters:
                     raise RuntimeError(f"adapter {name}: shape {tuple(state[name].shape)} in the snapshot, "
                                        f"{tuple(own[name].shape)} here (was the rank changed?)")
                 own[name].copy_(state[name])
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain network ``model`` computes: ``merged_state_dict`` for an adapted model, else its
+    own; what a denoiser checkpoint holds."""
+    return merged_state_dict(model) if is_adapted(model) else model.state_dict()
 
 
 @torch.no_grad()
