@@ -12,6 +12,8 @@ student's (or teacher's) EMA on, as in a real run, and off (``--ema both``, the 
   is ``2 + 3·fwd/teacher`` (3× by the count below); that order is not what this benchmark times.
 - ``lora<r>`` (issue #16; ``--lora-ranks``, default 4,16,64): the same with ``fake_lora={"rank": r}``, the fake
   score as the frozen teacher's own tensors plus adapters on every weight matrix (only they train; ``lora.py``).
+- ``both<r>`` (``--both-ranks``, default 16): the student too as adapters (``student_lora={"rank": r}``; its EMA
+  averages the adapters alone), so the teacher's weights are the only full copy. No target: ratios only.
 
 **Time**: the median of ``--iters`` timed iterations after ``--warmup`` untimed ones (``torch.cuda.synchronize``
 on GPUs); for DPDM also the medians of its two steps. ``fwd`` is one forward of the denoiser without gradients
@@ -47,7 +49,7 @@ teacher step's without EMA and ≤ 1.10× with it, and their iteration no slower
 
     python benchmarks/train_step.py [--backbone small|cifar10|mlp ...] [--big] [--batch N]
                                     [--precision fp32|bf16|fp16] [--iters N] [--warmup 1] [--device cpu|cuda]
-                                    [--lora-ranks 4,16,64] [--ema both|on|off] [--threads N]
+                                    [--lora-ranks 4,16,64] [--both-ranks 16] [--ema both|on|off] [--threads N]
                                     [--out benchmarks/results/train_step-<device>.json]
 
 Defaults: on CPU ``small`` at batch 32 (``--big`` adds ``cifar10`` at batch 8), fp32; on CUDA ``cifar10`` at
@@ -71,6 +73,7 @@ MEM_TARGET = 1.15  # DPDM / teacher peak memory (the paper reports 1.09x for con
 LORA_MEM_TARGETS = {False: 1.05, True: 1.10}  # adapter DPDM / teacher peak memory, without / with EMA (issue #16)
 LORA_TIME_TARGET = 1.0  # adapter DPDM iteration / full-fake DPDM iteration (issue #16)
 LORA_RANKS = (4, 16, 64)
+BOTH_RANKS = (16,)  # student and fake score both as adapters (no target)
 
 SONG_CIFAR10 = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16],
                 "dropout": 0.13, "embedding_type": "positional", "encoder_type": "standard",
@@ -114,15 +117,17 @@ def _runtime_warmup(torch, dev, precision: str) -> None:
     opt.step()
 
 
-def job_name(kind: str, rank: int | None, ema: bool) -> str:
-    """``teacher``, ``dpdm`` (full fake score) or ``lora<rank>``, with ``-noema`` when the EMA is off."""
-    return (kind if rank is None else f"lora{rank}") + ("" if ema else "-noema")
+def job_name(kind: str, rank: int | None, ema: bool, both: bool = False) -> str:
+    """``teacher``, ``dpdm`` (full fake score), ``lora<rank>`` or ``both<rank>`` (student adapted too), with
+    ``-noema`` when the EMA is off."""
+    return (kind if rank is None else f"{'both' if both else 'lora'}{rank}") + ("" if ema else "-noema")
 
 
 def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: str, iters: int, warmup: int,
-            forward: bool = True, ema: bool = True, lora_rank: int | None = None) -> dict:
-    """One job (``teacher`` or ``dpdm``; ``lora_rank``: the fake score as adapters) in this process; see the module
-    doc for what is reported. ``forward``: also time the no-grad forward (teacher job only)."""
+            forward: bool = True, ema: bool = True, lora_rank: int | None = None, both: bool = False) -> dict:
+    """One job (``teacher`` or ``dpdm``; ``lora_rank``: the fake score as adapters, ``both``: the student too) in
+    this process; see the module doc for what is reported. ``forward``: also time the no-grad forward (teacher
+    job only)."""
     import torch
     from dpdm.core.losses import EDMLoss
     from dpdm.core.plugins.registry import get
@@ -151,11 +156,14 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
         sigma = SigmaDist("log-uniform", min=0.002, max=80.0)  # dpdm's TrainConfig default
         job = DistillJob(denoiser, get("divergence", "smoothed-kl")(sigma=sigma), EDMLoss(sigma=sigma),
                          **STUDENT_OPTIM, fake_updates=1, order="student-first", ema_halflife_nimg=halflife,
-                         fake_lora={"rank": lora_rank} if lora_rank else None, precision=prec, dist=dist)
+                         fake_lora={"rank": lora_rank} if lora_rank else None,
+                         student_lora={"rank": lora_rank} if both else None, precision=prec, dist=dist)
         if lora_rank:  # what the fake step trains, and the adapted weights W' (computed anew on each forward)
             model, named = job.fake.module, dict(job.fake.module.named_modules())
             fake = {"trained_m": sum(p.numel() for p in adapter_parameters(model)) / 1e6, "adapted_m": sum(
                 named[n].parametrizations.weight.original.numel() for n in adapted_layers(model)) / 1e6}
+            if both:
+                fake["student_trained_m"] = sum(p.numel() for p in adapter_parameters(job.student.module)) / 1e6
     generator = torch.Generator(dev).manual_seed(0)
     pool = [torch.randn(batch, *shape, generator=generator, device=dev).clamp(-1, 1) for _ in range(2)]  # (B, ...)
     served = [0]
@@ -229,14 +237,14 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
 
 
 def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int, tight: bool = False) -> dict:
-    """``measure`` of the job ``spec = (kind, lora rank, ema)`` in a fresh interpreter (ru_maxrss is a process
+    """``measure`` of the job ``spec = (kind, lora rank, ema, both)`` in a fresh interpreter (ru_maxrss is a process
     high-water mark; CUDA caches stay apart); ``tight``: the CPU memory pass (``TIGHT_MALLOC``, ``--warmup`` + 1
     iterations, no forward timing)."""
-    kind, rank, ema = spec
+    kind, rank, ema, both = spec
     cmd = [sys.executable, __file__, "--_job", kind, "--backbone", preset, "--device", device,
            "--batch", str(batch), "--precision", args.precision, "--iters", str(1 if tight else iters),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
-    cmd += (["--_lora", str(rank)] if rank else []) + ([] if ema else ["--_no_ema"])
+    cmd += (["--_lora", str(rank)] if rank else []) + ([] if ema else ["--_no_ema"]) + (["--_both"] if both else [])
     env = {**os.environ, **TIGHT_MALLOC} if tight else None
     proc = subprocess.run(cmd + (["--_no_forward"] if tight else []), capture_output=True, text=True, env=env,
                           check=False)
@@ -252,8 +260,12 @@ def _done(res: dict | None) -> bool:
 def state_mib(res: dict) -> tuple[float, float]:
     """What a job holds by construction (fp32), computed, and one model's gradients (held in both steps): teacher
     = model + Adam (2 moments) + EMA; DPDM = teacher + student + fake + Adam of both + EMA; with adapters, the fake
-    is the teacher's tensors plus adapters ``a`` with their Adam."""
+    is the teacher's tensors plus adapters ``a`` with their Adam; ``both``: so is the student (adapters ``s``, its
+    Adam and EMA), and the gradients are the larger adapter set's."""
     p, a = (res[k] * 1e6 * 4 / 2**20 for k in ("params_m", "trained_m"))
+    if res.get("student_lora"):
+        s = res["student_trained_m"] * 1e6 * 4 / 2**20
+        return p + 3 * a + (3 + res["ema"]) * s, max(a, s)
     kind = "teacher" if res["job"] == "teacher" else "full" if res["lora_rank"] is None else "lora"
     return {"teacher": 3 * p, "full": 7 * p, "lora": 4 * p + 3 * a}[kind] + res["ema"] * p, p
 
@@ -263,7 +275,7 @@ def compare(jobs: dict[str, dict]) -> dict[str, dict]:
     score's iteration) and the verdicts against the targets (where the issues state one)."""
     out = {}
     for name, d in jobs.items():
-        ema, rank = bool(d.get("ema")), d.get("lora_rank")
+        ema, rank, both = bool(d.get("ema")), d.get("lora_rank"), d.get("student_lora")
         t, f = jobs.get(job_name("teacher", None, ema)), jobs.get(job_name("dpdm", None, ema))
         if d.get("job") != "dpdm" or not (_done(d) and _done(t)):
             continue
@@ -278,10 +290,11 @@ def compare(jobs: dict[str, dict]) -> dict[str, dict]:
         ref, target = (t, TIME_TARGET) if rank is None else (f, LORA_TIME_TARGET)  # adapters: against the full fake
         if rank and _done(f):
             c["full_time_ratio"], c["full_cpu_time_ratio"] = d["ms"] / f["ms"], d["cpu_ms"] / f["cpu_ms"]
-        if _done(ref):
+        if _done(ref) and not both:  # no target for student adapters
             c["time_target"], c["time_met"] = target, d["ms"] / ref["ms"] <= target
             c["cpu_time_met"] = d["cpu_ms"] / ref["cpu_ms"] <= target
         mem_target = LORA_MEM_TARGETS[ema] if rank else MEM_TARGET if ema else None  # issue #6's: with the EMA
+        mem_target = None if both else mem_target
         if mem_target:
             c["mem_target"], c["mem_met"] = mem_target, c["mem_ratio"] <= mem_target
         out[name] = c
@@ -338,7 +351,7 @@ def table(rows: list[dict], device: str) -> str:
                 continue
             label = "full" if j["job"] == "dpdm" and not j["lora_rank"] else j["job"]
             key = [r["backbone"], str(r["batch"]), "on" if j["ema"] else "off",
-                   f"lora r={j['lora_rank']}" if j["lora_rank"] else label]
+                   f"{'both' if j.get('student_lora') else 'lora'} r={j['lora_rank']}" if j["lora_rank"] else label]
             times, mems = _cells(j, r["cmp"].get(name, {}), cpu)
             time_rows.append(key + times)
             mem_rows.append(key + mems)
@@ -348,7 +361,8 @@ def table(rows: list[dict], device: str) -> str:
             adapters = ", ".join(f"r={rank} {a:.3g} M" for rank, a in ranks.items())
             adapted = next((j["adapted_m"] for j in jobs.values() if "adapted_m" in j), None)
             notes.append(f"{r['backbone']}: p = {p:.3g} M parameters ({p * 4e6 / 2**20:.1f} MiB in fp32); state by "
-                         "construction = teacher 4p (3p without EMA), DPDM full 8p (7p), adapters 5p + 3a (4p + 3a)"
+                         "construction = teacher 4p (3p without EMA), DPDM full 8p (7p), adapters 5p + 3a (4p + 3a), "
+                         "both p + 7a (p + 6a)"
                          + (f"; adapter parameters a: {adapters}" if adapters else "")
                          + (f"; adapted weights (one W' copy): {adapted * 4e6 / 2**20:.1f} MiB" if adapted else ""))
     head = ("memory pass, peak RSS: total = minus after imports, growth = minus before the first step, process = "
@@ -379,19 +393,23 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--lora-ranks", default=",".join(map(str, LORA_RANKS)),
                    help="adapter ranks of the fake score, comma-separated ('' for none; default: %(default)s)")
+    p.add_argument("--both-ranks", default=",".join(map(str, BOTH_RANKS)),
+                   help="adapter ranks of student and fake score together ('' for none; default: %(default)s)")
     p.add_argument("--ema", choices=["both", "on", "off"], default="both",
                    help="run every job with the EMA on, off, or both (default: both)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None)
     p.add_argument("--_job", choices=["teacher", "dpdm"], help=argparse.SUPPRESS)  # internal: one job, JSON out
     p.add_argument("--_lora", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_both", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_no_ema", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_no_forward", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    ranks = [x.strip() for x in args.lora_ranks.split(",") if x.strip()]
-    if not all(x.isdigit() and int(x) > 0 for x in ranks):
-        p.error(f"--lora-ranks {args.lora_ranks!r}: expected comma-separated ranks of at least 1, e.g. 4,16,64")
-    ranks = [int(x) for x in ranks]
+    ranks, both_ranks = ([x.strip() for x in v.split(",") if x.strip()] for v in (args.lora_ranks, args.both_ranks))
+    for opt, value, given in (("--lora-ranks", args.lora_ranks, ranks), ("--both-ranks", args.both_ranks, both_ranks)):
+        if not all(x.isdigit() and int(x) > 0 for x in given):
+            p.error(f"{opt} {value!r}: expected comma-separated ranks of at least 1, e.g. 4,16,64")
+    ranks, both_ranks = [int(x) for x in ranks], [int(x) for x in both_ranks]
 
     import torch
 
@@ -405,15 +423,16 @@ def main(argv=None):
     if args._job:
         print(json.dumps(measure(args._job, args.backbone[0], device=device, batch=args.batch,
                                  precision=args.precision, iters=args.iters, warmup=args.warmup,
-                                 forward=not args._no_forward, ema=not args._no_ema, lora_rank=args._lora)))
+                                 forward=not args._no_forward, ema=not args._no_ema, lora_rank=args._lora,
+                                 both=args._both)))
         return
 
     presets = args.backbone or (["cifar10"] if cuda else ["small"])
     if args.big and "cifar10" not in presets:
         presets.append("cifar10")
     emas = {"both": (True, False), "on": (True,), "off": (False,)}[args.ema]
-    specs = [(kind, rank, ema) for ema in emas for kind, rank in [("teacher", None), ("dpdm", None)]
-             + [("dpdm", r) for r in ranks]]
+    specs = [(kind, rank, ema, both) for ema in emas for kind, rank, both in [("teacher", None, False),
+             ("dpdm", None, False)] + [("dpdm", r, False) for r in ranks] + [("dpdm", r, True) for r in both_ranks]]
     print(f"device {device} ({torch.get_num_threads()} threads), {args.precision}, median of the timed iterations "
           f"after {args.warmup} warm-up; each job in its own subprocess"
           + ("" if cuda else ", timing pass then memory pass"), flush=True)
@@ -427,8 +446,8 @@ def main(argv=None):
                "options": options, "batch": batch, "precision": args.precision, "iters": iters, "jobs": {}}
         for spec in specs:
             t0, name = time.perf_counter(), job_name(*spec)
-            res = {"job": spec[0], "lora_rank": spec[1], "ema": spec[2], **run_case(spec, preset, args, device,
-                                                                                      batch, iters)}
+            res = {"job": spec[0], "lora_rank": spec[1], "ema": spec[2], "student_lora": spec[3],
+                   **run_case(spec, preset, args, device, batch, iters)}
             if "ms" in res:
                 if cuda:
                     res["mem"] = {k: res.pop(k) for k in mem_keys if k in res}
@@ -459,8 +478,8 @@ def main(argv=None):
             "cpus": os.cpu_count(), "loadavg_1m": {"start": load0[0], "end": load1[0]},
             "time_target": TIME_TARGET, "mem_target": MEM_TARGET, "lora_time_target": LORA_TIME_TARGET,
             "lora_mem_targets": {"ema": LORA_MEM_TARGETS[True], "no_ema": LORA_MEM_TARGETS[False]},
-            "lora_ranks": ranks, "ema": args.ema, "fake_updates": 1, "ema_halflife_nimg": EMA_HALFLIFE_NIMG,
-            "teacher_optim": TEACHER_OPTIM, "student_optim": STUDENT_OPTIM}
+            "lora_ranks": ranks, "both_ranks": both_ranks, "ema": args.ema, "fake_updates": 1,
+            "ema_halflife_nimg": EMA_HALFLIFE_NIMG, "teacher_optim": TEACHER_OPTIM, "student_optim": STUDENT_OPTIM}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
