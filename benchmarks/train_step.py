@@ -38,9 +38,10 @@ nothing wasted (by the 1 forward : 2 backward count: 8/3). On CPU the ratios of 
   ``rss_default``), and a memory pass of ``--warmup`` + 1 iterations with ``MALLOC_MMAP_THRESHOLD_=65536``
   (every tensor above 64 KiB gets its own mapping, returned to the system when freed), whose resident set
   follows the live tensors; the memory columns and the verdicts come from that pass.
-- Adapters: an adapted layer computes ``W' = W + BA`` on each forward; in fp32 autograd keeps ``W'`` for the fake
-  step's backward (one copy of the adapted weights, printed under the tables); under bf16/fp16 autocast it keeps
-  the half-precision cast instead, as it does for the full fake score's weights.
+- Adapters: an adapted layer computes ``W' = W + BA`` on each forward; in a training forward autograd would keep
+  ``W'`` for the backward (in fp32 one more copy of the adapted weights, printed under the tables), which
+  ``lora.RecomputeMerged`` avoids by remaking it there; under bf16/fp16 autocast the layer's op keeps the
+  half-precision cast, as it does for the full fake score's weights.
 
 **Targets** (ratios to the jobs with the same EMA setting; memory on ``total``, time on the wall clock, flagged
 where the CPU-time ratio disagrees; nothing is tuned, a missed target prints "NOT met"): the full fake score's
@@ -364,7 +365,7 @@ def table(rows: list[dict], device: str) -> str:
                          "construction = teacher 4p (3p without EMA), DPDM full 8p (7p), adapters 5p + 3a (4p + 3a), "
                          "both p + 7a (p + 6a)"
                          + (f"; adapter parameters a: {adapters}" if adapters else "")
-                         + (f"; adapted weights (one W' copy): {adapted * 4e6 / 2**20:.1f} MiB" if adapted else ""))
+                         + (f"; adapted weights (one W' copy, not kept: recomputed): {adapted * 4e6 / 2**20:.1f} MiB" if adapted else ""))
     head = ("memory pass, peak RSS: total = minus after imports, growth = minus before the first step, process = "
             "whole process; default malloc = the timing pass's total" if cpu else
             "max_memory_allocated: total, and growth = minus the allocation before the first step")
