@@ -294,3 +294,15 @@ def test_a_run_with_adapters_snapshots_them_alone_and_saves_merged_checkpoints(a
     result = invoke("sample", "--run", out, "--model", "fake", "--num", 16, "--out", png)
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 0
+
+
+def test_adapters_are_part_of_the_training_identity_only_when_set():
+    from dpdm.core.config.identity import config_changes, config_hash, training_config
+
+    plain = load_recipe(TOY2D)
+    assert "fake_lora" not in training_config(plain)["train"]  # runs from before the option keep their hash
+    assert "student_lora" not in training_config(plain)["train"]
+    r16, r4 = (load_recipe(TOY2D, [f"train.fake_lora={{rank: {r}}}"]) for r in (16, 4))
+    assert config_hash(r16) != config_hash(plain) != config_hash(r4)
+    assert config_changes(training_config(r16), training_config(r4)) == ["recipe.train.fake_lora.rank"]
+    assert config_changes(training_config(plain), training_config(r4)) == ["recipe.train.fake_lora"]

@@ -9,10 +9,18 @@ import json
 from .recipe import Recipe
 from .structure import unstructure
 
+# train options added later whose null default trains as before: left out of the identity when null, so that a run
+# started before they existed keeps its hash and resumes
+LATER_NULL_DEFAULTS = ("fake_lora", "student_lora")
+
 
 def training_config(recipe: Recipe) -> dict:
     """The parts of a recipe that decide the trained weights (a resumed run must share them)."""
     data = unstructure(recipe)
+    for train in (data["train"], *(b["train"] for b in data.get("baselines", {}).values())):
+        for key in LATER_NULL_DEFAULTS:
+            if train.get(key) is None:
+                train.pop(key, None)
     engine = data["engine"]
     config = {"data": data["data"], "model": data["model"], "teacher": data["teacher"], "train": data["train"],
               "seed": data["seed"], "engine": {"precision": engine["precision"], "accum": engine["accum"]}}
