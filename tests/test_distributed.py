@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     from dpdm.core.train.teacher import TeacherJob
     from dpdm.core.train.tracking import Tracker
     from dpdm.data.loader import Loader
-    from dpdm.core.train.lora import adapter_parameters, frozen_names
+    from dpdm.core.train.lora import adapter_parameters
     from test_engine import (_deterministic_loss, denoiser, distill_job, distill_lora_both_job, distill_lora_job,
                              flat_state, teacher_job, toy_data)
 
@@ -61,7 +61,9 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
             adapted = [job.fake] + ([job.student] if phase.endswith("both") else [])
             for part in adapted:
                 assert isinstance(part.wrapped, DDP) and not any(p.requires_grad for p in job.teacher.parameters())
-                assert part.wrapped.parameters_to_ignore == set(frozen_names(part.module))
+                adapters = {id(p) for p in adapter_parameters(part.module)}
+                frozen = {n for n, p in part.module.named_parameters() if id(p) not in adapters}
+                assert part.wrapped.parameters_to_ignore == frozen | {n for n, _ in part.module.named_buffers()}
                 synced = [p for p in part.wrapped.parameters() if p.requires_grad]
                 assert [id(p) for p in synced] == [id(p) for p in adapter_parameters(part.module)]
             teacher_before = {k: v.clone() for k, v in job.teacher.state_dict().items()}

@@ -206,12 +206,6 @@ def frozen_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
     return {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in adapters}
 
 
-def frozen_names(model: nn.Module) -> list[str]:
-    """Every parameter and buffer of ``model`` that is not an adapter's: what DDP must neither sync nor broadcast."""
-    adapters = set(adapter_names(model))
-    return [n for n, _ in model.named_parameters() if n not in adapters] + [n for n, _ in model.named_buffers()]
-
-
 class Adapters:
     """The adapters of an adapted model as a snapshot sees a module: ``state_dict()`` holds only them (``A``, ``B``
     of each layer, by their names in the model), ``load_state_dict`` loads exactly those. The frozen weights are
