@@ -21,7 +21,7 @@ from ..train.distill import DistillJob
 from ..train.distributed import Dist, derive_seed
 from ..train.engine import Trainer
 from ..train.guards import LossGuard
-from ..train.lora import LoraError, targeted
+from ..train.lora import LoraError
 from ..train.precision import Precision
 from ..train.snapshots import Snapshots
 from ..train.teacher import TeacherJob
@@ -121,21 +121,17 @@ def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: RunContext, s
     divergence = build_divergence(recipe, sigma_data, cfg)
     torch.manual_seed(derive_seed(recipe.seed, stream))  # a student of its own: the same initial weights
     fresh = build_denoiser(s_spec).to(dist.device) if cfg.student is not None else None
-    key = "train" if name is None else f"baselines.{name.removeprefix('baseline-')}.train"
-    for which, lora in (("student", cfg.student_lora), ("fake", cfg.fake_lora)):
-        if lora is None:
-            continue
-        try:  # (checked in preflight for a teacher trained here; a loaded one's layers are known now)
-            targeted(teacher, lora.targets)
-        except LoraError as exc:
-            raise DpdmError(f"recipe.{key}.{which}_lora: {exc}") from None
-    job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
-                     fake_lora=lora_options(cfg.fake_lora), student_lora=lora_options(cfg.student_lora),
-                     lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
-                     order=cfg.order, student_dropout=cfg.student_dropout,
-                     lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
-                     ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
-                     precision=phase.precision, dist=dist)
+    try:
+        job = DistillJob(teacher, divergence, EDMLoss(sigma_data=sigma_data, sigma=cfg.sigma), student=fresh,
+                         fake_lora=lora_options(cfg.fake_lora), student_lora=lora_options(cfg.student_lora),
+                         lr=cfg.lr, betas=cfg.betas, fake_lr=cfg.fake_lr, fake_updates=cfg.fake_updates,
+                         order=cfg.order, student_dropout=cfg.student_dropout,
+                         lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
+                         ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
+                         precision=phase.precision, dist=dist)
+    except LoraError as exc:  # adapters whose targets match no layer of a loaded teacher (preflight checks the rest)
+        key = "train" if name is None else f"baselines.{name.removeprefix('baseline-')}.train"
+        raise DpdmError(f"recipe.{key}.{exc}") from None
     if name is not None:
         job.phase = name
     ev_cfg = recipe.eval

@@ -37,7 +37,7 @@ from torch import nn
 from .distributed import Dist
 from ..divergences import Divergence
 from .ema import EMA
-from .lora import Adapters, adapted_copy, adapter_parameters, is_adapted
+from .lora import Adapters, LoraError, adapted_copy, adapter_parameters, is_adapted
 from .trainable import EvaluatedModel, Trainable, job_state, load_job_state
 from ..losses import EDMLoss
 from .precision import Precision, frozen_call
@@ -164,7 +164,10 @@ class DistillJob(EvaluatedModel):
         if model is not None and lora:
             raise ValueError(f"give either {name} (a model) or {name}_lora (adapters on the teacher), not both")
         if lora:
-            return adapted_copy(self.teacher, **lora)
+            try:
+                return adapted_copy(self.teacher, **lora)
+            except LoraError as exc:  # say which model's adapters: targets that match no layer of this teacher
+                raise LoraError(f"{name}_lora: {exc}") from None
         return model if model is not None else copy.deepcopy(self.teacher)
 
     def fake_step(self, next_batch: Callable[[], tuple], generator=None, outputs: list | None = None) -> dict:

@@ -70,6 +70,9 @@ class LowRank(nn.Module):
             merged._lora_source = (self, weight)  # what _pack needs to recompute it (see RecomputeMerged)
         return merged
 
+    def extra_repr(self) -> str:
+        return f"rank={self.A.shape[0]}, scale={self.scale:g}"
+
 
 class _Merged:
     """What autograd keeps of a merged weight (or of a view of one, e.g. ``W'.t()``) in place of the tensor: the
@@ -118,9 +121,6 @@ class RecomputeMerged:
         hooks = self.active.pop()
         if hooks is not None:
             hooks.__exit__(None, None, None)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.A.shape[0]}, scale={self.scale:g}"
 
 
 def layers(model: nn.Module) -> list[str]:
