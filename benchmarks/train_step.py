@@ -14,6 +14,9 @@ student's (or teacher's) EMA on, as in a real run, and off (``--ema both``, the 
   score as the frozen teacher's own tensors plus adapters on every weight matrix (only they train; ``lora.py``).
 - ``both<r>`` (``--both-ranks``, default 16): the student too as adapters (``student_lora={"rank": r}``; its EMA
   averages the adapters alone), so the teacher's weights are the only full copy. No target: ratios only.
+- ``…-c<k>`` (``--score-chunks``, default 0,8: every DPDM job whole and with k = 8): the student step evaluates
+  teacher and fake score ``k`` samples at a time (``score_chunk``, recipe ``engine.score_chunk``), so that their
+  no-grad activations never sit beside the whole student graph; 0 is the whole batch in one call.
 
 **Time**: the median of ``--iters`` timed iterations after ``--warmup`` untimed ones (``torch.cuda.synchronize``
 on GPUs); for DPDM also the medians of its two steps. ``fwd`` is one forward of the denoiser without gradients
@@ -50,8 +53,8 @@ teacher step's without EMA and ≤ 1.10× with it, and their iteration no slower
 
     python benchmarks/train_step.py [--backbone small|cifar10|mlp ...] [--big] [--batch N]
                                     [--precision fp32|bf16|fp16] [--iters N] [--warmup 1] [--device cpu|cuda]
-                                    [--lora-ranks 4,16,64] [--both-ranks 16] [--ema both|on|off] [--threads N]
-                                    [--out benchmarks/results/train_step-<device>.json]
+                                    [--lora-ranks 4,16,64] [--both-ranks 16] [--score-chunks 0,8]
+                                    [--ema both|on|off] [--threads N] [--out benchmarks/results/train_step-<device>.json]
 
 Defaults: on CPU ``small`` at batch 32 (``--big`` adds ``cifar10`` at batch 8), fp32; on CUDA ``cifar10`` at
 batch 128 in bf16 (``python benchmarks/train_step.py --device cuda --precision bf16``).
@@ -74,6 +77,7 @@ MEM_TARGET = 1.15  # DPDM / teacher peak memory (the paper reports 1.09x for con
 LORA_MEM_TARGETS = {False: 1.05, True: 1.10}  # adapter DPDM / teacher peak memory, without / with EMA (issue #16)
 LORA_TIME_TARGET = 1.0  # adapter DPDM iteration / full-fake DPDM iteration (issue #16)
 LORA_RANKS = (4, 16, 64)
+SCORE_CHUNKS = (0, 8)  # DPDM jobs with teacher and fake evaluated whole (0) and 8 samples at a time
 BOTH_RANKS = (16,)  # student and fake score both as adapters (no target)
 
 SONG_CIFAR10 = {"model_channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16],
@@ -118,17 +122,19 @@ def _runtime_warmup(torch, dev, precision: str) -> None:
     opt.step()
 
 
-def job_name(kind: str, rank: int | None, ema: bool, both: bool = False) -> str:
+def job_name(kind: str, rank: int | None, ema: bool, both: bool = False, chunk: int = 0) -> str:
     """``teacher``, ``dpdm`` (full fake score), ``lora<rank>`` or ``both<rank>`` (student adapted too), with
-    ``-noema`` when the EMA is off."""
-    return (kind if rank is None else f"{'both' if both else 'lora'}{rank}") + ("" if ema else "-noema")
+    ``-c<chunk>`` when teacher and fake are evaluated in chunks and ``-noema`` when the EMA is off."""
+    return ((kind if rank is None else f"{'both' if both else 'lora'}{rank}") + (f"-c{chunk}" if chunk else "")
+            + ("" if ema else "-noema"))
 
 
 def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: str, iters: int, warmup: int,
-            forward: bool = True, ema: bool = True, lora_rank: int | None = None, both: bool = False) -> dict:
-    """One job (``teacher`` or ``dpdm``; ``lora_rank``: the fake score as adapters, ``both``: the student too) in
-    this process; see the module doc for what is reported. ``forward``: also time the no-grad forward (teacher
-    job only)."""
+            forward: bool = True, ema: bool = True, lora_rank: int | None = None, both: bool = False,
+            score_chunk: int = 0) -> dict:
+    """One job (``teacher`` or ``dpdm``; ``lora_rank``: the fake score as adapters, ``both``: the student too;
+    ``score_chunk``: teacher and fake evaluated that many samples at a time, 0: whole) in this process; see the
+    module doc for what is reported. ``forward``: also time the no-grad forward (teacher job only)."""
     import torch
     from dpdm.core.losses import EDMLoss
     from dpdm.core.plugins.registry import get
@@ -158,7 +164,8 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
         job = DistillJob(denoiser, get("divergence", "smoothed-kl")(sigma=sigma), EDMLoss(sigma=sigma),
                          **STUDENT_OPTIM, fake_updates=1, order="student-first", ema_halflife_nimg=halflife,
                          fake_lora={"rank": lora_rank} if lora_rank else None,
-                         student_lora={"rank": lora_rank} if both else None, precision=prec, dist=dist)
+                         student_lora={"rank": lora_rank} if both else None, score_chunk=score_chunk or None,
+                         precision=prec, dist=dist)
         if lora_rank:  # what the fake step trains, and the adapted weights W' (computed anew on each forward)
             model, named = job.fake.module, dict(job.fake.module.named_modules())
             fake = {"trained_m": sum(p.numel() for p in adapter_parameters(model)) / 1e6, "adapted_m": sum(
@@ -238,14 +245,15 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
 
 
 def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int, tight: bool = False) -> dict:
-    """``measure`` of the job ``spec = (kind, lora rank, ema, both)`` in a fresh interpreter (ru_maxrss is a process
+    """``measure`` of the job ``spec = (kind, lora rank, ema, both, score chunk)`` in a fresh interpreter (ru_maxrss is a process
     high-water mark; CUDA caches stay apart); ``tight``: the CPU memory pass (``TIGHT_MALLOC``, ``--warmup`` + 1
     iterations, no forward timing)."""
-    kind, rank, ema, both = spec
+    kind, rank, ema, both, chunk = spec
     cmd = [sys.executable, __file__, "--_job", kind, "--backbone", preset, "--device", device,
            "--batch", str(batch), "--precision", args.precision, "--iters", str(1 if tight else iters),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
     cmd += (["--_lora", str(rank)] if rank else []) + ([] if ema else ["--_no_ema"]) + (["--_both"] if both else [])
+    cmd += ["--_chunk", str(chunk)] if chunk else []
     env = {**os.environ, **TIGHT_MALLOC} if tight else None
     proc = subprocess.run(cmd + (["--_no_forward"] if tight else []), capture_output=True, text=True, env=env,
                           check=False)
@@ -273,11 +281,13 @@ def state_mib(res: dict) -> tuple[float, float]:
 
 def compare(jobs: dict[str, dict]) -> dict[str, dict]:
     """Per DPDM job, its ratios to the teacher step of the same EMA setting (adapters: also to the full fake
-    score's iteration) and the verdicts against the targets (where the issues state one)."""
+    score's iteration with the same score chunk) and the verdicts against the targets (where the issues state
+    one)."""
     out = {}
     for name, d in jobs.items():
         ema, rank, both = bool(d.get("ema")), d.get("lora_rank"), d.get("student_lora")
-        t, f = jobs.get(job_name("teacher", None, ema)), jobs.get(job_name("dpdm", None, ema))
+        chunk = d.get("score_chunk", 0)
+        t, f = jobs.get(job_name("teacher", None, ema)), jobs.get(job_name("dpdm", None, ema, chunk=chunk))
         if d.get("job") != "dpdm" or not (_done(d) and _done(t)):
             continue
         dm, tm = d["mem"], t["mem"]
@@ -351,8 +361,9 @@ def table(rows: list[dict], device: str) -> str:
                 notes.append(f"{r['backbone']} {name}: " + j.get("error", f"memory pass: {j.get('mem', {}).get('error')}"))
                 continue
             label = "full" if j["job"] == "dpdm" and not j["lora_rank"] else j["job"]
+            label = f"{'both' if j.get('student_lora') else 'lora'} r={j['lora_rank']}" if j["lora_rank"] else label
             key = [r["backbone"], str(r["batch"]), "on" if j["ema"] else "off",
-                   f"{'both' if j.get('student_lora') else 'lora'} r={j['lora_rank']}" if j["lora_rank"] else label]
+                   label + (f", chunk {j['score_chunk']}" if j.get("score_chunk") else "")]
             times, mems = _cells(j, r["cmp"].get(name, {}), cpu)
             time_rows.append(key + times)
             mem_rows.append(key + mems)
@@ -396,6 +407,8 @@ def main(argv=None):
                    help="adapter ranks of the fake score, comma-separated ('' for none; default: %(default)s)")
     p.add_argument("--both-ranks", default=",".join(map(str, BOTH_RANKS)),
                    help="adapter ranks of student and fake score together ('' for none; default: %(default)s)")
+    p.add_argument("--score-chunks", default=",".join(map(str, SCORE_CHUNKS)),
+                   help="score_chunk of every DPDM job, comma-separated (0: the whole batch; default: %(default)s)")
     p.add_argument("--ema", choices=["both", "on", "off"], default="both",
                    help="run every job with the EMA on, off, or both (default: both)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -403,6 +416,7 @@ def main(argv=None):
     p.add_argument("--_job", choices=["teacher", "dpdm"], help=argparse.SUPPRESS)  # internal: one job, JSON out
     p.add_argument("--_lora", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_both", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_chunk", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--_no_ema", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_no_forward", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -411,6 +425,10 @@ def main(argv=None):
         if not all(x.isdigit() and int(x) > 0 for x in given):
             p.error(f"{opt} {value!r}: expected comma-separated ranks of at least 1, e.g. 4,16,64")
     ranks, both_ranks = [int(x) for x in ranks], [int(x) for x in both_ranks]
+    chunks = [x.strip() for x in args.score_chunks.split(",") if x.strip()]
+    if not chunks or not all(x.isdigit() for x in chunks):
+        p.error(f"--score-chunks {args.score_chunks!r}: expected comma-separated sizes (0: the whole batch), e.g. 0,8")
+    chunks = list(dict.fromkeys(int(x) for x in chunks))
 
     import torch
 
@@ -425,15 +443,16 @@ def main(argv=None):
         print(json.dumps(measure(args._job, args.backbone[0], device=device, batch=args.batch,
                                  precision=args.precision, iters=args.iters, warmup=args.warmup,
                                  forward=not args._no_forward, ema=not args._no_ema, lora_rank=args._lora,
-                                 both=args._both)))
+                                 both=args._both, score_chunk=args._chunk)))
         return
 
     presets = args.backbone or (["cifar10"] if cuda else ["small"])
     if args.big and "cifar10" not in presets:
         presets.append("cifar10")
     emas = {"both": (True, False), "on": (True,), "off": (False,)}[args.ema]
-    specs = [(kind, rank, ema, both) for ema in emas for kind, rank, both in [("teacher", None, False),
-             ("dpdm", None, False)] + [("dpdm", r, False) for r in ranks] + [("dpdm", r, True) for r in both_ranks]]
+    dpdm = [(None, False)] + [(r, False) for r in ranks] + [(r, True) for r in both_ranks]
+    specs = [(kind, rank, ema, both, chunk) for ema in emas for kind, rank, both, chunk in
+             [("teacher", None, False, 0)] + [("dpdm", r, b, c) for c in chunks for r, b in dpdm]]
     print(f"device {device} ({torch.get_num_threads()} threads), {args.precision}, median of the timed iterations "
           f"after {args.warmup} warm-up; each job in its own subprocess"
           + ("" if cuda else ", timing pass then memory pass"), flush=True)
@@ -448,6 +467,7 @@ def main(argv=None):
         for spec in specs:
             t0, name = time.perf_counter(), job_name(*spec)
             res = {"job": spec[0], "lora_rank": spec[1], "ema": spec[2], "student_lora": spec[3],
+                   "score_chunk": spec[4],
                    **run_case(spec, preset, args, device, batch, iters)}
             if "ms" in res:
                 if cuda:
@@ -459,7 +479,7 @@ def main(argv=None):
                     res["mem"]["malloc"] = TIGHT_MALLOC
             row["jobs"][name] = res
             mem = res.get("mem", {})
-            print(f"  {preset:8} batch {batch:4} {name:14} " +
+            print(f"  {preset:8} batch {batch:4} {name:18} " +
                   (f"{res['ms']:10.1f} ms/iter" if "ms" in res else res["error"]) +
                   (f"  total {mem['total_mib']:7.0f} MiB  growth {mem['growth_mib']:7.0f} MiB" if "total_mib" in mem
                    else f"  memory: {mem.get('error', '-')}") + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -479,7 +499,7 @@ def main(argv=None):
             "cpus": os.cpu_count(), "loadavg_1m": {"start": load0[0], "end": load1[0]},
             "time_target": TIME_TARGET, "mem_target": MEM_TARGET, "lora_time_target": LORA_TIME_TARGET,
             "lora_mem_targets": {"ema": LORA_MEM_TARGETS[True], "no_ema": LORA_MEM_TARGETS[False]},
-            "lora_ranks": ranks, "both_ranks": both_ranks, "ema": args.ema, "fake_updates": 1,
+            "lora_ranks": ranks, "both_ranks": both_ranks, "score_chunks": chunks, "ema": args.ema, "fake_updates": 1,
             "ema_halflife_nimg": EMA_HALFLIFE_NIMG, "teacher_optim": TEACHER_OPTIM, "student_optim": STUDENT_OPTIM}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"wrote {out}")

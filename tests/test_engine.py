@@ -77,8 +77,13 @@ def distill_lora_both_job(**kw) -> DistillJob:
     return distill_job(fake_lora={"rank": 2}, student_lora={"rank": 2}, **kw)
 
 
+def distill_lora_chunked_job(**kw) -> DistillJob:
+    """``distill_lora_job`` with teacher and fake evaluated 3 samples at a time (``score_chunk``; chunks 3 + 1)."""
+    return distill_lora_job(score_chunk=3, **kw)
+
+
 JOBS = {"teacher": teacher_job, "student": distill_job, "student-lora": distill_lora_job,
-        "student-lora-both": distill_lora_both_job}
+        "student-lora-both": distill_lora_both_job, "student-lora-chunked": distill_lora_chunked_job}
 
 
 def trainer_for(job, snapshots=None, batch: int = 8, **kw) -> Trainer:

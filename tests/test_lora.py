@@ -23,6 +23,7 @@ from dpdm.core.losses import EDMLoss
 from dpdm.core.divergences import SmoothedKL
 from dpdm.core.pipeline.preflight import preflight
 from dpdm.core.sigmas import SigmaDist
+from dpdm.core.train import distill
 from dpdm.core.train.distill import DistillJob, student_loss
 from dpdm.core.train.lora import (LoraError, adapted_copy, adapted_layers, adapter_parameters, layers,
                                   merged_state_dict, targeted)
@@ -262,12 +263,16 @@ def test_a_recipe_with_targets_that_match_nothing_fails_its_preflight():
 
 
 @pytest.mark.parametrize("adapted", [("fake",), ("student", "fake")])
-def test_a_run_with_adapters_snapshots_them_alone_and_saves_merged_checkpoints(adapted, tmp_path):
+def test_a_run_with_adapters_snapshots_them_alone_and_saves_merged_checkpoints(adapted, tmp_path, monkeypatch):
     out = tmp_path / "run"
     loras = [f"train.{name}_lora={{rank: 2, alpha: 4}}" for name in adapted]
-    result = invoke("run", TOY2D, *sets([*TINY, *loras, "train.ema_halflife_nimg=100", "engine.checkpoint.every=1"]),
-                    "--out", out)
+    chunks = []  # engine.score_chunk (test_score_chunk.py) reaches the student step of a run
+    real_in_chunks = distill.in_chunks
+    monkeypatch.setattr(distill, "in_chunks", lambda *a: chunks.append(a[-1]) or real_in_chunks(*a))
+    result = invoke("run", TOY2D, *sets([*TINY, *loras, "train.ema_halflife_nimg=100", "engine.checkpoint.every=1",
+                                         "engine.score_chunk=3"]), "--out", out)
     assert result.exit_code == 0, result.output
+    assert chunks and set(chunks) == {3}
     snap = sorted((out / "checkpoints" / "train" / "student").glob("ckpt-*"))[-1] / "weights.safetensors"
     saved = {"student": ("student", "ema"), "fake": ("fake",)}
     with safe_open(str(snap), "pt") as f:

@@ -24,6 +24,8 @@ def training_config(recipe: Recipe) -> dict:
     engine = data["engine"]
     config = {"data": data["data"], "model": data["model"], "teacher": data["teacher"], "train": data["train"],
               "seed": data["seed"], "engine": {"precision": engine["precision"], "accum": engine["accum"]}}
+    if engine.get("score_chunk") is not None:  # changes the student step's round-off; null: as before it existed
+        config["engine"]["score_chunk"] = engine["score_chunk"]
     if data.get("baselines"):  # only when there are some: older runs' snapshots keep their hash
         config["baselines"] = data["baselines"]
     return config

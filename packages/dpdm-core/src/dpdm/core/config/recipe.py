@@ -200,6 +200,10 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 adds a grad scaler)
     # micro-batches per optimizer step on each rank (gradient accumulation)
     accum: int = attrs.field(default=1, metadata={"bound": at_least(1)})
+    # distillation's student step: evaluate the teacher and the fake score (no gradients) on this many samples at a
+    # time, so their activations never sit beside the whole student graph (less peak memory, the same step up to
+    # round-off; README "Memory"); null: the whole micro-batch at once
+    score_chunk: int | None = attrs.field(default=None, metadata={"bound": at_least(1)})
     # data-loading worker processes per rank
     num_workers: int = attrs.field(default=0, metadata={"bound": at_least(0)})
     # steps between lines in metrics.jsonl (and TensorBoard)

@@ -128,7 +128,7 @@ def distill(recipe: Recipe, teacher, spec: dict, train_set, phase: RunContext, s
                          order=cfg.order, student_dropout=cfg.student_dropout,
                          lr_warmup_nimg=cfg.lr_warmup_nimg, grad_clip=cfg.grad_clip,
                          ema_halflife_nimg=cfg.ema_halflife_nimg, accum=recipe.engine.accum,
-                         precision=phase.precision, dist=dist)
+                         score_chunk=recipe.engine.score_chunk, precision=phase.precision, dist=dist)
     except LoraError as exc:  # adapters whose targets match no layer of a loaded teacher (preflight checks the rest)
         key = "train" if name is None else f"baselines.{name.removeprefix('baseline-')}.train"
         raise DpdmError(f"recipe.{key}.{exc}") from None

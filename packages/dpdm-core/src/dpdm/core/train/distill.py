@@ -70,11 +70,26 @@ def fake_score_loss(fake: nn.Module, student: nn.Module, divergence: Divergence,
                 sigma=divergence.renoise_sigma(sigma_in, generator))
 
 
+def in_chunks(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, class_labels=None,
+              chunk: int | None = None) -> torch.Tensor:
+    """``model(x, sigma, class_labels=class_labels)``, evaluated ``chunk`` samples at a time and concatenated
+    (None, or a chunk at least the batch: in one call). Per-sample networks give the same outputs up to round-off
+    (the kernels' blocking depends on the batch size); only one chunk's activations are alive at a time."""
+    if chunk is None or chunk >= len(x):
+        return model(x, sigma, class_labels=class_labels)
+    part = lambda t, i: t if t is None or t.ndim == 0 else t[i:i + chunk]  # noqa: E731  (a scalar σ: shared)
+    return torch.cat([model(x[i:i + chunk], part(sigma, i), class_labels=part(class_labels, i))
+                      for i in range(0, len(x), chunk)])
+
+
 def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, divergence: Divergence, x0: torch.Tensor,
-                 class_labels=None, generator=None, outputs: list | None = None) -> torch.Tensor:
+                 class_labels=None, generator=None, outputs: list | None = None,
+                 score_chunk: int | None = None) -> torch.Tensor:
     """The divergence's per-sample surrogate ``(B,)`` for one batch of real data (Eq. 3.4; Algorithm 1, line 2).
 
-    Teacher and fake score are called as given, without gradients (pass raw modules, in eval mode).
+    Teacher and fake score are called as given, without gradients (pass raw modules, in eval mode), on
+    ``score_chunk`` samples at a time if given (``in_chunks``): they run while the student's graph is alive, so
+    their activations add to its; in chunks, only one chunk's do.
     ``outputs``: if given, ``(x̂0 detached, σ_in, class_labels)`` is appended to it for a fake-score update.
     """
     x0_hat, sigma_in = student_outputs(student, divergence, x0, class_labels, generator)
@@ -84,8 +99,8 @@ def student_loss(student: nn.Module, teacher: nn.Module, fake: nn.Module, diverg
     noise = torch.randn(x0_hat.shape, generator=generator, device=x0_hat.device, dtype=x0_hat.dtype)
     x_t_hat = x0_hat.detach() + append_dims(sigma, x0_hat.ndim) * noise  # only x̂0 carries the gradient
     with torch.no_grad(), frozen_call():
-        d_teacher = teacher(x_t_hat, sigma, class_labels=class_labels)
-        d_fake = fake(x_t_hat, sigma, class_labels=class_labels)
+        d_teacher = in_chunks(teacher, x_t_hat, sigma, class_labels, score_chunk)
+        d_fake = in_chunks(fake, x_t_hat, sigma, class_labels, score_chunk)
     return divergence(x0_hat, sigma, d_teacher.to(x0_hat.dtype), d_fake.to(x0_hat.dtype))
 
 
@@ -118,6 +133,9 @@ class DistillJob(EvaluatedModel):
         lr_warmup_nimg: linear lr warm-up of both models, in images each has trained on (0: none).
         grad_clip: clip the student's and fake's gradient norms, or None.
         ema_halflife_nimg, ema_rampup: EMA of the student (None: no EMA).
+        score_chunk: in the student step, evaluate the teacher and the fake score on this many samples at a time
+            (``student_loss``), so that their activations never sit beside the whole student graph: less peak
+            memory, the same result up to round-off. None (default): the whole micro-batch in one call.
         accum, precision, dist, find_unused_parameters: see ``trainable.Trainable``.
     """
 
@@ -130,11 +148,14 @@ class DistillJob(EvaluatedModel):
                  order: str = "fake-first", student_dropout: bool = False,
                  lr_warmup_nimg: float = 0.0, grad_clip: float | None = None,
                  ema_halflife_nimg: float | None = None, ema_rampup: float | None = 0.05, accum: int = 1,
-                 precision: Precision | None = None, dist: Dist | None = None, find_unused_parameters: bool = False):
+                 score_chunk: int | None = None, precision: Precision | None = None, dist: Dist | None = None,
+                 find_unused_parameters: bool = False):
         if fake_updates < 1:
             raise ValueError(f"fake_updates must be >= 1, got {fake_updates}")
         if accum < 1:
             raise ValueError(f"accum must be >= 1, got {accum}")
+        if score_chunk is not None and score_chunk < 1:
+            raise ValueError(f"score_chunk must be >= 1 or None, got {score_chunk}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         dist = dist or Dist()
@@ -157,6 +178,7 @@ class DistillJob(EvaluatedModel):
         self.student_dropout = bool(student_dropout)
         self.student.module.train(self.student_dropout)
         self.accum = int(accum)  # micro-batches per optimizer step
+        self.score_chunk = score_chunk  # samples per teacher/fake forward in the student step (None: all)
         self.ema = EMA(self.student.module, ema_halflife_nimg, ema_rampup) if ema_halflife_nimg else None
 
     def _initial(self, name: str, model: nn.Module | None, lora: dict | None) -> nn.Module:
@@ -204,7 +226,8 @@ class DistillJob(EvaluatedModel):
         nimg = self.student.nimg
 
         def micro_loss(student, x0, labels):
-            return student_loss(student, self.teacher, fake, self.divergence, x0, labels, generator, outputs)
+            return student_loss(student, self.teacher, fake, self.divergence, x0, labels, generator, outputs,
+                                self.score_chunk)
 
         stats = self.student.step(micro_loss, next_batch, self.accum)
         if stats["applied"] and self.ema is not None:
@@ -258,12 +281,12 @@ class DPDM:
                  student: nn.Module | None = None, fake: nn.Module | None = None, fake_lora: dict | None = None,
                  student_lora: dict | None = None, ema_halflife_nimg: float | None = None,
                  ema_rampup: float | None = 0.05,
-                 grad_clip: float | None = None):
+                 grad_clip: float | None = None, score_chunk: int | None = None):
         self.job = DistillJob(teacher, divergence, fake_loss, student=student, fake=fake, fake_lora=fake_lora,
                               student_lora=student_lora, lr=lr, betas=betas,
                               fake_lr=fake_lr, fake_betas=fake_betas, fake_updates=fake_updates, order=order,
                               student_dropout=student_dropout, grad_clip=grad_clip,
-                              ema_halflife_nimg=ema_halflife_nimg, ema_rampup=ema_rampup,
+                              ema_halflife_nimg=ema_halflife_nimg, ema_rampup=ema_rampup, score_chunk=score_chunk,
                               dist=Dist(device=device_of(teacher)))
         self.teacher, self.student, self.fake = self.job.teacher, self.job.student.module, self.job.fake.module
         self.divergence, self.fake_loss, self.ema = divergence, fake_loss, self.job.ema
@@ -291,7 +314,8 @@ class DPDM:
     def student_loss(self, x0: torch.Tensor, class_labels=None, generator=None) -> torch.Tensor:
         """The divergence's per-sample surrogate for one batch of real data (Eq. 3.4)."""
         self.student.train(self.job.student_dropout)
-        return student_loss(self.student, self.teacher, self.fake.eval(), self.divergence, x0, class_labels, generator)
+        return student_loss(self.student, self.teacher, self.fake.eval(), self.divergence, x0, class_labels, generator,
+                            score_chunk=self.job.score_chunk)
 
     def student_step(self, x0: torch.Tensor, class_labels=None, generator=None) -> dict:
         stats = self.job.student_step(lambda: (x0, class_labels), generator)
