@@ -19,8 +19,10 @@ student's (or teacher's) EMA on, as in a real run, and off (``--ema both``, the 
   no-grad activations never sit beside the whole student graph; 0 is the whole batch in one call.
 
 **Time**: the median of ``--iters`` timed iterations after ``--warmup`` untimed ones (``torch.cuda.synchronize``
-on GPUs); for DPDM also the medians of its two steps. ``fwd`` is one forward of the denoiser without gradients
-(eval mode, same precision). A DPDM iteration is 2 optimizer steps of the same network plus 2 no-grad forwards
+on GPUs); for DPDM also the medians of its two steps. With ``--rounds R`` every job is timed R times, round
+after round, and each median is the median of the rounds' (a machine whose speed drifts then slows every job
+alike; on our shared 2-core machine the same job ran 1.5× faster half an hour later). ``fwd`` is one forward of the
+denoiser without gradients (eval mode, same precision). A DPDM iteration is 2 optimizer steps of the same network plus 2 no-grad forwards
 (teacher and fake in the student step), so ``floor = 2 + 2·fwd/teacher`` is what the algorithm costs with
 nothing wasted (by the 1 forward : 2 backward count: 8/3). On CPU the ratios of process CPU times are shown too.
 
@@ -52,7 +54,8 @@ iteration ≤ 2.9× the teacher step, and its memory ≤ 1.15× with EMA (issue 
 teacher step's without EMA and ≤ 1.10× with it, and their iteration no slower than the full fake score's (#16).
 
     python benchmarks/train_step.py [--backbone small|cifar10|mlp ...] [--big] [--batch N]
-                                    [--precision fp32|bf16|fp16] [--iters N] [--warmup 1] [--device cpu|cuda]
+                                    [--precision fp32|bf16|fp16] [--iters N] [--warmup 1] [--rounds 1]
+                                    [--device cpu|cuda]
                                     [--lora-ranks 4,16,64] [--both-ranks 16] [--score-chunks 0,8]
                                     [--ema both|on|off] [--threads N] [--out benchmarks/results/train_step-<device>.json]
 
@@ -262,6 +265,22 @@ def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One job's timing passes over ``--rounds`` rounds as one result: every median (``ms``, ``cpu_ms``,
+    ``fwd_ms``, …) the median of the rounds' medians, ``times_ms`` all timed iterations, ``rounds_ms`` each round's
+    median (their spread is the drift of the machine between rounds); the rest from the first round."""
+    ok = [r for r in results if "ms" in r]
+    if len(ok) < len(results):
+        return next(r for r in results if "ms" not in r)  # an error: reported as such
+    out = dict(ok[0])
+    for key, value in ok[0].items():
+        if key.endswith("ms") and isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in ok)
+    out["times_ms"] = [t for r in ok for t in r["times_ms"]]
+    out["rounds_ms"] = [r["ms"] for r in ok]
+    return out
+
+
 def _done(res: dict | None) -> bool:
     return res is not None and "ms" in res and "total_mib" in res["mem"]
 
@@ -402,6 +421,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20 on CUDA; on CPU "
                    f"{', '.join(f'{k} {v}' for k, v in ITERS.items())})")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timing passes of every job, taken round after round (interleaved, so that a machine "
+                        "whose speed drifts slows every job alike); times are the median of the rounds' medians")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--lora-ranks", default=",".join(map(str, LORA_RANKS)),
                    help="adapter ranks of the fake score, comma-separated ('' for none; default: %(default)s)")
@@ -425,6 +447,8 @@ def main(argv=None):
         if not all(x.isdigit() and int(x) > 0 for x in given):
             p.error(f"{opt} {value!r}: expected comma-separated ranks of at least 1, e.g. 4,16,64")
     ranks, both_ranks = [int(x) for x in ranks], [int(x) for x in both_ranks]
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: expected at least 1")
     chunks = [x.strip() for x in args.score_chunks.split(",") if x.strip()]
     if not chunks or not all(x.isdigit() for x in chunks):
         p.error(f"--score-chunks {args.score_chunks!r}: expected comma-separated sizes (0: the whole batch), e.g. 0,8")
@@ -464,11 +488,20 @@ def main(argv=None):
         iters = args.iters or (20 if cuda else ITERS[preset])
         row = {"backbone": preset, "registry": backbone, "shape": list(shape), "label_dim": label_dim,
                "options": options, "batch": batch, "precision": args.precision, "iters": iters, "jobs": {}}
+        timed = {spec: [] for spec in specs}  # the timing passes, round after round of every job
+        for r in range(args.rounds):
+            for spec in specs:
+                t0 = time.perf_counter()
+                timed[spec].append(run_case(spec, preset, args, device, batch, iters))
+                if args.rounds > 1:
+                    ms = timed[spec][-1].get("ms")
+                    print(f"  round {r + 1}/{args.rounds} {job_name(*spec):18} "
+                          + (f"{ms:10.1f} ms/iter" if ms else timed[spec][-1].get("error", "?"))
+                          + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         for spec in specs:
             t0, name = time.perf_counter(), job_name(*spec)
             res = {"job": spec[0], "lora_rank": spec[1], "ema": spec[2], "student_lora": spec[3],
-                   "score_chunk": spec[4],
-                   **run_case(spec, preset, args, device, batch, iters)}
+                   "score_chunk": spec[4], **merge_rounds(timed[spec])}
             if "ms" in res:
                 if cuda:
                     res["mem"] = {k: res.pop(k) for k in mem_keys if k in res}
@@ -495,7 +528,7 @@ def main(argv=None):
     command = " ".join(["python", "benchmarks/train_step.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {"command": command, "device": device,
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "precision": args.precision,
-            "warmup": args.warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "loadavg_1m": {"start": load0[0], "end": load1[0]},
             "time_target": TIME_TARGET, "mem_target": MEM_TARGET, "lora_time_target": LORA_TIME_TARGET,
             "lora_mem_targets": {"ema": LORA_MEM_TARGETS[True], "no_ema": LORA_MEM_TARGETS[False]},

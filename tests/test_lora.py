@@ -25,7 +25,7 @@ from dpdm.core.pipeline.preflight import preflight
 from dpdm.core.sigmas import SigmaDist
 from dpdm.core.train import distill
 from dpdm.core.train.distill import DistillJob, student_loss
-from dpdm.core.train.lora import (LoraError, adapted_copy, adapted_layers, adapter_parameters, layers,
+from dpdm.core.train.lora import (LoraError, LowRank, adapted_copy, adapted_layers, adapter_parameters, layers,
                                   merged_state_dict, targeted)
 from test_rundir import TINY, TOY2D, invoke, sets
 
@@ -145,6 +145,26 @@ def test_a_training_forward_keeps_no_merged_weight_for_the_backward_which_is_unc
         grads[recompute] = [q.grad for q in adapter_parameters(fake)]
     assert kept[True] == 0 < kept[False]  # without the hooks the graph holds W' tensors: the test can fail
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+
+
+@pytest.mark.parametrize("name", ["edm-songunet", "edm-dhariwal"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_layer_merges_its_weight_once_per_call(name, grad, monkeypatch):
+    """EDM's Conv2d reads ``self.weight`` twice per call: without the per-call memo each conv merged twice."""
+    merges = {}
+    real = LowRank.merge
+    monkeypatch.setattr(LowRank, "merge", lambda self, w: merges.update({id(self): merges.get(id(self), 0) + 1})
+                        or real(self, w))
+    teacher, spec = teacher_of(name)
+    fake = adapted_copy(teacher, rank=2)
+    merges.clear()  # registering a parametrization evaluates it once
+    x, labels = batch(spec)
+    with torch.set_grad_enabled(grad):
+        out = fake(x, torch.ones(len(x)), class_labels=labels)
+    assert len(merges) == len(adapted_layers(fake)) and set(merges.values()) == {1}
+    if grad:  # the backward remakes each saved merge (RecomputeMerged), and nothing is left kept
+        out.square().sum().backward()
+        assert all(m._merged is None and m._depth == 0 for m in fake.modules() if isinstance(m, LowRank))
 
 
 def _held(*modules) -> int:

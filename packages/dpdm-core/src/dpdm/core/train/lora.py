@@ -48,7 +48,10 @@ class LowRank(nn.Module):
     """The parametrization ``W ↦ W + scale · (B A).view_as(W)`` of one weight (``scale = alpha / rank``).
 
     ``rank`` is capped at ``min(out, fan_in)`` (a higher rank adds nothing); ``A`` and ``B`` are float32 (float64
-    for a float64 weight) whatever the weight's dtype, and the difference is cast to it.
+    for a float64 weight) whatever the weight's dtype, and the difference is cast to it. A parametrized ``weight`` is
+    recomputed on every read, and layers read it more than once per call (EDM's ``Conv2d``: ``self.weight is not
+    None``, then ``self.weight.to(dtype)``); so while the owning layer runs (``enter``/``exit``, hooks put on it by
+    ``add_adapters``) the first merge is kept and returned again: one merge per call of the layer.
     """
 
     def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator | None = None):
@@ -62,13 +65,32 @@ class LowRank(nn.Module):
         self.A = nn.Parameter(a.to(weight.device))  # (r, fan_in)
         self.B = nn.Parameter(torch.zeros(out, r, dtype=dtype, device=weight.device))  # (out, r): W' = W at first
         self.scale = float(alpha) / float(rank)
+        self._depth, self._merged = 0, None  # within the owning layer's call: its merged weight
+
+    def merge(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + scale · (B A).view_as(W)``, computed."""
+        delta = (self.B @ self.A).view(weight.shape)  # (out, fan_in) -> W's shape
+        return weight + (self.scale * delta).to(weight.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = (self.B @ self.A).view(weight.shape)  # (out, fan_in) -> W's shape
-        merged = weight + (self.scale * delta).to(weight.dtype)
+        if self._merged is not None and self._merged[0] == torch.is_grad_enabled():
+            return self._merged[1]
+        merged = self.merge(weight)
         if torch.is_grad_enabled():
             merged._lora_source = (self, weight)  # what _pack needs to recompute it (see RecomputeMerged)
+        if self._depth:
+            self._merged = (torch.is_grad_enabled(), merged)
         return merged
+
+    def enter(self, layer, args):
+        """Forward pre-hook of the owning layer: keep the first merge of this call."""
+        self._depth += 1
+
+    def exit(self, layer, args, output):
+        """Forward hook of the owning layer (always called): drop the kept merge when its outermost call ends."""
+        self._depth -= 1
+        if not self._depth:
+            self._merged = None
 
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, scale={self.scale:g}"
@@ -95,7 +117,7 @@ def _pack(tensor: torch.Tensor):
 def _unpack(packed):
     if isinstance(packed, _Merged):
         with torch.no_grad():  # the same computation on the same (unchanged until the optimizer steps) tensors
-            return packed.lowrank(packed.weight).as_strided(*packed.view)
+            return packed.lowrank.merge(packed.weight).as_strided(*packed.view)
     return packed
 
 
@@ -158,7 +180,10 @@ def add_adapters(model: nn.Module, rank: int, alpha: float | None = None, target
     modules = dict(model.named_modules())
     for name in names:
         layer = modules[name]
-        parametrize.register_parametrization(layer, "weight", LowRank(layer.weight, rank, alpha, generator))
+        lowrank = LowRank(layer.weight, rank, alpha, generator)
+        parametrize.register_parametrization(layer, "weight", lowrank)
+        layer.register_forward_pre_hook(lowrank.enter)
+        layer.register_forward_hook(lowrank.exit, always_call=True)
     if recompute:
         RecomputeMerged(model)
     return names
