@@ -52,6 +52,10 @@ LORA_VARIANTS = {
     "fake_lora rank 4": ["train.fake_lora={rank: 4}"],
     "fake_lora rank 16": ["train.fake_lora={rank: 16}"],
     "fake_lora rank 64": ["train.fake_lora={rank: 64}"],
+    # adapters often want a larger learning rate than full fine-tuning: ten times the recipe's, and the full fake
+    # score at the same, so that an effect of the rate alone is seen as such
+    "fake_lora rank 16, fake_lr x10": ["train.fake_lora={rank: 16}", "train.fake_lr=1e-3"],
+    "full fake, fake_lr x10": ["train.fake_lr=1e-3"],
 }
 GROUPS = {"design": VARIANTS, "lora": LORA_VARIANTS}
 # ρ only enters sampling: benchmarks/schedule_rho.py compares ρ = 40 with EDM's 7 on the same trained students.

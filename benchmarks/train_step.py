@@ -21,10 +21,10 @@ student's (or teacher's) EMA on, as in a real run, and off (``--ema both``, the 
 **Time**: the median of ``--iters`` timed iterations after ``--warmup`` untimed ones (``torch.cuda.synchronize``
 on GPUs); for DPDM also the medians of its two steps. With ``--rounds R`` every job is timed R times, round
 after round, and each median is the median of the rounds' (a machine whose speed drifts then slows every job
-alike; on our shared 2-core machine the same job ran 1.5× faster half an hour later). ``fwd`` is one forward of the
-denoiser without gradients (eval mode, same precision). A DPDM iteration is 2 optimizer steps of the same network plus 2 no-grad forwards
-(teacher and fake in the student step), so ``floor = 2 + 2·fwd/teacher`` is what the algorithm costs with
-nothing wasted (by the 1 forward : 2 backward count: 8/3). On CPU the ratios of process CPU times are shown too.
+alike; on our shared 2-core machine one job ran at 7.4 s and at 9.3 s per iteration within one run). ``fwd`` is
+one forward of the denoiser without gradients (eval mode, same precision). A DPDM iteration is 2 optimizer steps of
+the same network plus 2 no-grad forwards (teacher and fake in the student step), so ``floor = 2 + 2·fwd/teacher``
+is what the algorithm costs with nothing wasted (by the 1 forward : 2 backward count: 8/3). On CPU the ratios of process CPU times are shown too.
 
 **Memory**, honestly stated. Every job runs in a fresh subprocess, so no job sees another's allocations.
 
@@ -57,7 +57,8 @@ teacher step's without EMA and ≤ 1.10× with it, and their iteration no slower
                                     [--precision fp32|bf16|fp16] [--iters N] [--warmup 1] [--rounds 1]
                                     [--device cpu|cuda]
                                     [--lora-ranks 4,16,64] [--both-ranks 16] [--score-chunks 0,8]
-                                    [--ema both|on|off] [--threads N] [--out benchmarks/results/train_step-<device>.json]
+                                    [--ema both|on|off] [--threads N]
+                                    [--out benchmarks/results/train_step-<device>.json]
 
 Defaults: on CPU ``small`` at batch 32 (``--big`` adds ``cifar10`` at batch 8), fp32; on CUDA ``cifar10`` at
 batch 128 in bf16 (``python benchmarks/train_step.py --device cuda --precision bf16``).
@@ -248,9 +249,9 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
 
 
 def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int, tight: bool = False) -> dict:
-    """``measure`` of the job ``spec = (kind, lora rank, ema, both, score chunk)`` in a fresh interpreter (ru_maxrss is a process
-    high-water mark; CUDA caches stay apart); ``tight``: the CPU memory pass (``TIGHT_MALLOC``, ``--warmup`` + 1
-    iterations, no forward timing)."""
+    """``measure`` of the job ``spec = (kind, lora rank, ema, both, score chunk)`` in a fresh interpreter
+    (ru_maxrss is a process high-water mark; CUDA caches stay apart); ``tight``: the CPU memory pass
+    (``TIGHT_MALLOC``, ``--warmup`` + 1 iterations, no forward timing)."""
     kind, rank, ema, both, chunk = spec
     cmd = [sys.executable, __file__, "--_job", kind, "--backbone", preset, "--device", device,
            "--batch", str(batch), "--precision", args.precision, "--iters", str(1 if tight else iters),
@@ -528,7 +529,8 @@ def main(argv=None):
     command = " ".join(["python", "benchmarks/train_step.py", *(argv if argv is not None else sys.argv[1:])])
     meta = {"command": command, "device": device,
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "precision": args.precision,
-            "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "loadavg_1m": {"start": load0[0], "end": load1[0]},
             "time_target": TIME_TARGET, "mem_target": MEM_TARGET, "lora_time_target": LORA_TIME_TARGET,
             "lora_mem_targets": {"ema": LORA_MEM_TARGETS[True], "no_ema": LORA_MEM_TARGETS[False]},
