@@ -19,7 +19,7 @@ from ..config.structure import dump_yaml
 from ..eval.report import write_report
 from ..io.checkpoint import load_checkpoint, load_denoiser, save_denoiser
 from ..progress import Progress
-from ..train.lora import plain_state_dict
+from ..train.lora import plain_state_dict, scale_numerator
 from ..train.distributed import Dist, init_dist
 from ..train.tracking import Tracker
 from .build import check_teacher_fits, student_spec
@@ -122,7 +122,7 @@ def lora_info(lora: dict | None) -> dict:
     """A checkpoint's extra info on its adapters (``train.fake_lora``/``student_lora``), merged into its weights."""
     if not lora:
         return {}
-    return {"lora": {**lora, "alpha": lora.get("alpha") or lora["rank"], "merged": True}}
+    return {"lora": {**lora, "alpha": scale_numerator(lora["rank"], lora.get("alpha")), "merged": True}}
 
 
 def load_run(run_dir: str | Path | RunDir, device="cpu"):

@@ -167,6 +167,11 @@ def targeted(model: nn.Module, targets: Iterable[str] = ALL) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, t) for t in targets)]
 
 
+def scale_numerator(rank: int, alpha: float | None = None) -> float:
+    """The ``alpha`` of ``scale = alpha / rank``: as given, or ``rank`` (scale 1) when None."""
+    return float(rank if alpha is None else alpha)
+
+
 def add_adapters(model: nn.Module, rank: int, alpha: float | None = None, targets: Iterable[str] = ALL,
                  generator: torch.Generator | None = None, recompute: bool = True) -> list[str]:
     """Put a ``LowRank`` adapter on the weight of every targeted layer of ``model`` (in place), freeze everything
@@ -174,7 +179,7 @@ def add_adapters(model: nn.Module, rank: int, alpha: float | None = None, target
     ``recompute``: remake merged weights in the backward rather than keep them (``RecomputeMerged``)."""
     if int(rank) < 1:
         raise LoraError(f"rank must be at least 1, got {rank}")
-    alpha = float(rank if alpha is None else alpha)
+    alpha = scale_numerator(rank, alpha)
     names = targeted(model, targets)
     model.requires_grad_(False)
     modules = dict(model.named_modules())
