@@ -9,13 +9,20 @@ A difference between two rows smaller than their spreads is not an effect: with 
 differences under 2x were shown to be noise on these problems.
 
     python benchmarks/ablations.py [--recipe recipes/toy2d.yaml] [--seeds 0 1 2] [--only weighting]
-                                   [--group design|lora]
+                                   [--group design|lora] [--work DIR]
                                    [--out benchmarks/results/ablations-toy2d.json]
+
+With ``--work DIR`` the study can be stopped and continued, also by several processes at once: the teacher is
+trained into DIR once and reused, and each (variant, seed) result is kept in DIR/results and not run again
+(a kept result is used only if it was made with the same recipe, overrides and evaluation). ``--kept`` runs
+nothing and tabulates what DIR holds, naming what is missing. The recipe's baselines are not trained: the
+ablations do not read them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -60,7 +67,7 @@ LORA_VARIANTS = {
 GROUPS = {"design": VARIANTS, "lora": LORA_VARIANTS}
 # ρ only enters sampling: benchmarks/schedule_rho.py compares ρ = 40 with EDM's 7 on the same trained students.
 # The evaluation each variant needs: the student's sweep, one step, recovery; the teacher's sweep is not read.
-EVAL_ONLY_WHAT_IS_READ = ["eval.teacher_samplers=[heun]", "eval.teacher_nfe=[35]"]
+EVAL_ONLY_WHAT_IS_READ = ["eval.teacher_samplers=[heun]", "eval.teacher_nfe=[35]", "baselines={}"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -75,55 +82,116 @@ def fmt(values: list[float]) -> str:
     return f"{m:.3g}±{s:.2g}"
 
 
+def run_key(recipe_path: str, overrides: list[str]) -> str:
+    """What a kept (variant, seed) result was made from: the recipe file's text and every override."""
+    text = Path(recipe_path).read_text()
+    return hashlib.sha256(json.dumps([text, overrides]).encode()).hexdigest()[:16]
+
+
+def kept_or_run(path: Path, key: str, make) -> dict | None:
+    """The result kept at ``path`` when it was made from ``key``; else ``make()``, written atomically there
+    (``make`` None: None)."""
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["result"]
+        print(f"{path} was made from another recipe or overrides" + (": running it again" if make else ""),
+              flush=True)
+    if make is None:
+        return None
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "result": result}, indent=2))
+    os.replace(tmp, path)
+    return result
+
+
+def continued(recipe, out: Path) -> dict:
+    """``run`` into ``out``, resumed from its newest snapshot when an interrupted study left one there."""
+    return run(recipe, out, resume=out.exists())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/toy2d.yaml")
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="extra overrides for every variant")
-    parser.add_argument("--only", action="append", default=None, help="run only variants containing this text")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run only variants containing this text (a variant's whole name: that one alone)")
     parser.add_argument("--group", choices=sorted(GROUPS), default="design",
                         help="design: the design choices (issue 12); lora: the fake score as adapters (issue 16)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the teacher and each result here, to continue the study later (default: a "
+                             "new temporary folder)")
+    parser.add_argument("--kept", action="store_true", help="run nothing: tabulate the results kept in --work")
     args = parser.parse_args()
+    if args.kept and args.work is None:
+        parser.error("--kept reads the results kept in a study's folder: give it with --work DIR")
     base = load_recipe(args.recipe, args.set)
     suffix = "" if args.group == "design" else f"-{args.group}"
     out = Path(args.out or f"benchmarks/results/ablations-{base.name}{suffix}.json")
-    work = Path(tempfile.mkdtemp(prefix="dpdm-ablations-"))
-    chosen = {k: v for k, v in GROUPS[args.group].items() if not args.only or any(o in k for o in args.only)}
+    work = args.work or Path(tempfile.mkdtemp(prefix="dpdm-ablations-"))
+    variants = GROUPS[args.group]
+    exact = [o for o in args.only or [] if o in variants]
+    chosen = {k: v for k, v in variants.items()
+              if not args.only or k in exact or any(o in k for o in args.only if o not in exact)}
 
-    # The shared teacher, trained once with the recipe's seed.
-    teacher_run = run(load_recipe(args.recipe, args.set + EVAL_ONLY_WHAT_IS_READ + ["train.steps=1"]),
-                      work / "teacher")
+    # The shared teacher, trained once with the recipe's seed (and kept in --work).
+    teacher_overrides = args.set + EVAL_ONLY_WHAT_IS_READ + ["train.steps=1"]
     teacher_ckpt = str(work / "teacher" / "checkpoints" / "teacher.safetensors")
-    metric = teacher_run["metric"]
+    teacher = kept_or_run(work / "teacher.json", run_key(args.recipe, teacher_overrides),
+                          None if args.kept else lambda: {"metric": continued(load_recipe(args.recipe,
+                                                                                          teacher_overrides),
+                                                                              work / "teacher")["metric"]})
+    if teacher is None:
+        raise SystemExit(f"{work} holds no teacher for this recipe and these overrides: run the study without --kept")
+    metric = teacher["metric"]
 
-    rows = {}
+    rows, missing = {}, []
     t_all = time.perf_counter()
     for label, overrides in chosen.items():
         runs = []
+        slug = hashlib.sha256(label.encode()).hexdigest()[:8]
         for seed in args.seeds:
-            recipe = load_recipe(args.recipe, args.set + EVAL_ONLY_WHAT_IS_READ + overrides +
-                                 [f"teacher.checkpoint={teacher_ckpt}", f"seed={seed}"])
-            t0 = time.perf_counter()
-            report = run(recipe, work / f"v{len(rows)}-s{seed}")
-            student = next(iter(report["sweep"]["student"].values()))
-            runs.append({"seed": seed, "student": student,
-                         "one_step_sigma80": report["one_step"]["validation"].get("80.0"),
-                         "recovery_ratio": report["checks"]["recovery_ratio"],
-                         "seconds": time.perf_counter() - t0})
-            print(f"done: {label}, seed {seed} ({runs[-1]['seconds']:.0f}s)", flush=True)
-        rows[label] = {"overrides": overrides, "runs": runs}
+            run_overrides = args.set + EVAL_ONLY_WHAT_IS_READ + overrides + [
+                f"teacher.checkpoint={teacher_ckpt}", f"seed={seed}"]
+
+            def one(run_overrides=run_overrides, seed=seed, slug=slug):
+                t0 = time.perf_counter()
+                report = continued(load_recipe(args.recipe, run_overrides), work / f"v{slug}-s{seed}")
+                return {"seed": seed, "student": next(iter(report["sweep"]["student"].values())),
+                        "one_step_sigma80": report["one_step"]["validation"].get("80.0"),
+                        "recovery_ratio": report["checks"]["recovery_ratio"],
+                        "seconds": time.perf_counter() - t0, "load_average_end": os.getloadavg()}
+
+            # the teacher's key joins the run's: a result kept from another teacher is not reused
+            result = kept_or_run(work / "results" / f"v{slug}-s{seed}.json",
+                                 run_key(args.recipe, teacher_overrides + ["|"] + run_overrides),
+                                 None if args.kept else one)
+            if result is None:
+                missing.append(f"{label}, seed {seed}")
+                continue
+            runs.append(result)
+            print(f"done: {label}, seed {seed} ({result['seconds']:.0f}s)", flush=True)
+        if runs:
+            rows[label] = {"overrides": overrides, "runs": runs}
+    if missing:
+        print("not kept, left out: " + "; ".join(missing))
+    if not rows:
+        raise SystemExit(f"{work} holds no result of the chosen variants and seeds")
 
     nfes = list(rows[next(iter(rows))]["runs"][0]["student"])
     sigmas = list(rows[next(iter(rows))]["runs"][0]["recovery_ratio"])
     load = os.getloadavg()
     print(f"\n{base.name}: {metric}, lower is better; mean ± std over seeds {args.seeds} "
           f"(load average {load[0]:.1f} at the end)")
-    head = f"{'variant':<36}" + "".join(f"{'NFE ' + n:>13}" for n in nfes) + f"{'1 step σ80':>13}"
+    head = f"{'variant':<36}{'seeds':>6}" + "".join(f"{'NFE ' + n:>13}" for n in nfes) + f"{'1 step σ80':>13}"
     head += "".join(f"{'rec σ=' + s:>13}" for s in sigmas)
     print(head)
     for label, r in rows.items():
-        line = f"{label:<36}"
+        line = f"{label:<36}{len(r['runs']):>6}"
         line += "".join(f"{fmt([x['student'].get(n) for x in r['runs']]):>13}" for n in nfes)
         line += f"{fmt([x['one_step_sigma80'] for x in r['runs']]):>13}"
         line += "".join(f"{fmt([x['recovery_ratio'].get(s) for x in r['runs']]):>13}" for s in sigmas)
@@ -137,7 +205,7 @@ def main():
     out.write_text(json.dumps({"recipe": base.name, "metric": metric, "seeds": args.seeds,
                                "summary_format": "[mean, std over seeds]", "overrides_for_all": args.set,
                                "seconds": time.perf_counter() - t_all, "load_average_end": load,
-                               "variants": rows}, indent=2))
+                               "not_kept": missing, "variants": rows}, indent=2))
     print(f"\nwrote {out}")
 
 

@@ -1,0 +1,88 @@
+"""benchmarks/ablations.py keeps each (variant, seed) result in --work so that a long study can stop and go on:
+a kept result must be reused only when it was made from the same recipe and overrides."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    spec = importlib.util.spec_from_file_location("ablations_tool", ROOT / "benchmarks" / "ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_kept_result_is_reused_only_for_its_own_key(ablations, tmp_path):
+    calls = []
+
+    def make(value):
+        def f():
+            calls.append(value)
+            return {"value": value}
+        return f
+
+    path = tmp_path / "results" / "v-s0.json"
+    assert ablations.kept_or_run(path, "k1", make(1)) == {"value": 1}
+    assert ablations.kept_or_run(path, "k1", make(2)) == {"value": 1}  # kept: not run again
+    assert calls == [1]
+    assert ablations.kept_or_run(path, "k2", make(3)) == {"value": 3}  # another recipe/overrides: run again
+    assert calls == [1, 3]
+    assert json.loads(path.read_text()) == {"key": "k2", "result": {"value": 3}}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["v-s0.json"]  # written atomically, nothing left over
+    assert ablations.kept_or_run(tmp_path / "absent.json", "k", None) is None  # --kept: nothing is run
+
+
+def test_the_key_covers_the_recipe_text_and_every_override(ablations, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: a\n")
+    key = ablations.run_key(str(recipe), ["seed=0"])
+    assert ablations.run_key(str(recipe), ["seed=0"]) == key
+    assert ablations.run_key(str(recipe), ["seed=1"]) != key
+    assert ablations.run_key(str(recipe), ["seed=0", "train.fake_lora={rank: 4}"]) != key
+    recipe.write_text("name: b\n")
+    assert ablations.run_key(str(recipe), ["seed=0"]) != key
+
+
+@pytest.mark.parametrize("only, chosen", [
+    (["fake_lora rank 16"], ["fake_lora rank 16"]),  # a whole name: that variant alone
+    (["rank 16"], ["fake_lora rank 16", "fake_lora rank 16, fake_lr x10"]),  # text: every variant containing it
+    (["full fake (recipe)", "rank 4"], ["full fake (recipe)", "fake_lora rank 4"]),
+])
+def test_only_selects_by_whole_name_or_by_text(ablations, monkeypatch, tmp_path, only, chosen):
+    seen = []
+
+    def fake_run(recipe, out, resume=False):
+        seen.append(out.name)
+        return {"metric": "energy", "sweep": {"student": {"dpdm": {"1": 0.5}}}, "one_step": {"validation": {}},
+                "checks": {"recovery_ratio": {"1.0": 0.9}}}
+
+    monkeypatch.setattr(ablations, "run", fake_run)
+    argv = ["ablations.py", "--recipe", str(ROOT / "recipes" / "toy2d.yaml"), "--group", "lora", "--seeds", "0",
+            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out.json")]
+    for o in only:
+        argv += ["--only", o]
+    monkeypatch.setattr(sys, "argv", argv)
+    ablations.main()
+    assert list(json.loads((tmp_path / "out.json").read_text())["variants"]) == chosen
+    assert seen[0] == "teacher" and len(seen) == 1 + len(chosen)
+    # run again: everything is kept, nothing runs; --kept tabulates the same
+    seen.clear()
+    ablations.main()
+    monkeypatch.setattr(sys, "argv", argv + ["--kept"])
+    ablations.main()
+    assert seen == []
+    assert list(json.loads((tmp_path / "out.json").read_text())["variants"]) == chosen
+
+
+def test_kept_without_a_teacher_says_what_to_do(ablations, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--recipe", str(ROOT / "recipes" / "toy2d.yaml"), "--kept",
+                                      "--work", str(tmp_path)])
+    with pytest.raises(SystemExit, match="holds no teacher.*without --kept"):
+        ablations.main()
