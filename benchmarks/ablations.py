@@ -107,6 +107,13 @@ def kept_or_run(path: Path, key: str, make) -> dict | None:
     return result
 
 
+def eval_seeds(report: dict) -> dict | None:
+    """The student's sweep scored at each of the report's evaluation seeds, ``{nfe: [v_seed0, v_seed1, ...]}``
+    (the estimator's noise, from ``eval.noise_seeds``), or None where the recipe measures none."""
+    student = report.get("noise", {}).get("sweep", {}).get("student")
+    return next(iter(student.values())) if student else None
+
+
 def continued(recipe, out: Path) -> dict:
     """``run`` into ``out``, resumed from its newest snapshot when an interrupted study left one there."""
     return run(recipe, out, resume=out.exists())
@@ -164,6 +171,7 @@ def main():
                 return {"seed": seed, "student": next(iter(report["sweep"]["student"].values())),
                         "one_step_sigma80": report["one_step"]["validation"].get("80.0"),
                         "recovery_ratio": report["checks"]["recovery_ratio"],
+                        "student_eval_seeds": eval_seeds(report),
                         "seconds": time.perf_counter() - t0, "load_average_end": os.getloadavg()}
 
             # the teacher's key joins the run's: a result kept from another teacher is not reused
@@ -173,6 +181,9 @@ def main():
             if result is None:
                 missing.append(f"{label}, seed {seed}")
                 continue
+            report = work / f"v{slug}-s{seed}" / "report.json"
+            if "student_eval_seeds" not in result and report.exists():  # kept before this was recorded
+                result["student_eval_seeds"] = eval_seeds(json.loads(report.read_text()))
             runs.append(result)
             print(f"done: {label}, seed {seed} ({result['seconds']:.0f}s)", flush=True)
         if runs:
