@@ -19,6 +19,8 @@ import math
 import statistics
 from pathlib import Path
 
+from ablations import record  # benchmarks/ is on the path when this script runs
+
 
 def mean_std(values) -> tuple[float, float]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
@@ -35,10 +37,7 @@ def row(paths: list[str]) -> dict:
     runs = []
     for p in sorted(paths):
         report = json.loads((Path(p) / "report.json").read_text())
-        student = next(iter(report["sweep"]["student"].values()))
-        runs.append({"run": p, "student": student, "one_step_sigma80": report["one_step"]["validation"].get("80.0"),
-                     "recovery_ratio": report["checks"]["recovery_ratio"],
-                     "recovery_protocol": report.get("recovery_protocol", "heldout")})
+        runs.append({"run": p, **record(report), "recovery_protocol": report.get("recovery_protocol", "heldout")})
     nfes = list(runs[0]["student"])
     sigmas = list(runs[0]["recovery_ratio"])
     summary = {"student": {n: mean_std([r["student"].get(n) for r in runs]) for n in nfes},

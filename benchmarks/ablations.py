@@ -107,11 +107,14 @@ def kept_or_run(path: Path, key: str, make) -> dict | None:
     return result
 
 
-def eval_seeds(report: dict) -> dict | None:
-    """The student's sweep scored at each of the report's evaluation seeds, ``{nfe: [v_seed0, v_seed1, ...]}``
-    (the estimator's noise, from ``eval.noise_seeds``), or None where the recipe measures none."""
-    student = report.get("noise", {}).get("sweep", {}).get("student")
-    return next(iter(student.values())) if student else None
+def record(report: dict) -> dict:
+    """What a study reads from one run's report: the student's sweep (and at each evaluation seed, the
+    estimator's noise, None where the recipe measures none), one step from σ = 80, the recovery ratios."""
+    noise = report.get("noise", {}).get("sweep", {}).get("student")
+    return {"student": next(iter(report["sweep"]["student"].values())),
+            "one_step_sigma80": report["one_step"]["validation"].get("80.0"),
+            "recovery_ratio": report["checks"]["recovery_ratio"],
+            "student_eval_seeds": next(iter(noise.values())) if noise else None}
 
 
 def continued(recipe, out: Path) -> dict:
@@ -148,10 +151,12 @@ def main():
     # The shared teacher, trained once with the recipe's seed (and kept in --work).
     teacher_overrides = args.set + EVAL_ONLY_WHAT_IS_READ + ["train.steps=1"]
     teacher_ckpt = str(work / "teacher" / "checkpoints" / "teacher.safetensors")
+
+    def train_teacher():
+        return {"metric": continued(load_recipe(args.recipe, teacher_overrides), work / "teacher")["metric"]}
+
     teacher = kept_or_run(work / "teacher.json", run_key(args.recipe, teacher_overrides),
-                          None if args.kept else lambda: {"metric": continued(load_recipe(args.recipe,
-                                                                                          teacher_overrides),
-                                                                              work / "teacher")["metric"]})
+                          None if args.kept else train_teacher)
     if teacher is None:
         raise SystemExit(f"{work} holds no teacher for this recipe and these overrides: run the study without --kept")
     metric = teacher["metric"]
@@ -168,10 +173,7 @@ def main():
             def one(run_overrides=run_overrides, seed=seed, slug=slug):
                 t0 = time.perf_counter()
                 report = continued(load_recipe(args.recipe, run_overrides), work / f"v{slug}-s{seed}")
-                return {"seed": seed, "student": next(iter(report["sweep"]["student"].values())),
-                        "one_step_sigma80": report["one_step"]["validation"].get("80.0"),
-                        "recovery_ratio": report["checks"]["recovery_ratio"],
-                        "student_eval_seeds": eval_seeds(report),
+                return {"seed": seed, **record(report),
                         "seconds": time.perf_counter() - t0, "load_average_end": os.getloadavg()}
 
             # the teacher's key joins the run's: a result kept from another teacher is not reused
@@ -181,9 +183,6 @@ def main():
             if result is None:
                 missing.append(f"{label}, seed {seed}")
                 continue
-            report = work / f"v{slug}-s{seed}" / "report.json"
-            if "student_eval_seeds" not in result and report.exists():  # kept before this was recorded
-                result["student_eval_seeds"] = eval_seeds(json.loads(report.read_text()))
             runs.append(result)
             print(f"done: {label}, seed {seed} ({result['seconds']:.0f}s)", flush=True)
         if runs:
