@@ -35,7 +35,8 @@ from dpdm.core.config.recipe import load_recipe
 from dpdm.core.pipeline.run import run
 
 # Each variant is a list of overrides on top of the recipe (which carries the paper's reading: w = σ², no
-# normaliser, fake-first, the ρ = 40 schedule). The issue's rows first.
+# normaliser, fake-first, the ρ = 40 schedule), each a string or a function of the recipe that makes one. The
+# issue's rows first.
 VARIANTS = {
     "recipe": [],
     "weighting edm (EDM's training weight), log-uniform σ": ["train.divergence.weighting=edm"],
@@ -52,6 +53,13 @@ VARIANTS = {
     "no student EMA": ["train.ema_halflife_nimg=null"],
     "ikl (Diff-Instruct, data-free)": ["train.divergence={name: ikl, weighting: diffusion, normalize: false}"],
 }
+
+
+def ten_times_fake_lr(recipe) -> str:
+    """The override that sets the fake score's learning rate to ten times the recipe's (``fake_lr``, else ``lr``)."""
+    return f"train.fake_lr={10 * (recipe.train.fake_lr or recipe.train.lr):g}"
+
+
 # Issue 16: the fake score as low-rank adapters on the frozen teacher (train.fake_lora) against the full copy, at
 # the fake score's own learning rate (the recipe's fake_lr); `--group lora`.
 LORA_VARIANTS = {
@@ -61,8 +69,8 @@ LORA_VARIANTS = {
     "fake_lora rank 64": ["train.fake_lora={rank: 64}"],
     # adapters often want a larger learning rate than full fine-tuning: ten times the recipe's, and the full fake
     # score at the same, so that an effect of the rate alone is seen as such
-    "fake_lora rank 16, fake_lr x10": ["train.fake_lora={rank: 16}", "train.fake_lr=1e-3"],
-    "full fake, fake_lr x10": ["train.fake_lr=1e-3"],
+    "fake_lora rank 16, fake_lr x10": ["train.fake_lora={rank: 16}", ten_times_fake_lr],
+    "full fake, fake_lr x10": [ten_times_fake_lr],
 }
 GROUPS = {"design": VARIANTS, "lora": LORA_VARIANTS}
 # ρ only enters sampling: benchmarks/schedule_rho.py compares ρ = 40 with EDM's 7 on the same trained students.
@@ -164,6 +172,7 @@ def main():
     rows, missing = {}, []
     t_all = time.perf_counter()
     for label, overrides in chosen.items():
+        overrides = [o(base) if callable(o) else o for o in overrides]  # made from the recipe (and --set)
         runs = []
         slug = hashlib.sha256(label.encode()).hexdigest()[:8]
         for seed in args.seeds:

@@ -86,3 +86,23 @@ def test_kept_without_a_teacher_says_what_to_do(ablations, monkeypatch, tmp_path
                                       "--work", str(tmp_path)])
     with pytest.raises(SystemExit, match="holds no teacher.*without --kept"):
         ablations.main()
+
+
+@pytest.mark.parametrize("recipe, fake_lr", [("toy2d", "0.001"), ("mnist16", "0.0005")])
+def test_ten_times_the_fake_lr_is_ten_times_each_recipes_own(ablations, monkeypatch, tmp_path, recipe, fake_lr):
+    loaded = []
+
+    def fake_run(recipe, out, resume=False):
+        loaded.append((out.name, recipe.train.fake_lr))
+        return {"metric": "energy", "sweep": {"student": {"dpdm": {"1": 0.5}}}, "one_step": {"validation": {}},
+                "checks": {"recovery_ratio": {"1.0": 0.9}}}
+
+    monkeypatch.setattr(ablations, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--recipe", str(ROOT / "recipes" / f"{recipe}.yaml"),
+                                      "--group", "lora", "--only", "full fake, fake_lr x10", "--seeds", "0",
+                                      "--work", str(tmp_path), "--out", str(tmp_path / "out.json")])
+    ablations.main()
+    base = loaded[0][1]  # the teacher's run: the recipe's own
+    assert loaded[1][1] == pytest.approx(10 * base) and loaded[1][1] == float(fake_lr)
+    variant = json.loads((tmp_path / "out.json").read_text())["variants"]["full fake, fake_lr x10"]
+    assert variant["overrides"] == [f"train.fake_lr={fake_lr}"]
