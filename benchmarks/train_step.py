@@ -43,6 +43,13 @@ is what the algorithm costs with nothing wasted (by the 1 forward : 2 backward c
   ``rss_default``), and a memory pass of ``--warmup`` + 1 iterations with ``MALLOC_MMAP_THRESHOLD_=65536``
   (every tensor above 64 KiB gets its own mapping, returned to the system when freed), whose resident set
   follows the live tensors; the memory columns and the verdicts come from that pass.
+- Counted (``--count``, any device; no timing): each job's peak of live tensor storage over ``--warmup`` + 1
+  iterations, counted per op by ``dpdm.core.train.memory.TensorMemory`` (the tensors alive before the first step,
+  found by the garbage collector, plus each one an op makes until it is freed): what CUDA's
+  ``max_memory_allocated`` counts, but on a CPU, exact and the same at any load. Slow (Python sees every op), so
+  batches too large to run here can be fitted instead: ``--batches 2,4,8 --predict 128`` fits each job's peak as
+  ``fixed + per_item · batch`` (activations grow with the batch; weights, optimizer states and EMA do not) and
+  prints the line at 128 beside the largest residual. Written to ``results/train_step-count-<device>.json``.
 - Adapters: an adapted layer computes ``W' = W + BA`` on each forward; in a training forward autograd would keep
   ``W'`` for the backward (in fp32 one more copy of the adapted weights, printed under the tables), which
   ``lora.RecomputeMerged`` avoids by remaking it there; under bf16/fp16 autocast the layer's op keeps the
@@ -58,6 +65,7 @@ teacher step's without EMA and ≤ 1.10× with it, and their iteration no slower
                                     [--device cpu|cuda]
                                     [--lora-ranks 4,16,64] [--both-ranks 16] [--score-chunks 0,8]
                                     [--ema both|on|off] [--threads N]
+                                    [--count [--batches 2,4,8 [--predict 128]]]
                                     [--out benchmarks/results/train_step-<device>.json]
 
 Defaults: on CPU ``small`` at batch 32 (``--big`` adds ``cifar10`` at batch 8), fp32; on CUDA ``cifar10`` at
@@ -135,10 +143,11 @@ def job_name(kind: str, rank: int | None, ema: bool, both: bool = False, chunk: 
 
 def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: str, iters: int, warmup: int,
             forward: bool = True, ema: bool = True, lora_rank: int | None = None, both: bool = False,
-            score_chunk: int = 0) -> dict:
+            score_chunk: int = 0, count: bool = False) -> dict:
     """One job (``teacher`` or ``dpdm``; ``lora_rank``: the fake score as adapters, ``both``: the student too;
     ``score_chunk``: teacher and fake evaluated that many samples at a time, 0: whole) in this process; see the
-    module doc for what is reported. ``forward``: also time the no-grad forward (teacher job only)."""
+    module doc for what is reported. ``forward``: also time the no-grad forward (teacher job only). ``count``:
+    no timing; the peak of the live tensors over ``warmup + iters`` iterations, counted (``TensorMemory``)."""
     import torch
     from dpdm.core.losses import EDMLoss
     from dpdm.core.plugins.registry import get
@@ -203,6 +212,15 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
 
             setattr(job, f"{name}_step", timed)
 
+    if count:  # from just before the first step (models, EMA and batches built) to the end of the last
+        from dpdm.core.train.memory import TensorMemory
+
+        with TensorMemory(dev) as counted:
+            for _ in range(warmup + iters):
+                stats = job.iteration(next_batch, generator)
+        return {"params_m": params / 1e6, **fake, "loss": {k: v for k, v in stats.items() if k.endswith("loss")},
+                "counted": {"peak_mib": counted.peak / 2**20, "start_mib": counted.start / 2**20,
+                            "iterations": warmup + iters}}
     sync()
     rss0 = _maxrss_mib()  # just before the first step: models, EMA and batches built, no Adam state yet
     base = torch.cuda.memory_allocated(dev) if cuda else 0
@@ -248,16 +266,18 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
     return out
 
 
-def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int, tight: bool = False) -> dict:
+def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int, tight: bool = False,
+             count: bool = False) -> dict:
     """``measure`` of the job ``spec = (kind, lora rank, ema, both, score chunk)`` in a fresh interpreter
     (ru_maxrss is a process high-water mark; CUDA caches stay apart); ``tight``: the CPU memory pass
-    (``TIGHT_MALLOC``, ``--warmup`` + 1 iterations, no forward timing)."""
+    (``TIGHT_MALLOC``, ``--warmup`` + 1 iterations, no forward timing); ``count``: the counted pass (``--count``,
+    ``--warmup`` + 1 iterations)."""
     kind, rank, ema, both, chunk = spec
     cmd = [sys.executable, __file__, "--_job", kind, "--backbone", preset, "--device", device,
-           "--batch", str(batch), "--precision", args.precision, "--iters", str(1 if tight else iters),
+           "--batch", str(batch), "--precision", args.precision, "--iters", str(1 if tight or count else iters),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
     cmd += (["--_lora", str(rank)] if rank else []) + ([] if ema else ["--_no_ema"]) + (["--_both"] if both else [])
-    cmd += ["--_chunk", str(chunk)] if chunk else []
+    cmd += (["--_chunk", str(chunk)] if chunk else []) + (["--count"] if count else [])
     env = {**os.environ, **TIGHT_MALLOC} if tight else None
     proc = subprocess.run(cmd + (["--_no_forward"] if tight else []), capture_output=True, text=True, env=env,
                           check=False)
@@ -411,6 +431,86 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def counted(args, presets: list[str], specs: list[tuple], device: str, batches: list[int]) -> dict:
+    """``--count``: every job at every batch, its peak of live tensors counted (no timing); ratios to the teacher
+    step with the same EMA and batch, the issues' memory targets; with two or more batches, each job's peak fitted
+    as ``fixed + per_item · batch`` (least squares; the largest residual shows how linear it is) and, with
+    ``--predict N``, that line at batch N. Prints the tables and returns what the JSON holds."""
+    rows = []
+    for preset in presets:
+        jobs = {}
+        for spec in specs:
+            name = job_name(*spec)
+            jobs[name] = {"job": spec[0], "lora_rank": spec[1], "ema": spec[2], "student_lora": spec[3],
+                          "score_chunk": spec[4], "by_batch": {}}
+            for batch in batches:
+                t0 = time.perf_counter()
+                res = run_case(spec, preset, args, device, batch, 1, count=True)
+                jobs[name]["by_batch"][batch] = res
+                peak = res.get("counted", {}).get("peak_mib")
+                print(f"  {preset:8} batch {batch:4} {name:18} "
+                      + (f"peak {peak:9.1f} MiB" if peak is not None else res.get("error", "?"))
+                      + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for name, j in jobs.items():
+            points = [(b, r["counted"]["peak_mib"]) for b, r in j["by_batch"].items() if "counted" in r]
+            if len(points) >= 2:
+                n = len(points)
+                mb, mp = sum(b for b, _ in points) / n, sum(p for _, p in points) / n
+                slope = sum((b - mb) * (p - mp) for b, p in points) / sum((b - mb) ** 2 for b, _ in points)
+                fixed = mp - slope * mb
+                j["fit"] = {"fixed_mib": fixed, "per_item_mib": slope,
+                            "max_residual_mib": max(abs(p - fixed - slope * b) for b, p in points)}
+                if args.predict:
+                    j["fit"]["predicted_mib"] = {args.predict: fixed + slope * args.predict}
+        rows.append({"backbone": preset, "precision": args.precision, "jobs": jobs})
+
+    def verdict(j: dict, ratio: float) -> str:
+        target = (LORA_MEM_TARGETS[j["ema"]] if j["lora_rank"] else MEM_TARGET if j["ema"] else None)
+        if j["job"] == "teacher" or j["student_lora"] or target is None:
+            return ""
+        return f"≤{target:.2f}×: {'met' if ratio <= target else 'NOT met'}"
+
+    sizes = [(b, str(b)) for b in batches] + ([(args.predict, f"{args.predict} (fit)")] if args.predict else [])
+    lines = ["Peak of the live tensors (MiB, counted per op over the warm-up and one iteration; × the teacher step "
+             "with the same EMA and batch; the issues' memory targets):", ""]
+    header = ["backbone", "EMA", "job"] + [f"batch {label}" for _, label in sizes] + ["target at the largest batch"]
+    table_rows = []
+    for r in rows:
+        for name, j in r["jobs"].items():
+            teacher = r["jobs"].get(job_name("teacher", None, j["ema"]))
+            cells, last = [], None
+            for batch, _ in sizes:
+                mine, ref = (_peak_at(x, batch, args.predict) for x in (j, teacher))
+                if mine is None:
+                    cells.append(j["by_batch"].get(batch, {}).get("error", "–"))
+                    continue
+                last = mine / ref if ref else None
+                cells.append(f"{mine:.1f}" + (f" ({last:.3f}×)" if ref and j is not teacher else ""))
+            label = ("teacher" if j["job"] == "teacher" else "full" if not j["lora_rank"] else
+                     f"{'both' if j['student_lora'] else 'lora'} r={j['lora_rank']}")
+            label += f", chunk {j['score_chunk']}" if j["score_chunk"] else ""
+            table_rows.append([r["backbone"], "on" if j["ema"] else "off", label] + cells
+                              + [verdict(j, last) if last is not None else ""])
+    lines += _md(header, table_rows)
+    for r in rows:
+        fits = [(n, j["fit"]) for n, j in r["jobs"].items() if "fit" in j]
+        if fits:
+            worst = max(f["max_residual_mib"] for _, f in fits)
+            lines += ["", f"{r['backbone']}: peak = fixed + per item × batch, fitted per job over batches "
+                      f"{', '.join(map(str, batches))}; largest residual {worst:.2f} MiB"]
+    print("\n".join(lines))
+    return {"batches": batches, "predict": args.predict, "results": rows}
+
+
+def _peak_at(job: dict | None, batch: int, predict: int | None) -> float | None:
+    """A job's counted peak at ``batch``, or its fitted line's value at the ``--predict`` batch."""
+    if job is None:
+        return None
+    if predict is not None and batch == predict and batch not in job["by_batch"]:
+        return job.get("fit", {}).get("predicted_mib", {}).get(predict)
+    return job["by_batch"].get(batch, {}).get("counted", {}).get("peak_mib")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", action="append", choices=sorted(PRESETS), default=None,
@@ -435,6 +535,13 @@ def main(argv=None):
     p.add_argument("--ema", choices=["both", "on", "off"], default="both",
                    help="run every job with the EMA on, off, or both (default: both)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--count", action="store_true",
+                   help="no timing: count each job's peak of live tensors (dpdm.core.train.memory.TensorMemory), "
+                        "the same number on any machine and load; with --batches and --predict, fit it in the batch")
+    p.add_argument("--batches", default=None,
+                   help="--count: comma-separated batches (default: --batch or the preset's)")
+    p.add_argument("--predict", type=int, default=None,
+                   help="--count with two or more --batches: the fitted peak at this batch (e.g. the GPU's 128)")
     p.add_argument("--out", default=None)
     p.add_argument("--_job", choices=["teacher", "dpdm"], help=argparse.SUPPRESS)  # internal: one job, JSON out
     p.add_argument("--_lora", type=int, default=None, help=argparse.SUPPRESS)
@@ -468,7 +575,7 @@ def main(argv=None):
         print(json.dumps(measure(args._job, args.backbone[0], device=device, batch=args.batch,
                                  precision=args.precision, iters=args.iters, warmup=args.warmup,
                                  forward=not args._no_forward, ema=not args._no_ema, lora_rank=args._lora,
-                                 both=args._both, score_chunk=args._chunk)))
+                                 both=args._both, score_chunk=args._chunk, count=args.count)))
         return
 
     presets = args.backbone or (["cifar10"] if cuda else ["small"])
@@ -478,6 +585,30 @@ def main(argv=None):
     dpdm = [(None, False)] + [(r, False) for r in ranks] + [(r, True) for r in both_ranks]
     specs = [(kind, rank, ema, both, chunk) for ema in emas for kind, rank, both, chunk in
              [("teacher", None, False, 0)] + [("dpdm", r, b, c) for c in chunks for r, b in dpdm]]
+    if args.count:
+        given = [x.strip() for x in (args.batches or "").split(",") if x.strip()]
+        if not all(x.isdigit() and int(x) > 0 for x in given):
+            p.error(f"--batches {args.batches!r}: expected comma-separated batch sizes, e.g. 8,16,32")
+        preset_batch = PRESETS[presets[0]][5 if cuda else 4]
+        batches = list(dict.fromkeys(int(x) for x in given)) or [args.batch or preset_batch]
+        if args.predict is not None and len(batches) < 2:
+            p.error("--predict fits the peak in the batch: give two or more --batches, e.g. --batches 4,8,16")
+        print(f"device {device} ({torch.get_num_threads()} threads), {args.precision}; live tensors counted over "
+              f"{args.warmup} warm-up + 1 iteration, each job in its own subprocess", flush=True)
+        load0, clock = os.getloadavg(), time.perf_counter()
+        result = counted(args, presets, specs, device, batches)
+        out = Path(args.out or Path(__file__).parent / "results" / f"train_step-count-{device.split(':')[0]}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python", "benchmarks/train_step.py", *(argv if argv is not None else sys.argv[1:])])
+        meta = {"command": command, "device": device, "precision": args.precision, "warmup": args.warmup,
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - clock,
+                "loadavg_1m": {"start": load0[0], "end": os.getloadavg()[0]},
+                "mem_target": MEM_TARGET, "lora_mem_targets": {"ema": LORA_MEM_TARGETS[True],
+                                                               "no_ema": LORA_MEM_TARGETS[False]},
+                "ema_halflife_nimg": EMA_HALFLIFE_NIMG, "teacher_optim": TEACHER_OPTIM, "student_optim": STUDENT_OPTIM}
+        out.write_text(json.dumps({"meta": meta, **result}, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     print(f"device {device} ({torch.get_num_threads()} threads), {args.precision}, median of the timed iterations "
           f"after {args.warmup} warm-up; each job in its own subprocess"
           + ("" if cuda else ", timing pass then memory pass"), flush=True)

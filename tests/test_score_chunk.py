@@ -12,39 +12,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from dpdm.core.config.recipe import load_recipe
 from dpdm.core.errors import DpdmError
 from dpdm.core.io.checkpoint import build_denoiser, network_spec
 from dpdm.core.losses import EDMLoss
 from dpdm.core.train.distill import DistillJob, in_chunks, student_loss
+from dpdm.core.train.memory import TensorMemory
 from test_lora import DIVERGENCE, batch, teacher_of
 from test_rundir import TOY2D
 
 torch.set_num_threads(1)
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak, over the ops run inside the mode, of the bytes of the storages those ops made that are still alive
-    (activations, temporaries, gradients; not the tensors that existed before)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.live = {ptr: v for ptr, v in self.live.items() if not v[0].expired()}  # freed (a pointer may be reused)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
-                self.live[t.untyped_storage().data_ptr()] = (StorageWeakRef(t.untyped_storage()),
-                                                             t.untyped_storage().nbytes())
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return out
 
 
 @pytest.mark.parametrize("name", ["mlp", "unet-small"])
@@ -99,18 +77,18 @@ def test_chunks_lower_the_student_steps_peak_by_the_rest_of_the_batchs_forward()
     x, _ = batch(spec, n=8)
 
     def forward_peak(n):
-        with torch.no_grad(), LiveBytes() as live:
+        with torch.no_grad(), TensorMemory() as live:
             teacher(x[:n], torch.ones(n))
-        return live.peak
+        return live.growth
 
     peaks = {}
     for chunk in (None, 2):
         job = DistillJob(teacher, DIVERGENCE, EDMLoss(), fake_lora={"rank": 2}, score_chunk=chunk)
         g = torch.Generator().manual_seed(0)
         job.iteration(lambda: (x, None), g)  # Adam's states exist: the step below makes only transient tensors
-        with LiveBytes() as live:
+        with TensorMemory() as live:
             job.student_step(lambda: (x, None), g)
-        peaks[chunk] = live.peak
+        peaks[chunk] = live.growth
     saved, expected = peaks[None] - peaks[2], forward_peak(8) - forward_peak(2)
     assert expected > 0.05 * peaks[None]  # the no-grad forward is a visible part of the step's peak
     assert abs(saved - expected) < 0.05 * expected, (peaks, expected)
