@@ -47,9 +47,11 @@ is what the algorithm costs with nothing wasted (by the 1 forward : 2 backward c
   iterations, counted per op by ``dpdm.core.train.memory.TensorMemory`` (the tensors alive before the first step,
   found by the garbage collector, plus each one an op makes until it is freed): what CUDA's
   ``max_memory_allocated`` counts, but on a CPU, exact and the same at any load. Slow (Python sees every op), so
-  batches too large to run here can be fitted instead: ``--batches 2,4,8 --predict 128`` fits each job's peak as
-  ``fixed + per_item · batch`` (activations grow with the batch; weights, optimizer states and EMA do not) and
-  prints the line at 128 beside the largest residual. Written to ``results/train_step-count-<device>.json``.
+  batches too large to run here can be predicted instead: ``--batches 2,4 --predict 128`` records the MiB alive
+  after every op at each batch (the same ops run at any batch), fits each op's value as ``fixed + per_item · batch``
+  (activations grow with the batch; weights, optimizer states and EMA do not) and takes the largest of those lines
+  at 128; fitting the peak itself would not do, because which op peaks changes with the batch (at a small batch,
+  the optimizer step; at a large one, the backward). Written to ``results/train_step-count-<device>.json``.
 - Adapters: an adapted layer computes ``W' = W + BA`` on each forward; in a training forward autograd would keep
   ``W'`` for the backward (in fp32 one more copy of the adapted weights, printed under the tables), which
   ``lora.RecomputeMerged`` avoids by remaking it there; under bf16/fp16 autocast the layer's op keeps the
@@ -143,11 +145,12 @@ def job_name(kind: str, rank: int | None, ema: bool, both: bool = False, chunk: 
 
 def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: str, iters: int, warmup: int,
             forward: bool = True, ema: bool = True, lora_rank: int | None = None, both: bool = False,
-            score_chunk: int = 0, count: bool = False) -> dict:
+            score_chunk: int = 0, count: bool = False, timeline: str | None = None) -> dict:
     """One job (``teacher`` or ``dpdm``; ``lora_rank``: the fake score as adapters, ``both``: the student too;
     ``score_chunk``: teacher and fake evaluated that many samples at a time, 0: whole) in this process; see the
     module doc for what is reported. ``forward``: also time the no-grad forward (teacher job only). ``count``:
-    no timing; the peak of the live tensors over ``warmup + iters`` iterations, counted (``TensorMemory``)."""
+    no timing; the peak of the live tensors over ``warmup + iters`` iterations, counted (``TensorMemory``), and
+    with ``timeline`` (a path) the MiB alive after each op saved there."""
     import torch
     from dpdm.core.losses import EDMLoss
     from dpdm.core.plugins.registry import get
@@ -215,12 +218,14 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
     if count:  # from just before the first step (models, EMA and batches built) to the end of the last
         from dpdm.core.train.memory import TensorMemory
 
-        with TensorMemory(dev) as counted:
+        with TensorMemory(dev, timeline=timeline is not None) as counter:
             for _ in range(warmup + iters):
                 stats = job.iteration(next_batch, generator)
+        if timeline is not None:  # MiB alive after each op, for the fit in the batch (``counted``)
+            torch.save(torch.tensor(counter.timeline, dtype=torch.float64) / 2**20, timeline)
         return {"params_m": params / 1e6, **fake, "loss": {k: v for k, v in stats.items() if k.endswith("loss")},
-                "counted": {"peak_mib": counted.peak / 2**20, "start_mib": counted.start / 2**20,
-                            "iterations": warmup + iters}}
+                "counted": {"peak_mib": counter.peak / 2**20, "start_mib": counter.start / 2**20,
+                            "ops": len(counter.timeline or []), "iterations": warmup + iters}}
     sync()
     rss0 = _maxrss_mib()  # just before the first step: models, EMA and batches built, no Adam state yet
     base = torch.cuda.memory_allocated(dev) if cuda else 0
@@ -267,7 +272,7 @@ def measure(job_kind: str, preset: str, *, device: str, batch: int, precision: s
 
 
 def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int, tight: bool = False,
-             count: bool = False) -> dict:
+             count: bool = False, timeline: str | None = None) -> dict:
     """``measure`` of the job ``spec = (kind, lora rank, ema, both, score chunk)`` in a fresh interpreter
     (ru_maxrss is a process high-water mark; CUDA caches stay apart); ``tight``: the CPU memory pass
     (``TIGHT_MALLOC``, ``--warmup`` + 1 iterations, no forward timing); ``count``: the counted pass (``--count``,
@@ -278,6 +283,7 @@ def run_case(spec: tuple, preset: str, args, device: str, batch: int, iters: int
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
     cmd += (["--_lora", str(rank)] if rank else []) + ([] if ema else ["--_no_ema"]) + (["--_both"] if both else [])
     cmd += (["--_chunk", str(chunk)] if chunk else []) + (["--count"] if count else [])
+    cmd += ["--_timeline", timeline] if timeline else []
     env = {**os.environ, **TIGHT_MALLOC} if tight else None
     proc = subprocess.run(cmd + (["--_no_forward"] if tight else []), capture_output=True, text=True, env=env,
                           check=False)
@@ -433,35 +439,36 @@ def table(rows: list[dict], device: str) -> str:
 
 def counted(args, presets: list[str], specs: list[tuple], device: str, batches: list[int]) -> dict:
     """``--count``: every job at every batch, its peak of live tensors counted (no timing); ratios to the teacher
-    step with the same EMA and batch, the issues' memory targets; with two or more batches, each job's peak fitted
-    as ``fixed + per_item · batch`` (least squares; the largest residual shows how linear it is) and, with
-    ``--predict N``, that line at batch N. Prints the tables and returns what the JSON holds."""
-    rows = []
+    step with the same EMA and batch, the issues' memory targets; with two or more batches, the peak of each of a
+    job's steps (DPDM: student, fake; teacher: its one) fitted as ``fixed + per_item · batch`` (least squares; the
+    largest residual shows how linear it is) and, with ``--predict N``, the largest of those lines at batch N (which
+    step peaks can change with the batch). Prints the tables and returns what the JSON holds."""
+    import tempfile
+
+    import torch
+
+    rows, scratch = [], Path(tempfile.mkdtemp(prefix="dpdm-count-"))
     for preset in presets:
         jobs = {}
         for spec in specs:
             name = job_name(*spec)
             jobs[name] = {"job": spec[0], "lora_rank": spec[1], "ema": spec[2], "student_lora": spec[3],
                           "score_chunk": spec[4], "by_batch": {}}
+            lines = {}  # batch -> MiB alive after each op
             for batch in batches:
-                t0 = time.perf_counter()
-                res = run_case(spec, preset, args, device, batch, 1, count=True)
+                t0, path = time.perf_counter(), scratch / f"{preset}-{name}-{batch}.pt"
+                res = run_case(spec, preset, args, device, batch, 1, count=True,
+                               timeline=str(path) if len(batches) > 1 else None)
                 jobs[name]["by_batch"][batch] = res
                 peak = res.get("counted", {}).get("peak_mib")
+                if peak is not None and path.exists():
+                    lines[batch] = torch.load(path)
+                    path.unlink()
                 print(f"  {preset:8} batch {batch:4} {name:18} "
                       + (f"peak {peak:9.1f} MiB" if peak is not None else res.get("error", "?"))
                       + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for name, j in jobs.items():
-            points = [(b, r["counted"]["peak_mib"]) for b, r in j["by_batch"].items() if "counted" in r]
-            if len(points) >= 2:
-                n = len(points)
-                mb, mp = sum(b for b, _ in points) / n, sum(p for _, p in points) / n
-                slope = sum((b - mb) * (p - mp) for b, p in points) / sum((b - mb) ** 2 for b, _ in points)
-                fixed = mp - slope * mb
-                j["fit"] = {"fixed_mib": fixed, "per_item_mib": slope,
-                            "max_residual_mib": max(abs(p - fixed - slope * b) for b, p in points)}
-                if args.predict:
-                    j["fit"]["predicted_mib"] = {args.predict: fixed + slope * args.predict}
+            if len(lines) >= 2:
+                jobs[name]["fit"] = _fit(lines, args.predict)
         rows.append({"backbone": preset, "precision": args.precision, "jobs": jobs})
 
     def verdict(j: dict, ratio: float) -> str:
@@ -493,21 +500,46 @@ def counted(args, presets: list[str], specs: list[tuple], device: str, batches: 
                               + [verdict(j, last) if last is not None else ""])
     lines += _md(header, table_rows)
     for r in rows:
-        fits = [(n, j["fit"]) for n, j in r["jobs"].items() if "fit" in j]
-        if fits:
-            worst = max(f["max_residual_mib"] for _, f in fits)
-            lines += ["", f"{r['backbone']}: peak = fixed + per item × batch, fitted per job over batches "
-                      f"{', '.join(map(str, batches))}; largest residual {worst:.2f} MiB"]
+        fits = [j["fit"] for j in r["jobs"].values() if "fit" in j]
+        for name, j in r["jobs"].items():
+            if "error" in j.get("fit", {}):
+                lines += ["", f"{r['backbone']} {name}: {j['fit']['error']}"]
+        worst = [f["max_residual_mib"] for f in fits if "error" not in f]
+        if worst:
+            lines += ["", f"{r['backbone']}: the MiB alive after each op fitted op by op as fixed + per item × batch "
+                      f"over batches {', '.join(map(str, batches))} (largest residual {max(worst):.2f} MiB); a "
+                      "predicted peak is the largest of those lines at that batch"]
     print("\n".join(lines))
     return {"batches": batches, "predict": args.predict, "results": rows}
 
 
+def _fit(lines: dict, predict: int | None) -> dict:
+    """Op by op, the least-squares line ``fixed + per_item · batch`` through the MiB alive after that op at each
+    batch (``lines``: batch -> a tensor with one value per op; the same ops at every batch, or no fit), its largest
+    residual, and with ``predict`` the largest of the lines at that batch: the predicted peak."""
+    import torch
+
+    if len({len(t) for t in lines.values()}) > 1:
+        return {"error": "the ops differ between batches (" + ", ".join(f"{b}: {len(t)}" for b, t in lines.items())
+                + "): no fit"}
+    b = torch.tensor(list(lines), dtype=torch.float64)[:, None]  # (n, 1)
+    y = torch.stack(list(lines.values()))  # (n, ops)
+    db, dy = b - b.mean(), y - y.mean(0)
+    per_item = (db * dy).sum(0) / db.square().sum()  # (ops,)
+    fixed = y.mean(0) - per_item * b.mean()
+    out = {"ops": y.shape[1], "max_residual_mib": (y - fixed - per_item * b).abs().max().item()}
+    if predict:
+        at = fixed + per_item * predict
+        out.update({"predicted_mib": at.max().item(), "predicted_at": predict, "predicted_op": int(at.argmax())})
+    return out
+
+
 def _peak_at(job: dict | None, batch: int, predict: int | None) -> float | None:
-    """A job's counted peak at ``batch``, or its fitted line's value at the ``--predict`` batch."""
+    """A job's counted peak at ``batch``, or its predicted peak at the ``--predict`` batch."""
     if job is None:
         return None
     if predict is not None and batch == predict and batch not in job["by_batch"]:
-        return job.get("fit", {}).get("predicted_mib", {}).get(predict)
+        return job.get("fit", {}).get("predicted_mib")
     return job["by_batch"].get(batch, {}).get("counted", {}).get("peak_mib")
 
 
@@ -549,6 +581,7 @@ def main(argv=None):
     p.add_argument("--_chunk", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--_no_ema", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_no_forward", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_timeline", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     ranks, both_ranks = ([x.strip() for x in v.split(",") if x.strip()] for v in (args.lora_ranks, args.both_ranks))
     for opt, value, given in (("--lora-ranks", args.lora_ranks, ranks), ("--both-ranks", args.both_ranks, both_ranks)):
@@ -575,7 +608,8 @@ def main(argv=None):
         print(json.dumps(measure(args._job, args.backbone[0], device=device, batch=args.batch,
                                  precision=args.precision, iters=args.iters, warmup=args.warmup,
                                  forward=not args._no_forward, ema=not args._no_ema, lora_rank=args._lora,
-                                 both=args._both, score_chunk=args._chunk, count=args.count)))
+                                 both=args._both, score_chunk=args._chunk, count=args.count,
+                                 timeline=args._timeline)))
         return
 
     presets = args.backbone or (["cifar10"] if cuda else ["small"])

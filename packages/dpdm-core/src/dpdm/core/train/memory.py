@@ -31,13 +31,16 @@ class TensorMemory(TorchDispatchMode):
     given); ``bytes``: alive now (at the exit, frozen there); ``growth``: ``peak - start``. A storage is counted
     once however many tensors view it, from the op that made it until it is freed (a weak reference to its Python
     object, which torch keeps as long as the storage lives, says when). Tensors only C++ holds on entry (an
-    autograd graph left alive) are not found; enter it between steps."""
+    autograd graph left alive) are not found; enter it between steps. ``timeline``: keep the bytes alive after
+    every op in ``timeline`` (the same program at two batch sizes runs the same ops: op by op, the memory is a
+    line in the batch, which is how ``benchmarks/train_step.py --predict`` extrapolates)."""
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(self, device: torch.device | str | None = None, timeline: bool = False):
         super().__init__()
         self.device = None if device is None else torch.device(device)
         self.live: dict[int, weakref.ref] = {}  # id of the storage's Python object -> a weak ref that uncounts it
         self.bytes = self.start = self.peak = 0
+        self.timeline: list[int] | None = [] if timeline else None  # ``timeline``: the bytes alive after each op
 
     @property
     def growth(self) -> int:
@@ -81,4 +84,6 @@ class TensorMemory(TorchDispatchMode):
             if isinstance(leaf, torch.Tensor):
                 self._track(leaf)
         self.peak = max(self.peak, self.bytes)
+        if self.timeline is not None:
+            self.timeline.append(self.bytes)
         return out
