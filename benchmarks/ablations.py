@@ -17,6 +17,10 @@ trained into DIR once and reused, and each (variant, seed) result is kept in DIR
 (a kept result is used only if it was made with the same recipe, overrides and evaluation). ``--kept`` runs
 nothing and tabulates what DIR holds, naming what is missing. The recipe's baselines are not trained: the
 ablations do not read them.
+
+The JSON records the teacher's weights (``teacher_sha256``, of its tensors). ``--adopt FILE`` continues a study
+whose folder is gone (another machine) from the JSON it wrote: the teacher is trained again (the same recipe and
+seed train it to the bit), and when its weights hash the same, FILE's results are kept in DIR as if run there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from dpdm.core.config.recipe import load_recipe
 from dpdm.core.pipeline.run import run
@@ -115,6 +121,40 @@ def kept_or_run(path: Path, key: str, make) -> dict | None:
     return result
 
 
+def weights_sha256(path: Path) -> str:
+    """A hash of a checkpoint's tensors (names, dtypes, shapes, bytes; not its metadata)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def adopt(path: Path, teacher_sha: str, kept_path, key_of) -> int:
+    """Keep the results of an earlier study's JSON (``path``) as this study's, if its teacher hashes as this one
+    (``teacher_sha``); ``kept_path(label, seed)`` and ``key_of(label, overrides, seed)`` say where and under which
+    key. Results already kept are left. Returns how many were adopted."""
+    earlier = json.loads(path.read_text())
+    if earlier.get("teacher_sha256") != teacher_sha:
+        raise SystemExit(f"--adopt {path}: its teacher ({earlier.get('teacher_sha256') or 'not recorded'}) is not "
+                         f"this study's ({teacher_sha}); run those variants again instead")
+    adopted = 0
+    for label, row in earlier["variants"].items():
+        for result in row["runs"]:
+            target = kept_path(label, result["seed"])
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key_of(label, row["overrides"], result["seed"]), "result": result},
+                                      indent=2))
+            os.replace(tmp, target)
+            adopted += 1
+    return adopted
+
+
 def record(report: dict) -> dict:
     """What a study reads from one run's report: the student's sweep (and at each evaluation seed, the
     estimator's noise, None where the recipe measures none), one step from σ = 80, the recovery ratios."""
@@ -144,9 +184,11 @@ def main():
                         help="keep the teacher and each result here, to continue the study later (default: a "
                              "new temporary folder)")
     parser.add_argument("--kept", action="store_true", help="run nothing: tabulate the results kept in --work")
+    parser.add_argument("--adopt", type=Path, default=None,
+                        help="an earlier study's JSON: keep its results in --work when its teacher is this one")
     args = parser.parse_args()
-    if args.kept and args.work is None:
-        parser.error("--kept reads the results kept in a study's folder: give it with --work DIR")
+    if (args.kept or args.adopt) and args.work is None:
+        parser.error("--kept and --adopt use the results kept in a study's folder: give it with --work DIR")
     base = load_recipe(args.recipe, args.set)
     suffix = "" if args.group == "design" else f"-{args.group}"
     out = Path(args.out or f"benchmarks/results/ablations-{base.name}{suffix}.json")
@@ -168,6 +210,21 @@ def main():
     if teacher is None:
         raise SystemExit(f"{work} holds no teacher for this recipe and these overrides: run the study without --kept")
     metric = teacher["metric"]
+    teacher_sha = weights_sha256(Path(teacher_ckpt)) if Path(teacher_ckpt).exists() else None
+
+    def kept_path(label: str, seed: int) -> Path:
+        return work / "results" / f"v{hashlib.sha256(label.encode()).hexdigest()[:8]}-s{seed}.json"
+
+    def run_overrides_of(overrides: list[str], seed: int) -> list[str]:
+        return args.set + EVAL_ONLY_WHAT_IS_READ + overrides + [f"teacher.checkpoint={teacher_ckpt}", f"seed={seed}"]
+
+    def key_of(overrides: list[str], seed: int) -> str:
+        # the teacher's key joins the run's: a result kept from another teacher is not reused
+        return run_key(args.recipe, teacher_overrides + ["|"] + run_overrides_of(overrides, seed))
+
+    if args.adopt:
+        n = adopt(args.adopt, teacher_sha, kept_path, lambda label, overrides, seed: key_of(overrides, seed))
+        print(f"adopted {n} results of {args.adopt} (the same teacher, {teacher_sha[:12]})", flush=True)
 
     rows, missing = {}, []
     t_all = time.perf_counter()
@@ -176,19 +233,13 @@ def main():
         runs = []
         slug = hashlib.sha256(label.encode()).hexdigest()[:8]
         for seed in args.seeds:
-            run_overrides = args.set + EVAL_ONLY_WHAT_IS_READ + overrides + [
-                f"teacher.checkpoint={teacher_ckpt}", f"seed={seed}"]
-
-            def one(run_overrides=run_overrides, seed=seed, slug=slug):
+            def one(run_overrides=run_overrides_of(overrides, seed), seed=seed, slug=slug):
                 t0 = time.perf_counter()
                 report = continued(load_recipe(args.recipe, run_overrides), work / f"v{slug}-s{seed}")
                 return {"seed": seed, **record(report),
                         "seconds": time.perf_counter() - t0, "load_average_end": os.getloadavg()}
 
-            # the teacher's key joins the run's: a result kept from another teacher is not reused
-            result = kept_or_run(work / "results" / f"v{slug}-s{seed}.json",
-                                 run_key(args.recipe, teacher_overrides + ["|"] + run_overrides),
-                                 None if args.kept else one)
+            result = kept_or_run(kept_path(label, seed), key_of(overrides, seed), None if args.kept else one)
             if result is None:
                 missing.append(f"{label}, seed {seed}")
                 continue
@@ -221,7 +272,8 @@ def main():
             "recovery_ratio": {s: mean_std([x["recovery_ratio"].get(s) for x in r["runs"]]) for s in sigmas},
         }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"recipe": base.name, "metric": metric, "seeds": args.seeds,
+    out.write_text(json.dumps({"recipe": base.name, "metric": metric, "teacher_sha256": teacher_sha,
+                               "seeds": args.seeds,
                                "summary_format": "[mean, std over seeds]", "overrides_for_all": args.set,
                                "seconds": time.perf_counter() - t_all, "load_average_end": load,
                                "not_kept": missing, "variants": rows}, indent=2))

@@ -106,3 +106,40 @@ def test_ten_times_the_fake_lr_is_ten_times_each_recipes_own(ablations, monkeypa
     assert loaded[1][1] == pytest.approx(10 * base) and loaded[1][1] == float(fake_lr)
     variant = json.loads((tmp_path / "out.json").read_text())["variants"]["full fake, fake_lr x10"]
     assert variant["overrides"] == [f"train.fake_lr={fake_lr}"]
+
+
+def test_adopt_keeps_an_earlier_studys_results_only_for_the_same_teacher(ablations, monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    teacher_weight = {"w": torch.arange(6.0)}
+    seen = []
+
+    def fake_run(recipe, out, resume=False):
+        seen.append(out.name)
+        if out.name == "teacher":
+            (out / "checkpoints").mkdir(parents=True)
+            save_file(teacher_weight, str(out / "checkpoints" / "teacher.safetensors"))
+        return {"metric": "energy", "sweep": {"student": {"dpdm": {"1": 0.5 + recipe.seed}}},
+                "one_step": {"validation": {}}, "checks": {"recovery_ratio": {"1.0": 0.9}}}
+
+    monkeypatch.setattr(ablations, "run", fake_run)
+
+    def study(work, *extra):
+        monkeypatch.setattr(sys, "argv", ["ablations.py", "--recipe", str(ROOT / "recipes" / "toy2d.yaml"), "--group",
+                                          "lora", "--only", "fake_lora rank 4", "--seeds", "0", "1", "--work",
+                                          str(tmp_path / work), "--out", str(tmp_path / f"{work}.json"), *extra])
+        ablations.main()
+        return json.loads((tmp_path / f"{work}.json").read_text())
+
+    first = study("a")
+    assert first["teacher_sha256"] == ablations.weights_sha256(tmp_path / "a" / "teacher" / "checkpoints" /
+                                                              "teacher.safetensors")
+    seen.clear()
+    again = study("b", "--adopt", str(tmp_path / "a.json"))  # another folder, the teacher trained to the same bits
+    assert seen == ["teacher"]  # the students were not run again
+    assert again["variants"] == first["variants"] and again["teacher_sha256"] == first["teacher_sha256"]
+    teacher_weight["w"] = torch.arange(6.0) + 1e-6  # another teacher: nothing is adopted
+    with pytest.raises(SystemExit, match="its teacher .* is not this study's"):
+        study("c", "--adopt", str(tmp_path / "a.json"))
+    assert not (tmp_path / "c" / "results").exists()
