@@ -257,14 +257,14 @@ def main():
     load = os.getloadavg()
     print(f"\n{base.name}: {metric}, lower is better; mean ± std over seeds {args.seeds} "
           f"(load average {load[0]:.1f} at the end)")
-    head = f"{'variant':<36}{'seeds':>6}" + "".join(f"{'NFE ' + n:>13}" for n in nfes) + f"{'1 step σ80':>13}"
-    head += "".join(f"{'rec σ=' + s:>13}" for s in sigmas)
+    head = f"{'variant':<36}{'seeds':>6}" + "".join(f" {'NFE ' + n:>12}" for n in nfes) + f" {'1 step σ80':>12}"
+    head += "".join(f" {'rec σ=' + s:>12}" for s in sigmas)
     print(head)
     for label, r in rows.items():
         line = f"{label:<36}{len(r['runs']):>6}"
-        line += "".join(f"{fmt([x['student'].get(n) for x in r['runs']]):>13}" for n in nfes)
-        line += f"{fmt([x['one_step_sigma80'] for x in r['runs']]):>13}"
-        line += "".join(f"{fmt([x['recovery_ratio'].get(s) for x in r['runs']]):>13}" for s in sigmas)
+        line += "".join(f" {fmt([x['student'].get(n) for x in r['runs']]):>12}" for n in nfes)
+        line += f" {fmt([x['one_step_sigma80'] for x in r['runs']]):>12}"
+        line += "".join(f" {fmt([x['recovery_ratio'].get(s) for x in r['runs']]):>12}" for s in sigmas)
         print(line)
         r["summary"] = {
             "student": {n: mean_std([x["student"].get(n) for x in r["runs"]]) for n in nfes},
